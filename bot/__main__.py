@@ -1,0 +1,108 @@
+"""The composition root: `python -m bot [console | import FILE | export FILE]`.
+
+Settings are read here, once; the store, the model client, the engine and the commands are
+built here and handed down through constructors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from bot.commands import Commands
+from bot.config import Settings, load_settings
+from bot.engine import Engine, EngineLimits
+from bot.errors import BotError, SettingsError
+from bot.store import open_store
+from bot.store.base import SessionSettings, SessionStore
+
+CONSOLE_SCOPE = "console"
+
+
+def build_engine(settings: Settings, store: SessionStore) -> Engine:
+    from bot.model import DedalusModel
+
+    assert settings.dedalus_api_key is not None
+    model = DedalusModel.connect(
+        settings.dedalus_api_key,
+        settings.dedalus_base_url,
+        settings.model_timeout_seconds,
+        settings.model_max_retries,
+    )
+    limits = EngineLimits(
+        system_prompt=settings.system_prompt, budget_bytes=settings.context_budget_chars
+    )
+    return Engine(store, model, limits)
+
+
+async def run_console(settings: Settings, scope: str) -> None:
+    from bot.console import Console
+
+    store = open_store(settings)
+    try:
+        engine = build_engine(settings, store)
+        await Console(engine, Commands(store, settings.allowed_models), scope).run()
+    finally:
+        await store.close()
+
+
+async def run_transfer(settings: Settings, action: str, path: Path, scope: str) -> str:
+    from bot.transfer import export_file, import_file
+
+    store = open_store(settings)
+    try:
+        if action == "import":
+            sessions = await import_file(
+                store, scope, path, SessionSettings(settings.default_model)
+            )
+            return f"Imported {len(sessions)} session(s) into scope {scope!r}."
+        sessions = await export_file(store, scope, path)
+        return f"Exported {len(sessions)} session(s) of scope {scope!r} to {path}."
+    finally:
+        await store.close()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bot", description="Run the Discord bot (the default) or a tool."
+    )
+    modes = parser.add_subparsers(dest="mode")
+    console = modes.add_parser("console", help="chat in the terminal (no Discord needed)")
+    console.add_argument("--scope", default=CONSOLE_SCOPE, help="whose sessions to use")
+    for action in ("import", "export"):
+        tool = modes.add_parser(action, help=f"{action} a reference-format sessions.json")
+        tool.add_argument("file", type=Path)
+        tool.add_argument("--scope", default=CONSOLE_SCOPE, help="whose sessions to use")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = load_settings()
+        if args.mode == "console":
+            settings.require("DEDALUS_API_KEY")
+            logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+            asyncio.run(run_console(settings, args.scope))
+        elif args.mode in ("import", "export"):
+            print(asyncio.run(run_transfer(settings, args.mode, args.file, args.scope)))
+        else:
+            settings.require("DISCORD_TOKEN", "DEDALUS_API_KEY")
+            print("error: the Discord bot is not built yet; `python -m bot console` works")
+            return 1
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except BotError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The session commands of the reference (`/new /list /load /clear /model /mcp /status`), as
+plain async functions over a store. Discord and the console both call these and show the
+text they return; bad input raises an `InvalidInput` and changes nothing."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.parse
+from dataclasses import dataclass, replace
+
+from bot.errors import InvalidInput, InvalidMcpServer, UnknownModel
+from bot.store.base import SessionInfo, SessionStore, checked_session_name
+
+MCP_SERVERS_MAX = 10
+MCP_ENTRY_MAX = 300
+_SLUG = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[A-Za-z0-9][\w.-]*)?", re.ASCII)
+
+
+def checked_mcp_server(raw: str) -> str:
+    """A marketplace slug (`org/name`, `org/name@version`) or an `https://` URL without
+    credentials. Entries end up in /status and in requests, so anything else is refused."""
+    entry = raw.strip()
+    if not entry:
+        raise InvalidMcpServer("Give an MCP server: a slug like `org/name` or an https:// URL.")
+    if len(entry) > MCP_ENTRY_MAX:
+        raise InvalidMcpServer(f"That MCP server entry is longer than {MCP_ENTRY_MAX} characters.")
+    if any(c.isspace() or not c.isprintable() for c in entry):
+        raise InvalidMcpServer("An MCP server entry cannot contain spaces or control characters.")
+    if "://" not in entry:
+        if _SLUG.fullmatch(entry):
+            return entry
+        raise InvalidMcpServer(
+            "Not a marketplace slug: use `org/name` or `org/name@version` "
+            "(letters, digits, '-', '_', '.'), or an https:// URL."
+        )
+    url = urllib.parse.urlsplit(entry)
+    if url.scheme.lower() != "https":
+        raise InvalidMcpServer("Only https:// URLs are accepted for MCP servers.")
+    if url.username is not None or url.password is not None:
+        raise InvalidMcpServer(
+            "MCP server URLs with credentials are refused: they would be stored and shown."
+        )
+    try:
+        url.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        raise InvalidMcpServer("That MCP server URL has an invalid port.") from None
+    if not url.hostname:
+        raise InvalidMcpServer("That MCP server URL has no host.")
+    if not entry.isascii():
+        raise InvalidMcpServer("Write the MCP server URL in ASCII (punycode for the host).")
+    return entry
+
+
+@dataclass(frozen=True)
+class Commands:
+    """The command set bound to a store and the allowed models."""
+
+    store: SessionStore
+    allowed_models: tuple[str, ...]
+
+    async def new(self, scope: str, name: str | None = None) -> str:
+        """Start an empty session, keeping the current model and MCP servers (as the
+        reference does: they are the user's settings, not the session's history)."""
+        current = await self.store.current_session(scope)
+        if name is None or not name.strip():
+            taken = {s.name for s in await self.store.list_sessions(scope)}
+            name = next(f"chat-{n}" for n in range(1, len(taken) + 2) if f"chat-{n}" not in taken)
+        created = await self.store.create_session(
+            scope, checked_session_name(name), current.settings
+        )
+        return f"Started new session: {created.name}"
+
+    async def list(self, scope: str) -> str:
+        sessions = await self.store.list_sessions(scope)
+        if not sessions:
+            return "Sessions: (none yet; the first message starts `default`)"
+        current = (await self.store.current_session(scope)).name
+        lines = [
+            f"{'*' if s.name == current else ' '} {s.name} ({_count(s.message_count)})"
+            for s in sessions
+        ]
+        return "Sessions:\n" + "\n".join(lines)
+
+    async def load(self, scope: str, name: str) -> str:
+        session = await self.store.switch_session(scope, checked_session_name(name))
+        return f"Loaded session: {session.name} ({_count(session.message_count)})"
+
+    async def clear(self, scope: str) -> str:
+        session = await self.store.clear_session(scope)
+        return f"Cleared session: {session.name}"
+
+    def resolve_model(self, choice: str) -> str:
+        """A number from the model list or an allowed name (case-insensitive)."""
+        wanted = choice.strip()
+        if wanted.isdigit() and 1 <= int(wanted) <= len(self.allowed_models):
+            return self.allowed_models[int(wanted) - 1]
+        for model in self.allowed_models:
+            if model.lower() == wanted.lower():
+                return model
+        raise UnknownModel(wanted, self.allowed_models)
+
+    async def model(self, scope: str, choice: str | None = None) -> str:
+        current = await self.store.current_session(scope)
+        if choice is None or not choice.strip():
+            lines = [
+                f"  {'*' if m == current.settings.model else ' '} {i}. {m}"
+                for i, m in enumerate(self.allowed_models, 1)
+            ]
+            return "Available models:\n" + "\n".join(lines)
+        model = self.resolve_model(choice)
+        await self.store.update_settings(scope, replace(current.settings, model=model))
+        return f"Switched to: {model}"
+
+    async def mcp_list(self, scope: str) -> str:
+        servers = (await self.store.current_session(scope)).settings.mcp_servers
+        return f"Active MCP servers: {', '.join(servers) if servers else 'None'}"
+
+    async def mcp_add(self, scope: str, entry: str) -> str:
+        server = checked_mcp_server(entry)
+        settings = (await self.store.current_session(scope)).settings
+        if server in settings.mcp_servers:
+            raise InvalidInput(f"MCP server {server} is already active.")
+        if len(settings.mcp_servers) >= MCP_SERVERS_MAX:
+            raise InvalidInput(f"At most {MCP_SERVERS_MAX} MCP servers; remove one first.")
+        servers = (*settings.mcp_servers, server)
+        await self.store.update_settings(scope, replace(settings, mcp_servers=servers))
+        return f"Added MCP server: {server}"
+
+    async def mcp_remove(self, scope: str, entry: str) -> str:
+        settings = (await self.store.current_session(scope)).settings
+        server = entry.strip()
+        if server not in settings.mcp_servers:
+            raise InvalidInput(f"MCP server {server[:MCP_ENTRY_MAX]!r} is not active.")
+        servers = tuple(s for s in settings.mcp_servers if s != server)
+        await self.store.update_settings(scope, replace(settings, mcp_servers=servers))
+        return f"Removed MCP server: {server}"
+
+    async def mcp_clear(self, scope: str) -> str:
+        settings = (await self.store.current_session(scope)).settings
+        await self.store.update_settings(scope, replace(settings, mcp_servers=()))
+        return "Cleared MCP servers"
+
+    async def status(self, scope: str) -> str:
+        return describe_status(await self.store.current_session(scope))
+
+
+def describe_status(session: SessionInfo) -> str:
+    servers = session.settings.mcp_servers
+    used = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(session.updated_at))
+    return "\n".join(
+        [
+            f"Session: {session.name}",
+            f"Model: {session.settings.model}",
+            f"MCP Servers: {', '.join(servers) if servers else 'None'}",
+            f"Messages: {session.message_count}",
+            f"Last used: {used if session.updated_at else 'never'}",
+        ]
+    )
+
+
+def _count(n: int) -> str:
+    return f"{n} message{'s' if n != 1 else ''}"

@@ -1,0 +1,166 @@
+"""Settings: read once at start-up from the environment (and `.env`) into one frozen object.
+
+Nothing else in the bot reads `os.environ`. A bad value raises `SettingsError` naming the
+variable, which the entry point turns into one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from bot.errors import SettingsError
+
+REFERENCE_MODELS: tuple[str, ...] = (
+    "openai/gpt-5.1",
+    "anthropic/claude-opus-4-5-20251101",
+    "google/gemini-3-pro-preview",
+)
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant in a Discord chat. Several people may talk to you in one "
+    "conversation; each user message starts with the speaker's name in square brackets. "
+    "Answer concisely and use Discord markdown."
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, with the variable that sets it in the field's comment."""
+
+    dedalus_api_key: str | None  # DEDALUS_API_KEY
+    dedalus_base_url: str | None  # DEDALUS_BASE_URL
+    discord_token: str | None  # DISCORD_TOKEN
+    redis_url: str | None  # REDIS_URL; unset means the SQLite store
+    sqlite_path: Path  # SQLITE_PATH
+    default_model: str  # DEFAULT_MODEL
+    allowed_models: tuple[str, ...]  # ALLOWED_MODELS, comma-separated
+    system_prompt: str  # SYSTEM_PROMPT
+    context_budget_tokens: int  # CONTEXT_BUDGET_TOKENS
+    session_ttl_seconds: int  # SESSION_TTL_SECONDS; 0 keeps sessions forever
+    history_cap_messages: int  # HISTORY_CAP_MESSAGES
+    model_timeout_seconds: float  # MODEL_TIMEOUT_SECONDS
+    model_max_retries: int  # MODEL_MAX_RETRIES
+    dev_guild_id: int | None  # DISCORD_DEV_GUILD_ID
+    log_level: str  # LOG_LEVEL
+
+    @property
+    def context_budget_chars(self) -> int:
+        """The budget in stored characters: about four characters make a token."""
+        return self.context_budget_tokens * 4
+
+    def require(self, *names: str) -> None:
+        """Fail unless the secrets a mode needs are set; the console needs no Discord token."""
+        for name in names:
+            if not getattr(self, name.lower()):
+                raise SettingsError(name, "is not set; put it in .env or the environment")
+
+
+def _text(env: Mapping[str, str], name: str, default: str | None) -> str | None:
+    value = env.get(name, "").strip()
+    return value or default
+
+
+def _parsed(
+    env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T], expected: str
+) -> T:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return parse(raw)
+    except ValueError:
+        raise SettingsError(name, f"must be {expected}, got {raw[:40]!r}") from None
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError(raw)
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError(raw)
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError(raw)
+    return value
+
+
+def _model_list(raw: str) -> tuple[str, ...]:
+    models = tuple(dict.fromkeys(m.strip() for m in raw.split(",") if m.strip()))
+    if not models or any(len(m) > 100 or any(c.isspace() for c in m) for m in models):
+        raise ValueError(raw)
+    return models
+
+
+def _redis_url(raw: str) -> str:
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(raw)
+    return raw
+
+
+def _http_url(raw: str) -> str:
+    if not raw.startswith(("http://", "https://")):
+        raise ValueError(raw)
+    return raw
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError(raw)
+    return level
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from `env`, or from the process environment after loading `.env`."""
+    if env is None:
+        from dotenv import load_dotenv
+
+        load_dotenv()
+        env = os.environ
+    allowed = _parsed(
+        env, "ALLOWED_MODELS", REFERENCE_MODELS, _model_list, "a comma-separated model list"
+    )
+    default_model = _text(env, "DEFAULT_MODEL", allowed[0]) or allowed[0]
+    if default_model not in allowed:
+        raise SettingsError("DEFAULT_MODEL", f"{default_model!r} is not in ALLOWED_MODELS")
+    return Settings(
+        dedalus_api_key=_text(env, "DEDALUS_API_KEY", None),
+        dedalus_base_url=_parsed(env, "DEDALUS_BASE_URL", None, _http_url, "an http(s) URL"),
+        discord_token=_text(env, "DISCORD_TOKEN", None),
+        redis_url=_parsed(env, "REDIS_URL", None, _redis_url, "a redis:// URL"),
+        sqlite_path=Path(_text(env, "SQLITE_PATH", "sessions.sqlite3") or "sessions.sqlite3"),
+        default_model=default_model,
+        allowed_models=allowed,
+        system_prompt=_text(env, "SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT) or DEFAULT_SYSTEM_PROMPT,
+        context_budget_tokens=_parsed(
+            env, "CONTEXT_BUDGET_TOKENS", 16000, _positive_int, "a positive whole number"
+        ),
+        session_ttl_seconds=_parsed(
+            env, "SESSION_TTL_SECONDS", 0, _non_negative_int, "a whole number of seconds >= 0"
+        ),
+        history_cap_messages=_parsed(
+            env, "HISTORY_CAP_MESSAGES", 2000, _positive_int, "a positive whole number"
+        ),
+        model_timeout_seconds=_parsed(
+            env, "MODEL_TIMEOUT_SECONDS", 120.0, _positive_float, "a positive number of seconds"
+        ),
+        model_max_retries=_parsed(
+            env, "MODEL_MAX_RETRIES", 2, _non_negative_int, "a whole number >= 0"
+        ),
+        dev_guild_id=_parsed(env, "DISCORD_DEV_GUILD_ID", None, _positive_int, "a guild ID"),
+        log_level=_parsed(env, "LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
+    )

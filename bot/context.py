@@ -1,0 +1,63 @@
+"""What goes to the model: the system prompt plus the newest messages that fit the budget.
+
+Providers reject a tool result without its call and an assistant `tool_calls` message without
+all of its results, and some reject a conversation that does not start with a user message.
+Cutting history at an arbitrary point can produce each of these, so the cut is repaired here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from bot.store.base import Message, message_size
+
+
+def newest_within(messages: Sequence[Message], budget_bytes: int) -> list[Message]:
+    """The longest tail of `messages` whose stored size fits the budget."""
+    used = 0
+    start = len(messages)
+    while start > 0:
+        used += message_size(messages[start - 1])
+        if used > budget_bytes:
+            break
+        start -= 1
+    return list(messages[start:])
+
+
+def paired_tool_messages(messages: Sequence[Message]) -> list[Message]:
+    """Drop tool results without their call, and calls without all their results (keeping
+    any text such a call message carried)."""
+    answered = {m.get("tool_call_id") for m in messages if m.get("role") == "tool"}
+    result: list[Message] = []
+    open_calls: set[str] = set()
+    for message in messages:
+        calls = message.get("tool_calls") or []
+        if message.get("role") == "assistant" and calls:
+            ids = {str(call.get("id")) for call in calls}
+            if not ids <= answered:
+                if message.get("content"):
+                    result.append({"role": "assistant", "content": message["content"]})
+                continue
+            open_calls |= ids
+        elif message.get("role") == "tool" and message.get("tool_call_id") not in open_calls:
+            continue
+        result.append(message)
+    return result
+
+
+def well_formed(messages: Sequence[Message]) -> list[Message]:
+    """History fit to send: no stored system messages (ours is sent instead), starting at a
+    user message, every tool call paired with its results."""
+    kept = [m for m in messages if m.get("role") != "system"]
+    first_user = next((i for i, m in enumerate(kept) if m.get("role") == "user"), len(kept))
+    return paired_tool_messages(kept[first_user:])
+
+
+def build_context(
+    system_prompt: str, recent: Sequence[Message], user: Message, budget_bytes: int
+) -> list[Message]:
+    """System prompt, then as much recent history as fits beside it, then the new message."""
+    system: Message = {"role": "system", "content": system_prompt}
+    room = budget_bytes - message_size(system) - message_size(user)
+    history = well_formed(newest_within(recent, max(room, 0)))
+    return [system, *history, user]

@@ -1,0 +1,166 @@
+"""One conversation turn: lock and load the session, run the model, save the turn.
+
+The turn is saved only when the model answered: a failed call stores nothing (not even the
+user's message), so history never holds a question without its answer or a dangling tool
+call, and the user is told to send it again. Turns in one session are serialized: in this
+process by a lock per scope (which keeps arrival order), across processes by the store's lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import weakref
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from bot.context import build_context, paired_tool_messages
+from bot.errors import BotError, ModelError, SessionBusy, StoreUnavailable
+from bot.model import ContextTooLong, ModelClient, TextSink
+from bot.store.base import Message, SessionSettings, SessionStore, Turn, message_size
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    system_prompt: str
+    budget_bytes: int
+    lock_ms: int = 30_000
+    """A crashed process blocks its session at most this long; live turns renew it."""
+    wait_seconds: float = 300.0
+    """How long a turn waits for the session while other turns run before giving up."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    session: str
+    shortened: bool
+    """The provider refused the full context, and the answer came from a shorter history."""
+
+
+class EmptyAnswer(ModelError):
+    def __init__(self) -> None:
+        super().__init__("The model sent back an empty answer. Send your message again.")
+
+
+class LostTurn(BotError):
+    def __init__(self) -> None:
+        super().__init__("This conversation moved on while you waited; send your message again.")
+
+
+class Engine:
+    def __init__(self, store: SessionStore, model: ModelClient, limits: EngineLimits) -> None:
+        self._store = store
+        self._model = model
+        self._limits = limits
+        self._scope_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+
+    async def reply(
+        self,
+        scope: str,
+        user: Message,
+        *,
+        user_ref: str | None = None,
+        on_text: TextSink | None = None,
+    ) -> Reply:
+        """Answer `user` in the scope's current session. With `on_text`, the answer streams:
+        each text delta is handed to it as it arrives, and the full text is saved at the end.
+        `user_ref` names the stored user message so it can be forgotten later."""
+        lock = self._scope_locks.setdefault(scope, asyncio.Lock())
+        async with lock:
+            turn = await self._begin(scope)
+            saved = False
+            try:
+                async with self._lock_kept_alive(turn):
+                    added, text, shortened = await self._run(turn, user, on_text)
+                saved = await self._store.finish_turn(turn, [user, *added], user_ref)
+            finally:
+                if not saved:
+                    await self._release(turn)
+            if not saved:
+                raise LostTurn()
+            return Reply(text=text, session=turn.session.name, shortened=shortened)
+
+    async def _begin(self, scope: str) -> Turn:
+        limits = self._limits
+        deadline = time.monotonic() + limits.wait_seconds
+        pause = 0.01
+        while True:
+            try:
+                return await self._store.begin_turn(scope, limits.budget_bytes, limits.lock_ms)
+            except SessionBusy:
+                if time.monotonic() + pause > deadline:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.5)
+
+    async def _run(
+        self, turn: Turn, user: Message, on_text: TextSink | None
+    ) -> tuple[list[Message], str, bool]:
+        """Call the model; when the provider says the context is too long, once more with
+        half of what was sent."""
+        budget = self._limits.budget_bytes
+        for shortened in (False, True):
+            context = build_context(self._limits.system_prompt, turn.recent, user, budget)
+            try:
+                added, text = await self._call_model(context, turn.session.settings, on_text)
+                return added, text, shortened
+            except ContextTooLong:
+                if shortened or len(context) <= 2:
+                    raise
+                log.warning(
+                    "context too long for %s; retrying with half", turn.session.settings.model
+                )
+                budget = sum(message_size(m) for m in context) // 2
+        raise AssertionError("unreachable")
+
+    async def _call_model(
+        self, context: list[Message], settings: SessionSettings, on_text: TextSink | None
+    ) -> tuple[list[Message], str]:
+        """The messages the run added and the answer's text; an empty answer is a failure,
+        so a reply the SDK could not parse is never saved as a silent turn."""
+        if on_text is None:
+            added = paired_tool_messages(
+                await self._model.complete(context, settings.model, settings.mcp_servers)
+            )
+            answers = [m for m in added if m.get("role") == "assistant" and m.get("content")]
+            text = str(answers[-1]["content"]) if answers else ""
+        else:
+            text = await self._model.stream(context, settings.model, settings.mcp_servers, on_text)
+            added = [{"role": "assistant", "content": text}]
+        if not text:
+            raise EmptyAnswer()
+        return added, text
+
+    @contextlib.asynccontextmanager
+    async def _lock_kept_alive(self, turn: Turn) -> AsyncIterator[None]:
+        """Renew the session lock while the model works, so only a dead process's lock
+        expires."""
+        interval = self._limits.lock_ms / 3000
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    if not await self._store.extend_lock(turn, self._limits.lock_ms):
+                        return
+                except StoreUnavailable:
+                    log.warning("could not renew the lock of a turn: storage unavailable")
+
+        renewer = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            renewer.cancel()
+
+    async def _release(self, turn: Turn) -> None:
+        try:
+            await self._store.finish_turn(turn, [])
+        except StoreUnavailable:
+            log.warning("could not release a failed turn's lock; it expires by itself")

@@ -1,0 +1,65 @@
+"""Errors a user or the outside world can cause, each carrying the one line a user is shown.
+
+The core raises these; the Discord handlers and the console print `str(error)` and nothing
+else, so the wording lives here and no traceback or secret reaches a reply.
+"""
+
+from __future__ import annotations
+
+
+class SettingsError(Exception):
+    """A setting is missing or malformed; the message names the variable."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable} {problem}")
+        self.variable = variable
+
+
+class BotError(Exception):
+    """Base of every error whose message is safe and meant to be shown to a user."""
+
+
+class InvalidInput(BotError):
+    """A command argument was refused; nothing was changed."""
+
+
+class UnknownModel(InvalidInput):
+    def __init__(self, name: str, allowed: tuple[str, ...]) -> None:
+        choices = ", ".join(f"{i}. {m}" for i, m in enumerate(allowed, 1))
+        super().__init__(f"Unknown model {name[:100]!r}. Choose one of: {choices}")
+
+
+class InvalidMcpServer(InvalidInput):
+    pass
+
+
+class InvalidSessionName(InvalidInput):
+    pass
+
+
+class UnknownSession(InvalidInput):
+    pass
+
+
+class StoreUnavailable(BotError):
+    def __init__(self) -> None:
+        super().__init__(
+            "Storage is unavailable right now; nothing was changed. Try again shortly."
+        )
+
+
+class CorruptSession(BotError):
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"Session {name!r} cannot be read (damaged or from an unknown version). "
+            "Use /new to start another session or /clear to reset this one."
+        )
+
+
+class SessionBusy(BotError):
+    def __init__(self) -> None:
+        super().__init__("This conversation is busy with another message; try again in a moment.")
+
+
+class ModelError(BotError):
+    """The model call failed; the turn was not saved, so the message can simply be sent again."""

@@ -1,0 +1,25 @@
+"""Session storage: the protocol in `base`, one module per backend, and the factory."""
+
+from __future__ import annotations
+
+from bot.config import Settings
+from bot.store.base import SessionStore, StorePolicy
+
+
+def policy_from(settings: Settings) -> StorePolicy:
+    return StorePolicy(
+        default_model=settings.default_model,
+        ttl_seconds=settings.session_ttl_seconds,
+        history_cap=settings.history_cap_messages,
+    )
+
+
+def open_store(settings: Settings) -> SessionStore:
+    """Redis whenever `REDIS_URL` is set (the production store), else the SQLite file."""
+    if settings.redis_url:
+        from bot.store.redis import RedisStore
+
+        return RedisStore.from_url(settings.redis_url, policy_from(settings))
+    from bot.store.sqlite import SqliteStore
+
+    return SqliteStore(settings.sqlite_path, policy_from(settings))

@@ -1,0 +1,186 @@
+"""The session store's contract, shared by the Redis and SQLite backends.
+
+A *scope* is one place a conversation happens (a Discord channel, thread or DM, or the
+console's user). It points at its *current* session and knows its other sessions by name. A
+session holds OpenAI-format messages exactly as the SDK returns them, plus its model and MCP
+servers.
+
+A turn is two calls so a backend can do each in one round trip: `begin_turn` takes the
+session's lock and returns the newest messages that fit the context budget; `finish_turn`
+appends what the turn added and releases the lock, atomically. A failed turn calls
+`finish_turn` with nothing to add, which only releases the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from bot.errors import CorruptSession, InvalidSessionName
+
+Message = dict[str, Any]
+
+DEFAULT_SESSION = "default"
+SESSION_NAME_MAX = 50
+STORE_FORMAT = "1"
+"""Stored sessions carry this; a session with another value is refused as unreadable."""
+
+_SESSION_NAME = re.compile(r"[\w.-]+")
+
+
+def encode_message(message: Message) -> str:
+    """The one serialization of a stored message; its length is what the budget counts."""
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+
+
+def message_size(message: Message) -> int:
+    return len(encode_message(message).encode())
+
+
+def checked_session_name(raw: str) -> str:
+    """Session names become part of storage keys, so only a safe alphabet is accepted."""
+    name = raw.strip()
+    if not name:
+        raise InvalidSessionName("A session name cannot be empty.")
+    if len(name) > SESSION_NAME_MAX:
+        raise InvalidSessionName(f"A session name is at most {SESSION_NAME_MAX} characters.")
+    if not _SESSION_NAME.fullmatch(name):
+        raise InvalidSessionName(
+            "A session name may use only letters, digits, '-', '_' and '.' (no spaces)."
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    model: str
+    mcp_servers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    name: str
+    settings: SessionSettings
+    message_count: int
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What `begin_turn` hands the engine: the session, its recent messages, the lock."""
+
+    scope: str
+    session: SessionInfo
+    recent: list[Message]
+    lock_token: str
+
+
+@dataclass(frozen=True)
+class StorePolicy:
+    """Limits every backend applies; read from the settings by the composition root."""
+
+    default_model: str
+    ttl_seconds: int = 0
+    history_cap: int = 2000
+
+
+def session_info(row: Sequence[Any]) -> SessionInfo:
+    """Parse a backend's summary row (name, format, model, mcp JSON, created, updated, count);
+    a row from another format version or with unreadable settings raises `CorruptSession`."""
+    name, fmt, model, mcp, created, updated, count = row
+    try:
+        if fmt != STORE_FORMAT:
+            raise ValueError(fmt)
+        servers = json.loads(mcp)
+        if not isinstance(servers, list) or not all(isinstance(s, str) for s in servers):
+            raise ValueError(mcp)
+        return SessionInfo(
+            name=str(name),
+            settings=SessionSettings(model=str(model), mcp_servers=tuple(servers)),
+            message_count=int(count),
+            created_at=float(created),
+            updated_at=float(updated),
+        )
+    except (ValueError, TypeError):
+        raise CorruptSession(str(name)) from None
+
+
+def decode_messages(name: str, stored: Sequence[str]) -> list[Message]:
+    """Parse stored messages; anything that is not a message dict marks the session corrupt."""
+    try:
+        messages = [json.loads(item) for item in stored]
+    except ValueError:
+        raise CorruptSession(name) from None
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+        raise CorruptSession(name)
+    return messages
+
+
+def mcp_json(settings: SessionSettings) -> str:
+    return json.dumps(list(settings.mcp_servers))
+
+
+class SessionStore(Protocol):
+    """Async session storage. Every method raises `StoreUnavailable` when storage is down."""
+
+    async def begin_turn(self, scope: str, budget_bytes: int, lock_ms: int) -> Turn:
+        """Lock the current session (creating `default` if the scope has none) and return the
+        newest messages whose stored size fits `budget_bytes`. Raises `SessionBusy` when
+        another turn holds the lock, `CorruptSession` when the session cannot be read."""
+        ...
+
+    async def finish_turn(
+        self, turn: Turn, added: Sequence[Message], user_ref: str | None = None
+    ) -> bool:
+        """Append `added` and release the lock in one step. `user_ref` (for example a
+        Discord message id) names the first added message so `forget_message` can remove it.
+        Returns False, saving nothing, when the lock was lost to another turn."""
+        ...
+
+    async def extend_lock(self, turn: Turn, lock_ms: int) -> bool:
+        """Keep a long turn's lock alive; False when it was lost."""
+        ...
+
+    async def current_session(self, scope: str) -> SessionInfo:
+        """The scope's current session; an untouched scope reports an empty `default`."""
+        ...
+
+    async def list_sessions(self, scope: str) -> list[SessionInfo]:
+        """The scope's sessions, most recently used first."""
+        ...
+
+    async def create_session(self, scope: str, name: str, settings: SessionSettings) -> SessionInfo:
+        """Create an empty session and make it current; `InvalidInput` if the name is taken."""
+        ...
+
+    async def switch_session(self, scope: str, name: str) -> SessionInfo:
+        """Make an existing session current; `UnknownSession` if there is none by that name."""
+        ...
+
+    async def clear_session(self, scope: str) -> SessionInfo:
+        """Empty the current session's history, keeping its settings."""
+        ...
+
+    async def update_settings(self, scope: str, settings: SessionSettings) -> SessionInfo:
+        """Replace the current session's model and MCP servers."""
+        ...
+
+    async def forget_message(self, scope: str, user_ref: str) -> bool:
+        """Remove the stored user message named by `user_ref`; False if none is stored."""
+        ...
+
+    async def read_history(self, scope: str, name: str) -> list[Message]:
+        """A session's whole stored history, oldest first (for export)."""
+        ...
+
+    async def import_sessions(
+        self, scope: str, sessions: dict[str, list[Message]], settings: SessionSettings
+    ) -> None:
+        """Store whole sessions at once, replacing same-named ones: all or nothing."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,340 @@
+"""The embedded store: sessions in one SQLite file, so the bot runs with nothing else installed.
+
+Each operation is one transaction (`BEGIN IMMEDIATE`, so two processes on one file
+serialize); the turn lock is a token and expiry on the session's row, as in Redis. sqlite3
+blocks, so every call runs in a worker thread, one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from bot.errors import CorruptSession, InvalidInput, SessionBusy, StoreUnavailable, UnknownSession
+from bot.store.base import (
+    DEFAULT_SESSION,
+    STORE_FORMAT,
+    Message,
+    SessionInfo,
+    SessionSettings,
+    StorePolicy,
+    Turn,
+    decode_messages,
+    encode_message,
+    mcp_json,
+    session_info,
+)
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS scopes (scope TEXT PRIMARY KEY, current TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    scope TEXT NOT NULL, name TEXT NOT NULL, model TEXT NOT NULL, mcp TEXT NOT NULL,
+    created REAL NOT NULL, updated REAL NOT NULL, format TEXT NOT NULL,
+    lock_token TEXT, lock_expires REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (scope, name));
+CREATE INDEX IF NOT EXISTS sessions_by_updated ON sessions (updated);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, scope TEXT NOT NULL, name TEXT NOT NULL,
+    body TEXT NOT NULL, ref TEXT);
+CREATE INDEX IF NOT EXISTS messages_by_session ON messages (scope, name, id);
+CREATE INDEX IF NOT EXISTS messages_by_ref ON messages (scope, ref) WHERE ref IS NOT NULL;
+"""
+
+_SUMMARY = """
+SELECT s.name, s.format, s.model, s.mcp, s.created, s.updated,
+       (SELECT count(*) FROM messages m WHERE m.scope = s.scope AND m.name = s.name)
+FROM sessions s WHERE s.scope = ?"""
+
+_PURGE_EVERY_SECONDS = 60.0
+
+
+class SqliteStore:
+    def __init__(self, path: Path | str, policy: StorePolicy) -> None:
+        self._policy = policy
+        self._db = sqlite3.connect(
+            str(path), isolation_level=None, check_same_thread=False, timeout=10
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        self._thread_lock = threading.Lock()
+        self._last_purge = 0.0
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._db.close)
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in one write transaction, in a worker thread."""
+
+        def transaction() -> T:
+            with self._thread_lock:
+                db = self._db
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work(db)
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+                return result
+
+        try:
+            return await asyncio.to_thread(transaction)
+        except sqlite3.OperationalError as error:
+            raise StoreUnavailable() from error
+
+    # Helpers that run inside a transaction.
+
+    def _current_name(self, db: sqlite3.Connection, scope: str) -> str | None:
+        row = db.execute("SELECT current FROM scopes WHERE scope = ?", (scope,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _summary(self, db: sqlite3.Connection, scope: str, name: str) -> SessionInfo | None:
+        row = db.execute(_SUMMARY + " AND s.name = ?", (scope, name)).fetchone()
+        return None if row is None else session_info(row)
+
+    def _insert(
+        self, db: sqlite3.Connection, scope: str, name: str, settings: SessionSettings
+    ) -> None:
+        now = time.time()
+        db.execute(
+            "INSERT INTO sessions (scope, name, model, mcp, created, updated, format)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (scope, name, settings.model, mcp_json(settings), now, now, STORE_FORMAT),
+        )
+
+    def _set_current(self, db: sqlite3.Connection, scope: str, name: str) -> None:
+        db.execute(
+            "INSERT INTO scopes (scope, current) VALUES (?, ?)"
+            " ON CONFLICT (scope) DO UPDATE SET current = excluded.current",
+            (scope, name),
+        )
+
+    def _current_or_create(self, db: sqlite3.Connection, scope: str) -> str:
+        name = self._current_name(db, scope)
+        if name is None:
+            name = DEFAULT_SESSION
+            self._set_current(db, scope, name)
+        exists = db.execute(
+            "SELECT 1 FROM sessions WHERE scope = ? AND name = ?", (scope, name)
+        ).fetchone()
+        if exists is None:
+            self._insert(db, scope, name, SessionSettings(self._policy.default_model))
+        return name
+
+    def _purge_idle(self, db: sqlite3.Connection) -> None:
+        """Drop sessions idle past the TTL; run at most once a minute, from a write."""
+        now = time.time()
+        if not self._policy.ttl_seconds or now - self._last_purge < _PURGE_EVERY_SECONDS:
+            return
+        self._last_purge = now
+        cutoff = now - self._policy.ttl_seconds
+        db.execute(
+            "DELETE FROM messages WHERE (scope, name) IN"
+            " (SELECT scope, name FROM sessions WHERE updated < ?)",
+            (cutoff,),
+        )
+        db.execute("DELETE FROM sessions WHERE updated < ?", (cutoff,))
+
+    # The store protocol.
+
+    async def begin_turn(self, scope: str, budget_bytes: int, lock_ms: int) -> Turn:
+        token = uuid.uuid4().hex
+
+        def work(db: sqlite3.Connection) -> tuple[SessionInfo, list[str]]:
+            name = self._current_or_create(db, scope)
+            now = time.time()
+            fmt, expires = db.execute(
+                "SELECT format, lock_expires FROM sessions WHERE scope = ? AND name = ?",
+                (scope, name),
+            ).fetchone()
+            if fmt != STORE_FORMAT:
+                raise CorruptSession(name)
+            if expires > now:
+                raise SessionBusy()
+            db.execute(
+                "UPDATE sessions SET lock_token = ?, lock_expires = ? WHERE scope = ? AND name = ?",
+                (token, now + lock_ms / 1000, scope, name),
+            )
+            session = self._summary(db, scope, name)
+            assert session is not None
+            recent: list[str] = []
+            used = 0
+            for (body,) in db.execute(
+                "SELECT body FROM messages WHERE scope = ? AND name = ? ORDER BY id DESC",
+                (scope, name),
+            ):
+                used += len(body.encode())
+                if used > budget_bytes:
+                    break
+                recent.append(body)
+            return session, recent[::-1]
+
+        session, bodies = await self._run(work)
+        recent = decode_messages(session.name, bodies)
+        return Turn(scope=scope, session=session, recent=recent, lock_token=token)
+
+    async def finish_turn(
+        self, turn: Turn, added: Sequence[Message], user_ref: str | None = None
+    ) -> bool:
+        scope, name = turn.scope, turn.session.name
+        bodies = [encode_message(m) for m in added]
+
+        def work(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT lock_token, lock_expires FROM sessions WHERE scope = ? AND name = ?",
+                (scope, name),
+            ).fetchone()
+            now = time.time()
+            if row is None or (row[0] != turn.lock_token and row[1] > now):
+                return False
+            if bodies:
+                refs = [user_ref] + [None] * (len(bodies) - 1)
+                db.executemany(
+                    "INSERT INTO messages (scope, name, body, ref) VALUES (?, ?, ?, ?)",
+                    [(scope, name, body, ref) for body, ref in zip(bodies, refs, strict=True)],
+                )
+                db.execute(
+                    "DELETE FROM messages WHERE scope = ? AND name = ? AND id <= (SELECT id"
+                    " FROM messages WHERE scope = ? AND name = ? ORDER BY id DESC"
+                    " LIMIT 1 OFFSET ?)",
+                    (scope, name, scope, name, self._policy.history_cap),
+                )
+            db.execute(
+                "UPDATE sessions SET updated = ?, lock_token = NULL, lock_expires = 0"
+                " WHERE scope = ? AND name = ?",
+                (now, scope, name),
+            )
+            self._purge_idle(db)
+            return True
+
+        return await self._run(work)
+
+    async def extend_lock(self, turn: Turn, lock_ms: int) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "UPDATE sessions SET lock_expires = ?"
+                " WHERE scope = ? AND name = ? AND lock_token = ?",
+                (time.time() + lock_ms / 1000, turn.scope, turn.session.name, turn.lock_token),
+            )
+            return cursor.rowcount == 1
+
+        return await self._run(work)
+
+    async def current_session(self, scope: str) -> SessionInfo:
+        def work(db: sqlite3.Connection) -> SessionInfo:
+            name = self._current_name(db, scope) or DEFAULT_SESSION
+            found = self._summary(db, scope, name)
+            return found or SessionInfo(name, SessionSettings(self._policy.default_model), 0, 0, 0)
+
+        return await self._run(work)
+
+    async def list_sessions(self, scope: str) -> list[SessionInfo]:
+        def work(db: sqlite3.Connection) -> list[SessionInfo]:
+            rows = db.execute(_SUMMARY + " ORDER BY s.updated DESC", (scope,)).fetchall()
+            return [session_info(row) for row in rows]
+
+        return await self._run(work)
+
+    async def create_session(self, scope: str, name: str, settings: SessionSettings) -> SessionInfo:
+        def work(db: sqlite3.Connection) -> SessionInfo:
+            try:
+                self._insert(db, scope, name, settings)
+            except sqlite3.IntegrityError:
+                raise InvalidInput(
+                    f"A session named {name!r} exists already; use /load {name}."
+                ) from None
+            self._set_current(db, scope, name)
+            created = self._summary(db, scope, name)
+            assert created is not None
+            return created
+
+        return await self._run(work)
+
+    async def switch_session(self, scope: str, name: str) -> SessionInfo:
+        def work(db: sqlite3.Connection) -> SessionInfo:
+            found = self._summary(db, scope, name)
+            if found is None:
+                raise UnknownSession(f"There is no session named {name!r}; /list shows them.")
+            self._set_current(db, scope, name)
+            db.execute(
+                "UPDATE sessions SET updated = ? WHERE scope = ? AND name = ?",
+                (time.time(), scope, name),
+            )
+            return found
+
+        return await self._run(work)
+
+    async def clear_session(self, scope: str) -> SessionInfo:
+        def work(db: sqlite3.Connection) -> SessionInfo:
+            name = self._current_or_create(db, scope)
+            db.execute("DELETE FROM messages WHERE scope = ? AND name = ?", (scope, name))
+            db.execute(
+                "UPDATE sessions SET updated = ?, format = ?,"
+                " mcp = CASE WHEN json_valid(mcp) THEN mcp ELSE '[]' END"
+                " WHERE scope = ? AND name = ?",
+                (time.time(), STORE_FORMAT, scope, name),
+            )
+            cleared = self._summary(db, scope, name)
+            assert cleared is not None
+            return cleared
+
+        return await self._run(work)
+
+    async def update_settings(self, scope: str, settings: SessionSettings) -> SessionInfo:
+        def work(db: sqlite3.Connection) -> SessionInfo:
+            name = self._current_or_create(db, scope)
+            before = self._summary(db, scope, name)
+            assert before is not None  # _session_info refused it if unreadable
+            db.execute(
+                "UPDATE sessions SET model = ?, mcp = ? WHERE scope = ? AND name = ?",
+                (settings.model, mcp_json(settings), scope, name),
+            )
+            after = self._summary(db, scope, name)
+            assert after is not None
+            return after
+
+        return await self._run(work)
+
+    async def forget_message(self, scope: str, user_ref: str) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "DELETE FROM messages WHERE scope = ? AND ref = ?", (scope, user_ref)
+            )
+            return cursor.rowcount > 0
+
+        return await self._run(work)
+
+    async def read_history(self, scope: str, name: str) -> list[Message]:
+        def work(db: sqlite3.Connection) -> list[str]:
+            rows = db.execute(
+                "SELECT body FROM messages WHERE scope = ? AND name = ? ORDER BY id", (scope, name)
+            ).fetchall()
+            return [str(row[0]) for row in rows]
+
+        return decode_messages(name, await self._run(work))
+
+    async def import_sessions(
+        self, scope: str, sessions: dict[str, list[Message]], settings: SessionSettings
+    ) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            for name, messages in sessions.items():
+                db.execute("DELETE FROM messages WHERE scope = ? AND name = ?", (scope, name))
+                db.execute("DELETE FROM sessions WHERE scope = ? AND name = ?", (scope, name))
+                self._insert(db, scope, name, settings)
+                kept = messages[-self._policy.history_cap :]
+                db.executemany(
+                    "INSERT INTO messages (scope, name, body) VALUES (?, ?, ?)",
+                    [(scope, name, encode_message(m)) for m in kept],
+                )
+            if sessions and self._current_name(db, scope) is None:
+                self._set_current(db, scope, next(iter(sessions)))
+
+        await self._run(work)

@@ -1,0 +1,126 @@
+"""Shared fixtures: a throwaway real Redis server, and a store of each backend over it."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from bot.store.base import SessionStore, StorePolicy
+from bot.store.redis import RedisStore
+from bot.store.sqlite import SqliteStore
+
+TEST_MODELS = (
+    "openai/gpt-5.1",
+    "anthropic/claude-opus-4-5-20251101",
+    "google/gemini-3-pro-preview",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A real redis-server on a free port that a test may stop and start again."""
+
+    def __init__(self, directory: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed; .ci/run installs it")
+        self.binary = binary
+        self.port = free_port()
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        client.close()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    if redis_server.process is None:
+        redis_server.start()
+    client = redis.Redis(port=redis_server.port)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def policy() -> StorePolicy:
+    return StorePolicy(default_model=TEST_MODELS[0], ttl_seconds=0, history_cap=1000)
+
+
+@pytest.fixture(params=["redis", "sqlite"])
+async def store(
+    request: pytest.FixtureRequest, redis_url: str, tmp_path: Path, policy: StorePolicy
+) -> AsyncIterator[SessionStore]:
+    """Each contract test runs once per backend."""
+    backend: SessionStore
+    if request.param == "redis":
+        backend = RedisStore.from_url(redis_url, policy)
+    else:
+        backend = SqliteStore(tmp_path / "sessions.sqlite3", policy)
+    yield backend
+    await backend.close()
+
+
+@pytest.fixture
+async def raw_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()

@@ -1,0 +1,198 @@
+"""A conversation turn end to end: real store, the real SDK, the fake Dedalus API."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from bot.commands import Commands
+from bot.engine import Engine, EngineLimits
+from bot.errors import ModelError
+from bot.model import ContextTooLong, DedalusModel
+from bot.store.base import SessionStore
+from tests.conftest import TEST_MODELS
+from tests.fakes.dedalus_api import FakeDedalusAPI
+
+SYSTEM = "You are a test assistant."
+
+
+@pytest.fixture
+def api() -> Iterator[FakeDedalusAPI]:
+    with FakeDedalusAPI() as fake:
+        yield fake
+
+
+def make_engine(store: SessionStore, api: FakeDedalusAPI, budget: int = 100_000) -> Engine:
+    model = DedalusModel.connect("test-key", api.base_url, timeout=1.0, max_retries=0)
+    return Engine(store, model, EngineLimits(system_prompt=SYSTEM, budget_bytes=budget))
+
+
+@pytest.fixture
+async def engine(store: SessionStore, api: FakeDedalusAPI) -> AsyncIterator[Engine]:
+    yield make_engine(store, api)
+
+
+def user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+async def test_the_model_receives_the_whole_history(
+    engine: Engine, api: FakeDedalusAPI, store: SessionStore
+) -> None:
+    api.reply_text("Nice to meet you, Ada.")
+    first = await engine.reply("chan", user("My name is Ada."))
+    assert first.text == "Nice to meet you, Ada."
+    api.reply_text("You are Ada.")
+    await engine.reply("chan", user("Who am I?"))
+    assert api.messages_sent() == [
+        {"role": "system", "content": SYSTEM},
+        user("My name is Ada."),
+        {"role": "assistant", "content": "Nice to meet you, Ada."},
+        user("Who am I?"),
+    ]
+    assert len(await store.read_history("chan", "default")) == 4
+
+
+async def test_a_tool_round_is_stored_and_sent_back(
+    engine: Engine, api: FakeDedalusAPI, store: SessionStore
+) -> None:
+    call_id = api.reply_tool_call("lookup", {"q": "x"})
+    api.reply_text("Done looking.")
+    reply = await engine.reply("chan", user("look it up"))
+    assert reply.text == "Done looking."
+    roles = [m["role"] for m in await store.read_history("chan", "default")]
+    assert roles == ["user", "assistant", "tool", "assistant"]
+    await engine.reply("chan", user("again"))
+    sent = api.messages_sent()
+    assert sent[2]["tool_calls"][0]["id"] == call_id
+    assert sent[3]["tool_call_id"] == call_id
+
+
+async def test_a_streamed_reply_arrives_in_pieces_and_is_saved_whole(
+    engine: Engine, api: FakeDedalusAPI, store: SessionStore
+) -> None:
+    text = "one two three four five six seven eight nine ten"
+    api.reply_text(text)
+    pieces: list[str] = []
+
+    async def collect(delta: str) -> None:
+        pieces.append(delta)
+
+    reply = await engine.reply("chan", user("count"), on_text=collect)
+    assert len(pieces) > 1 and "".join(pieces) == text == reply.text
+    assert await store.read_history("chan", "default") == [
+        user("count"),
+        {"role": "assistant", "content": text},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("script", "said"),
+    [
+        (lambda api: api.reply_error(429), "rate limited"),
+        (lambda api: api.reply_error(500), "unavailable"),
+        (lambda api: api.reply_text("late", delay=3), "timed out"),
+        (lambda api: api.reply_malformed(), "could not read"),
+        (lambda api: api.reply_malformed('{"hello": 1}'), "empty answer"),
+    ],
+    ids=["429", "500", "timeout", "malformed", "not-a-completion"],
+)
+async def test_model_faults_are_named_and_store_nothing(
+    engine: Engine, api: FakeDedalusAPI, store: SessionStore, script: object, said: str
+) -> None:
+    await engine.reply("chan", user("before"))
+    script(api)  # type: ignore[operator]
+    with pytest.raises(ModelError, match=said):
+        await engine.reply("chan", user("lost?"))
+    history = await store.read_history("chan", "default")
+    assert [m["content"] for m in history] == ["before", "echo: before"]
+    after = await engine.reply("chan", user("after"))  # the session is not left locked
+    assert after.text == "echo: after"
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["error-event", "connection-cut"])
+async def test_a_stream_broken_midway_stores_nothing(
+    engine: Engine, api: FakeDedalusAPI, store: SessionStore, drop: bool
+) -> None:
+    api.reply_stream_error(after_text="half an ans", drop=drop)
+
+    async def ignore(delta: str) -> None:
+        pass
+
+    with pytest.raises(ModelError, match="broke off"):
+        await engine.reply("chan", user("q"), on_text=ignore)
+    assert await store.read_history("chan", "default") == []
+
+
+async def test_too_long_for_the_model_retries_once_with_less_history(
+    engine: Engine, api: FakeDedalusAPI
+) -> None:
+    for i in range(6):
+        await engine.reply("chan", user(f"question {i}"))
+    api.reply_error(400, code="context_length_exceeded", message="maximum context length is 8")
+    api.reply_text("short answer")
+    reply = await engine.reply("chan", user("last"))
+    assert (reply.text, reply.shortened) == ("short answer", True)
+    assert len(api.messages_sent(-1)) < len(api.messages_sent(-2))
+
+    api.reply_error(400, code="context_length_exceeded")
+    api.reply_error(400, code="context_length_exceeded")
+    with pytest.raises(ContextTooLong):
+        await engine.reply("chan", user("still too long"))
+
+
+async def test_history_beyond_the_budget_is_cut_without_orphaning_tool_results(
+    store: SessionStore, api: FakeDedalusAPI
+) -> None:
+    roomy = make_engine(store, api)
+    for i in range(20):
+        await roomy.reply("chan", user(f"filler {i} " + "x" * 100))
+    api.reply_tool_call("lookup", {"q": "y" * 300})
+    api.reply_text("tool answer")
+    await roomy.reply("chan", user("use the tool"))
+
+    tight = make_engine(store, api, budget=900)
+    await tight.reply("chan", user("next"))
+    sent = api.messages_sent()
+    assert sent[0]["role"] == "system" and sent[1]["role"] == "user"
+    assert len(sent) < 20
+    call_ids = {c["id"] for m in sent for c in m.get("tool_calls", [])}
+    results = {m["tool_call_id"] for m in sent if m["role"] == "tool"}
+    assert call_ids == results
+
+
+async def test_commands_change_what_the_next_model_call_receives(
+    engine: Engine, api: FakeDedalusAPI, store: SessionStore
+) -> None:
+    commands = Commands(store, TEST_MODELS)
+    await engine.reply("chan", user("in default"))
+    await commands.model("chan", "2")
+    await commands.mcp_add("chan", "acme/search@v1")
+    await commands.mcp_add("chan", "https://mcp.example.com/sse")
+    await engine.reply("chan", user("second"))
+    assert api.last_request["model"] in (TEST_MODELS[1], [TEST_MODELS[1]])
+    # The SDK sends a versioned slug in its wire form, a URL as it is.
+    wired = [{"slug": "acme/search", "version": "v1"}, "https://mcp.example.com/sse"]
+    assert api.last_request["mcp_servers"] == wired
+
+    await commands.new("chan", "fresh")
+    await engine.reply("chan", user("in fresh"))
+    assert [m["content"] for m in api.messages_sent()[1:]] == ["in fresh"]
+    assert api.last_request["mcp_servers"] == wired  # settings carry over to a new session
+
+    await commands.load("chan", "default")
+    await commands.clear("chan")
+    await engine.reply("chan", user("after clear"))
+    assert [m["content"] for m in api.messages_sent()[1:]] == ["after clear"]
+
+
+async def test_overlapping_messages_in_one_scope_are_answered_in_order(
+    engine: Engine, store: SessionStore
+) -> None:
+    await asyncio.gather(*(engine.reply("busy", user(f"m{i}")) for i in range(20)))
+    history = await store.read_history("busy", "default")
+    assert [m["content"] for m in history] == [
+        text for i in range(20) for text in (f"m{i}", f"echo: m{i}")
+    ]

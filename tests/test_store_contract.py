@@ -1,0 +1,159 @@
+"""The session store's contract, run against both backends (real Redis and SQLite)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bot.errors import InvalidInput, SessionBusy, UnknownSession
+from bot.store.base import Message, SessionSettings, SessionStore, encode_message
+
+BIG = 1_000_000
+TOOL_ROUND: list[Message] = [
+    {"role": "user", "content": "what's the weather?"},
+    {
+        "role": "assistant",
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "w", "arguments": "{}"}}
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    {"role": "assistant", "content": "It is sunny. ☀️"},
+]
+
+
+async def save_turn(store: SessionStore, scope: str, *messages: Message, ref: str | None = None):
+    turn = await store.begin_turn(scope, BIG, 10_000)
+    assert await store.finish_turn(turn, list(messages), ref)
+    return turn
+
+
+async def test_untouched_scope_reports_an_empty_default(store: SessionStore) -> None:
+    session = await store.current_session("fresh")
+    assert (session.name, session.message_count) == ("default", 0)
+    assert await store.list_sessions("fresh") == []
+
+
+async def test_a_turn_stores_messages_exactly_as_given(store: SessionStore) -> None:
+    await save_turn(store, "s1", *TOOL_ROUND)
+    assert await store.read_history("s1", "default") == TOOL_ROUND
+    turn = await store.begin_turn("s1", BIG, 10_000)
+    assert turn.recent == TOOL_ROUND
+    assert turn.session.message_count == 4
+    await store.finish_turn(turn, [])
+
+
+async def test_begin_returns_only_the_newest_messages_within_budget(store: SessionStore) -> None:
+    messages = [{"role": "user", "content": f"message {i:03}"} for i in range(50)]
+    await save_turn(store, "s1", *messages)
+    size = len(encode_message(messages[0]).encode())
+    turn = await store.begin_turn("s1", size * 5 + size // 2, 10_000)
+    assert turn.recent == messages[-5:]
+    assert turn.session.message_count == 50
+    await store.finish_turn(turn, [])
+
+
+async def test_a_locked_session_is_busy_until_the_turn_finishes(store: SessionStore) -> None:
+    turn = await store.begin_turn("s1", BIG, 10_000)
+    with pytest.raises(SessionBusy):
+        await store.begin_turn("s1", BIG, 10_000)
+    other_scope = await store.begin_turn("s2", BIG, 10_000)  # other scopes never wait
+    await store.finish_turn(other_scope, [])
+    assert await store.finish_turn(turn, [{"role": "user", "content": "hi"}])
+    second = await store.begin_turn("s1", BIG, 10_000)
+    assert second.recent == [{"role": "user", "content": "hi"}]
+    await store.finish_turn(second, [])
+
+
+async def test_a_crashed_holders_lock_expires(store: SessionStore) -> None:
+    await store.begin_turn("s1", BIG, 50)  # never finished: its process "crashed"
+    await asyncio.sleep(0.1)
+    turn = await store.begin_turn("s1", BIG, 10_000)
+    assert await store.finish_turn(turn, [{"role": "user", "content": "after"}])
+
+
+async def test_a_turn_that_lost_its_lock_saves_nothing(store: SessionStore) -> None:
+    stale = await store.begin_turn("s1", BIG, 50)
+    await asyncio.sleep(0.1)
+    current = await store.begin_turn("s1", BIG, 10_000)
+    assert not await store.finish_turn(stale, [{"role": "user", "content": "stale"}])
+    assert await store.finish_turn(current, [{"role": "user", "content": "current"}])
+    assert await store.read_history("s1", "default") == [{"role": "user", "content": "current"}]
+
+
+async def test_extend_lock_keeps_a_long_turn_alive(store: SessionStore) -> None:
+    turn = await store.begin_turn("s1", BIG, 100)
+    for _ in range(3):
+        await asyncio.sleep(0.05)
+        assert await store.extend_lock(turn, 100)
+    with pytest.raises(SessionBusy):
+        await store.begin_turn("s1", BIG, 100)
+    assert await store.finish_turn(turn, [])
+
+
+async def test_stored_history_is_capped_to_the_newest(store: SessionStore, policy: object) -> None:
+    cap = 1000
+    batch = [{"role": "user", "content": str(i)} for i in range(cap + 7)]
+    await save_turn(store, "s1", *batch)
+    history = await store.read_history("s1", "default")
+    assert history == batch[-cap:]
+
+
+async def test_sessions_are_named_switched_and_kept_apart(store: SessionStore) -> None:
+    await save_turn(store, "s1", {"role": "user", "content": "in default"})
+    settings = SessionSettings("anthropic/claude-opus-4-5-20251101", ("org/tool",))
+    created = await store.create_session("s1", "work", settings)
+    assert (created.name, created.settings, created.message_count) == ("work", settings, 0)
+    await save_turn(store, "s1", {"role": "user", "content": "in work"})
+    assert (await store.current_session("s1")).name == "work"
+    with pytest.raises(InvalidInput):
+        await store.create_session("s1", "default", settings)
+    assert (await store.current_session("s1")).name == "work"
+    with pytest.raises(UnknownSession):
+        await store.switch_session("s1", "nope")
+    loaded = await store.switch_session("s1", "default")
+    assert (loaded.name, loaded.message_count) == ("default", 1)
+    names = [s.name for s in await store.list_sessions("s1")]
+    assert sorted(names) == ["default", "work"]
+    assert names[0] == "default"  # most recently used first
+    assert await store.read_history("s1", "work") == [{"role": "user", "content": "in work"}]
+
+
+async def test_clear_empties_history_and_keeps_settings(store: SessionStore) -> None:
+    await save_turn(store, "s1", *TOOL_ROUND)
+    settings = SessionSettings("google/gemini-3-pro-preview", ("https://mcp.example.com/x",))
+    await store.update_settings("s1", settings)
+    cleared = await store.clear_session("s1")
+    assert (cleared.message_count, cleared.settings) == (0, settings)
+    assert await store.read_history("s1", "default") == []
+
+
+async def test_settings_persist_per_session(store: SessionStore) -> None:
+    settings = SessionSettings("google/gemini-3-pro-preview", ("org/a", "org/b@v2"))
+    await store.update_settings("s1", settings)
+    assert (await store.current_session("s1")).settings == settings
+    assert (await store.current_session("s2")).settings == SessionSettings("openai/gpt-5.1")
+
+
+async def test_forget_message_removes_that_user_message(store: SessionStore) -> None:
+    answer = {"role": "assistant", "content": "hello"}
+    await save_turn(store, "s1", {"role": "user", "content": "keep"}, answer, ref="m1")
+    await save_turn(store, "s1", {"role": "user", "content": "drop"}, answer, ref="m2")
+    assert await store.forget_message("s1", "m2")
+    assert not await store.forget_message("s1", "m2")
+    assert not await store.forget_message("s2", "m1")
+    assert await store.read_history("s1", "default") == [
+        {"role": "user", "content": "keep"},
+        answer,
+        answer,
+    ]
+
+
+async def test_import_replaces_named_sessions_whole(store: SessionStore) -> None:
+    await save_turn(store, "s1", {"role": "user", "content": "old"})
+    imported = {"default": TOOL_ROUND, "other": [{"role": "user", "content": "x"}]}
+    await store.import_sessions("s1", imported, SessionSettings("openai/gpt-5.1"))
+    assert await store.read_history("s1", "default") == TOOL_ROUND
+    assert await store.read_history("s1", "other") == [{"role": "user", "content": "x"}]
+    assert {s.name for s in await store.list_sessions("s1")} == {"default", "other"}
