@@ -65,6 +65,21 @@ async def run_transfer(settings: Settings, action: str, path: Path, scope: str) 
         await store.close()
 
 
+async def run_bot(settings: Settings) -> None:
+    from bot.discord_bot.client import ChatBot, run_discord, setup_logging
+
+    setup_logging(settings.log_level)
+    store = open_store(settings)
+    try:
+        engine = build_engine(settings, store)
+        commands = Commands(store, settings.allowed_models)
+        bot = ChatBot(engine, commands, dev_guild_id=settings.dev_guild_id)
+        assert settings.discord_token is not None
+        await run_discord(bot, settings.discord_token)
+    finally:
+        await store.close()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bot", description="Run the Discord bot (the default) or a tool."
@@ -91,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             print(asyncio.run(run_transfer(settings, args.mode, args.file, args.scope)))
         else:
             settings.require("DISCORD_TOKEN", "DEDALUS_API_KEY")
-            print("error: the Discord bot is not built yet; `python -m bot console` works")
-            return 1
+            asyncio.run(run_bot(settings))
     except SettingsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

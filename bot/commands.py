@@ -8,9 +8,26 @@ import re
 import time
 import urllib.parse
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
 from bot.errors import InvalidInput, InvalidMcpServer, UnknownModel
 from bot.store.base import SessionInfo, SessionStore, checked_session_name
+
+
+class ReplyMode(StrEnum):
+    """When the bot answers in a shared place (DMs and its own threads: always)."""
+
+    MENTIONS = "mentions"
+    ALL = "all"
+    THREADS = "threads"
+
+
+REPLY_MODE_OPTION = "reply_mode"
+REPLY_MODE_HELP = {
+    ReplyMode.MENTIONS: "answers when mentioned or replied to",
+    ReplyMode.ALL: "answers every message",
+    ReplyMode.THREADS: "opens a thread for each mention and continues there",
+}
 
 MCP_SERVERS_MAX = 10
 MCP_ENTRY_MAX = 300
@@ -143,6 +160,20 @@ class Commands:
 
     async def status(self, scope: str) -> str:
         return describe_status(await self.store.current_session(scope))
+
+    async def reply_mode(self, scope: str) -> ReplyMode:
+        stored = await self.store.scope_option(scope, REPLY_MODE_OPTION)
+        return ReplyMode(stored) if stored in set(ReplyMode) else ReplyMode.MENTIONS
+
+    async def set_reply_mode(self, scope: str, choice: str) -> str:
+        try:
+            mode = ReplyMode(choice.strip().lower())
+        except ValueError:
+            raise InvalidInput(
+                f"Unknown mode {choice[:40]!r}. Choose one of: {', '.join(ReplyMode)}."
+            ) from None
+        await self.store.set_scope_option(scope, REPLY_MODE_OPTION, mode.value)
+        return f"Reply mode: {mode.value} (the bot {REPLY_MODE_HELP[mode]})."
 
 
 def describe_status(session: SessionInfo) -> str:

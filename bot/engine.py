@@ -87,6 +87,10 @@ class Engine:
                 raise LostTurn()
             return Reply(text=text, session=turn.session.name, shortened=shortened)
 
+    async def forget(self, scope: str, user_ref: str) -> bool:
+        """Remove a stored user message (its author deleted it); False if none was stored."""
+        return await self._store.forget_message(scope, user_ref)
+
     async def _begin(self, scope: str) -> Turn:
         limits = self._limits
         deadline = time.monotonic() + limits.wait_seconds

@@ -157,3 +157,11 @@ async def test_import_replaces_named_sessions_whole(store: SessionStore) -> None
     assert await store.read_history("s1", "default") == TOOL_ROUND
     assert await store.read_history("s1", "other") == [{"role": "user", "content": "x"}]
     assert {s.name for s in await store.list_sessions("s1")} == {"default", "other"}
+
+
+async def test_scope_options_are_kept_per_scope(store: SessionStore) -> None:
+    assert await store.scope_option("s1", "reply_mode") is None
+    await store.set_scope_option("s1", "reply_mode", "all")
+    await store.set_scope_option("s1", "reply_mode", "threads")
+    assert await store.scope_option("s1", "reply_mode") == "threads"
+    assert await store.scope_option("s2", "reply_mode") is None

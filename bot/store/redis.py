@@ -3,7 +3,7 @@
 Layout (every key of a scope shares the hash tag `{scope}`, so one script may touch the
 scope and any of its sessions even on Redis Cluster):
 
-    {prefix}:{scope}:state              hash    current -> session name
+    {prefix}:{scope}:state              hash    current -> session name; opt:{option} -> value
     {prefix}:{scope}:names              zset    session name -> last use (unix seconds)
     {prefix}:{scope}:s:{name}:meta      hash    model, mcp (JSON list), created, updated, format
     {prefix}:{scope}:s:{name}:messages  list    one JSON message per element, oldest first
@@ -399,6 +399,15 @@ class RedisStore:
                 keys=self._keys(scope), args=[self._prefix(scope), user_ref]
             )
         return bool(removed)
+
+    async def scope_option(self, scope: str, option: str) -> str | None:
+        async with _available():
+            value = await self._redis.hget(scope_key(scope, "state"), f"opt:{option}")
+        return None if value is None else str(value)
+
+    async def set_scope_option(self, scope: str, option: str, value: str) -> None:
+        async with _available():
+            await self._redis.hset(scope_key(scope, "state"), f"opt:{option}", value)
 
     async def read_history(self, scope: str, name: str) -> list[Message]:
         async with _available():

@@ -35,6 +35,8 @@ T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS scopes (scope TEXT PRIMARY KEY, current TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS scope_options (
+    scope TEXT NOT NULL, option TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (scope, option));
 CREATE TABLE IF NOT EXISTS sessions (
     scope TEXT NOT NULL, name TEXT NOT NULL, model TEXT NOT NULL, mcp TEXT NOT NULL,
     created REAL NOT NULL, updated REAL NOT NULL, format TEXT NOT NULL,
@@ -311,6 +313,25 @@ class SqliteStore:
             return cursor.rowcount > 0
 
         return await self._run(work)
+
+    async def scope_option(self, scope: str, option: str) -> str | None:
+        def work(db: sqlite3.Connection) -> str | None:
+            row = db.execute(
+                "SELECT value FROM scope_options WHERE scope = ? AND option = ?", (scope, option)
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._run(work)
+
+    async def set_scope_option(self, scope: str, option: str, value: str) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO scope_options (scope, option, value) VALUES (?, ?, ?)"
+                " ON CONFLICT (scope, option) DO UPDATE SET value = excluded.value",
+                (scope, option, value),
+            )
+
+        await self._run(work)
 
     async def read_history(self, scope: str, name: str) -> list[Message]:
         def work(db: sqlite3.Connection) -> list[str]:

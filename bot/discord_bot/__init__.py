@@ -1,0 +1,1 @@
+"""The Discord glue: translates gateway events and slash commands into core calls."""

@@ -1,0 +1,117 @@
+"""The Discord bot: one `Bot` subclass that owns the engine and commands (passed in by the
+composition root), loads the cogs and syncs the slash commands in `setup_hook`."""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.commands import Commands
+from bot.discord_bot.cogs.sessions import Sessions
+from bot.discord_bot.cogs.settings import Settings as SettingsCog
+from bot.discord_bot.conversation import UNEXPECTED, Conversation
+from bot.discord_bot.render import NO_PINGS, respond
+from bot.engine import Engine
+from bot.errors import BotError, SettingsError
+
+log = logging.getLogger(__name__)
+
+
+def intents() -> discord.Intents:
+    """Guilds and their messages, DMs, and message content (a privileged intent that must be
+    switched on in the Developer Portal)."""
+    chosen = discord.Intents.none()
+    chosen.guilds = True
+    chosen.guild_messages = True
+    chosen.dm_messages = True
+    chosen.message_content = True
+    return chosen
+
+
+class ChatBot(commands.Bot):
+    def __init__(
+        self,
+        engine: Engine,
+        session_commands: Commands,
+        *,
+        dev_guild_id: int | None = None,
+        **options: object,
+    ) -> None:
+        super().__init__(
+            command_prefix=(),
+            intents=intents(),
+            allowed_mentions=NO_PINGS,
+            help_command=None,
+            **options,  # type: ignore[arg-type]
+        )
+        self.engine = engine
+        self.session_commands = session_commands
+        self.conversation = Conversation(self)
+        self._dev_guild_id = dev_guild_id
+
+    async def setup_hook(self) -> None:
+        await self.add_cog(self.conversation)
+        await self.add_cog(Sessions(self))
+        await self.add_cog(SettingsCog(self))
+        self.tree.on_error = self._command_failed  # type: ignore[method-assign]
+        if self._dev_guild_id:
+            guild = discord.Object(self._dev_guild_id)
+            self.tree.copy_global_to(guild=guild)
+            await self.tree.sync(guild=guild)
+        else:
+            await self.tree.sync()
+
+    async def on_message(self, message: discord.Message) -> None:
+        """No prefix commands: conversation is handled by the `Conversation` cog."""
+
+    async def _command_failed(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
+        cause = error.original if isinstance(error, app_commands.CommandInvokeError) else error
+        if isinstance(cause, BotError):
+            text = f"⚠️ {cause}"
+        elif isinstance(cause, app_commands.CheckFailure):
+            text = "⚠️ You cannot use this command here."
+        else:
+            log.error(
+                "command /%s failed",
+                interaction.command and interaction.command.name,
+                exc_info=cause,
+            )
+            text = f"⚠️ {UNEXPECTED}"
+        await respond(interaction, text, ephemeral=True)
+
+
+class DiscordUnreachable(BotError):
+    def __init__(self, cause: str) -> None:
+        super().__init__(f"Cannot reach Discord ({cause}); check the network and try again.")
+
+
+def setup_logging(level: str) -> None:
+    """discord.py's own log format and handler, at the configured level, without the start-up
+    warnings about voice support, which this bot does not use."""
+    discord.utils.setup_logging(level=logging.getLevelName(level), root=True)
+    logging.getLogger("discord.client").addFilter(
+        lambda record: "voice will NOT be supported" not in record.getMessage()
+    )
+
+
+async def run_discord(bot: ChatBot, token: str) -> None:
+    """Run until stopped; a refused token or a missing intent ends with one clear line."""
+    try:
+        async with bot:
+            await bot.start(token)
+    except discord.LoginFailure:
+        raise SettingsError("DISCORD_TOKEN", "was refused by Discord: check the token") from None
+    except (aiohttp.ClientError, OSError) as error:
+        raise DiscordUnreachable(type(error).__name__) from None
+    except discord.PrivilegedIntentsRequired:
+        raise SettingsError(
+            "DISCORD_TOKEN",
+            "belongs to a bot without the Message Content intent: switch it on in the "
+            "Developer Portal (Bot -> Privileged Gateway Intents)",
+        ) from None

@@ -1,0 +1,80 @@
+"""`/new /list /load /clear /status`: the reference's session commands, acting on the
+channel, thread or DM where they are used."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.discord_bot.render import respond
+from bot.discord_bot.scopes import scope_for
+from bot.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from bot.discord_bot.client import ChatBot
+
+
+class Sessions(commands.Cog):
+    def __init__(self, bot: ChatBot) -> None:
+        self.bot = bot
+
+    @app_commands.command(description="Start a fresh conversation here; the old one stays in /list")
+    @app_commands.describe(
+        name="A name for the session (letters, digits, - _ .)",
+        thread="Open a new thread with its own conversation instead",
+    )
+    async def new(
+        self, interaction: discord.Interaction, name: str | None = None, thread: bool = False
+    ) -> None:
+        if not thread:
+            text = await self.bot.session_commands.new(scope_for(interaction.channel_id or 0), name)
+            await respond(interaction, text, ephemeral=False)
+            return
+        channel = interaction.channel
+        if not isinstance(channel, discord.TextChannel):
+            raise InvalidInput("A thread can be opened only in a server's text channel.")
+        scope_name = name.strip() if name and name.strip() else None
+        started = await channel.create_thread(
+            name=scope_name or f"Chat with {interaction.user.display_name}",
+            type=discord.ChannelType.public_thread,
+        )
+        if scope_name:
+            await self.bot.session_commands.new(scope_for(started.id), scope_name)
+        await respond(
+            interaction, f"Opened {started.mention}: I answer every message there.", ephemeral=False
+        )
+
+    @app_commands.command(name="list", description="Show this place's sessions")
+    async def list_sessions(self, interaction: discord.Interaction) -> None:
+        text = await self.bot.session_commands.list(scope_for(interaction.channel_id or 0))
+        await respond(interaction, text, ephemeral=True)
+
+    @app_commands.command(description="Switch this place to another saved session")
+    @app_commands.describe(name="The session to continue")
+    async def load(self, interaction: discord.Interaction, name: str) -> None:
+        text = await self.bot.session_commands.load(scope_for(interaction.channel_id or 0), name)
+        await respond(interaction, text, ephemeral=False)
+
+    @load.autocomplete("name")
+    async def _session_names(
+        self, interaction: discord.Interaction, typed: str
+    ) -> list[app_commands.Choice[str]]:
+        sessions = await self.bot.session_commands.store.list_sessions(
+            scope_for(interaction.channel_id or 0)
+        )
+        names = [s.name for s in sessions if typed.lower() in s.name.lower()]
+        return [app_commands.Choice(name=n, value=n) for n in names[:25]]
+
+    @app_commands.command(description="Forget this session's history (settings stay)")
+    @app_commands.default_permissions(manage_guild=True)
+    async def clear(self, interaction: discord.Interaction) -> None:
+        text = await self.bot.session_commands.clear(scope_for(interaction.channel_id or 0))
+        await respond(interaction, text, ephemeral=False)
+
+    @app_commands.command(description="Show this place's session, model and MCP servers")
+    async def status(self, interaction: discord.Interaction) -> None:
+        text = await self.bot.session_commands.status(scope_for(interaction.channel_id or 0))
+        await respond(interaction, text, ephemeral=True)

@@ -1,0 +1,91 @@
+"""`/model`, `/mcp` and `/mode`: what the model is, which tools it has, when the bot
+answers. In servers these are for members with Manage Server (Discord enforces the
+command's default permissions; admins can change them in the server's settings); in DMs the
+user owns their session."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.commands import REPLY_MODE_HELP, ReplyMode
+from bot.discord_bot.render import respond
+from bot.discord_bot.scopes import scope_for
+
+if TYPE_CHECKING:
+    from bot.discord_bot.client import ChatBot
+
+ADMIN = discord.Permissions(manage_guild=True)
+MODE_CHOICES = [
+    app_commands.Choice(name=f"{mode.value}: {REPLY_MODE_HELP[mode]}", value=mode.value)
+    for mode in ReplyMode
+]
+
+
+def _scope(interaction: discord.Interaction) -> str:
+    return scope_for(interaction.channel_id or 0)
+
+
+class Settings(commands.Cog):
+    mcp = app_commands.Group(
+        name="mcp", description="The MCP servers (tools) of this session", default_permissions=ADMIN
+    )
+
+    def __init__(self, bot: ChatBot) -> None:
+        self.bot = bot
+
+    @app_commands.command(description="Show the models, or switch this session's model")
+    @app_commands.describe(name="A model from the list, or its number")
+    @app_commands.default_permissions(manage_guild=True)
+    async def model(self, interaction: discord.Interaction, name: str | None = None) -> None:
+        text = await self.bot.session_commands.model(_scope(interaction), name)
+        await respond(interaction, text, ephemeral=name is None)
+
+    @model.autocomplete("name")
+    async def _model_names(
+        self, interaction: discord.Interaction, typed: str
+    ) -> list[app_commands.Choice[str]]:
+        models = [m for m in self.bot.session_commands.allowed_models if typed.lower() in m.lower()]
+        return [app_commands.Choice(name=m, value=m) for m in models[:25]]
+
+    @mcp.command(name="add", description="Give the model an MCP server's tools")
+    @app_commands.describe(server="A marketplace slug like org/name[@version], or an https:// URL")
+    async def mcp_add(self, interaction: discord.Interaction, server: str) -> None:
+        await respond(
+            interaction, await self.bot.session_commands.mcp_add(_scope(interaction), server)
+        )
+
+    @mcp.command(name="remove", description="Take an MCP server away")
+    @app_commands.describe(server="The server, as /mcp list shows it")
+    async def mcp_remove(self, interaction: discord.Interaction, server: str) -> None:
+        text = await self.bot.session_commands.mcp_remove(_scope(interaction), server)
+        await respond(interaction, text)
+
+    @mcp.command(name="list", description="Show this session's MCP servers")
+    async def mcp_list(self, interaction: discord.Interaction) -> None:
+        text = await self.bot.session_commands.mcp_list(_scope(interaction))
+        await respond(interaction, text, ephemeral=True)
+
+    @mcp.command(name="clear", description="Remove all MCP servers")
+    async def mcp_clear(self, interaction: discord.Interaction) -> None:
+        text = await self.bot.session_commands.mcp_clear(_scope(interaction))
+        await respond(interaction, text)
+
+    @app_commands.command(description="Choose when the bot answers in this channel")
+    @app_commands.describe(mode="mentions (default), every message, or a thread per mention")
+    @app_commands.choices(
+        mode=[
+            app_commands.Choice(name=f"{m.value}: {REPLY_MODE_HELP[m]}", value=m.value)
+            for m in ReplyMode
+        ]
+    )
+    @app_commands.default_permissions(manage_guild=True)
+    @app_commands.guild_only()
+    async def mode(self, interaction: discord.Interaction, mode: str) -> None:
+        scope = _scope(interaction)
+        text = await self.bot.session_commands.set_reply_mode(scope, mode)
+        self.bot.conversation.remember_mode(scope, ReplyMode(mode))
+        await respond(interaction, text)

@@ -1,0 +1,213 @@
+"""Messages in, answers out: decides whether a Discord message is for the bot, turns it into
+an OpenAI-format user message (speaker, readable mentions, attachments) and streams the
+engine's answer back. Everything else about a turn happens in the core."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord.ext import commands
+
+from bot.commands import ReplyMode
+from bot.discord_bot.render import LiveReply
+from bot.discord_bot.scopes import scope_for
+from bot.errors import BotError, StoreUnavailable
+from bot.store.base import Message
+
+if TYPE_CHECKING:
+    from bot.discord_bot.client import ChatBot
+
+log = logging.getLogger(__name__)
+
+TEXT_ATTACHMENT_MAX_BYTES = 50_000
+"""Text files up to this size are inlined into the conversation; larger ones get a note."""
+TEXT_SUFFIXES = frozenset(
+    [
+        ".txt",
+        ".md",
+        ".py",
+        ".js",
+        ".ts",
+        ".json",
+        ".yaml",
+        ".yml",
+        ".toml",
+        ".csv",
+        ".log",
+        ".html",
+        ".css",
+        ".c",
+        ".h",
+        ".cpp",
+        ".rs",
+        ".go",
+        ".java",
+        ".sh",
+        ".sql",
+        ".xml",
+        ".ini",
+        ".cfg",
+    ]
+)
+REPLY_MODE_CACHE_SECONDS = 30.0
+"""How long this process trusts its copy of a channel's reply mode (another process may
+change it); `/mode` here updates it at once."""
+SHORTENED_NOTE = (
+    "\n\n-# Earlier messages were left out: the conversation is too long for the model."
+)
+UNEXPECTED = "Something went wrong on the bot's side; the conversation is unchanged."
+
+_USER_MENTION = re.compile(r"<@!?(\d+)>")
+_ROLE_MENTION = re.compile(r"<@&(\d+)>")
+_CHANNEL_MENTION = re.compile(r"<#(\d+)>")
+
+
+def readable_text(message: discord.Message, bot_id: int) -> str:
+    """The message with mentions as names (`@Ada`, `@Moderators`, `#general`) and the bot's
+    own mention removed, so the model reads what people see."""
+    users = {u.id: u.display_name for u in message.mentions}
+    roles = {r.id: r.name for r in message.role_mentions}
+    guild = message.guild
+
+    def user(match: re.Match[str]) -> str:
+        uid = int(match[1])
+        return "" if uid == bot_id else f"@{users.get(uid, 'unknown-user')}"
+
+    def channel(match: re.Match[str]) -> str:
+        found = guild.get_channel_or_thread(int(match[1])) if guild else None
+        return f"#{found.name if found else 'unknown-channel'}"
+
+    text = _USER_MENTION.sub(user, message.content)
+    text = _ROLE_MENTION.sub(lambda m: f"@{roles.get(int(m[1]), 'unknown-role')}", text)
+    return _CHANNEL_MENTION.sub(channel, text).strip()
+
+
+def _is_text(attachment: discord.Attachment) -> bool:
+    kind = (attachment.content_type or "").split(";")[0].strip()
+    suffix = PurePosixPath(attachment.filename).suffix.lower()
+    return kind.startswith("text/") or kind == "application/json" or suffix in TEXT_SUFFIXES
+
+
+async def user_message(message: discord.Message, bot_id: int) -> Message:
+    """What is stored and sent: who spoke (name and ID, since channels have many speakers),
+    the text, text files inlined, images as image parts, and a note for anything else."""
+    author = message.author
+    lines = [f"[{author.display_name} (user id {author.id})]: {readable_text(message, bot_id)}"]
+    images: list[dict[str, Any]] = []
+    for attachment in message.attachments:
+        kind = (attachment.content_type or "").split(";")[0].strip()
+        if kind.startswith("image/"):
+            images.append({"type": "image_url", "image_url": {"url": attachment.url}})
+        elif _is_text(attachment) and attachment.size <= TEXT_ATTACHMENT_MAX_BYTES:
+            body = (await attachment.read()).decode("utf-8", errors="replace")
+            lines.append(f"[file {attachment.filename}]\n```\n{body}\n```")
+        elif _is_text(attachment):
+            lines.append(
+                f"[file {attachment.filename} was not read: text files are read up to "
+                f"{TEXT_ATTACHMENT_MAX_BYTES // 1000} KB]"
+            )
+        else:
+            lines.append(
+                f"[attachment {attachment.filename} ({kind or 'unknown type'}) was not read: "
+                "the bot reads images and text files only]"
+            )
+    text = "\n".join(lines)
+    if images:
+        return {"role": "user", "content": [{"type": "text", "text": text}, *images]}
+    return {"role": "user", "content": text}
+
+
+class Conversation(commands.Cog):
+    def __init__(self, bot: ChatBot) -> None:
+        self.bot = bot
+        self._modes: dict[str, tuple[ReplyMode, float]] = {}
+
+    async def reply_mode(self, scope: str) -> ReplyMode:
+        cached = self._modes.get(scope)
+        if cached and cached[1] > time.monotonic():
+            return cached[0]
+        mode = await self.bot.session_commands.reply_mode(scope)
+        if len(self._modes) > 10_000:
+            self._modes.clear()
+        self._modes[scope] = (mode, time.monotonic() + REPLY_MODE_CACHE_SECONDS)
+        return mode
+
+    def remember_mode(self, scope: str, mode: ReplyMode) -> None:
+        self._modes[scope] = (mode, time.monotonic() + REPLY_MODE_CACHE_SECONDS)
+
+    def _addressed(self, message: discord.Message, me: discord.ClientUser) -> bool:
+        if me in message.mentions:
+            return True
+        replied = message.reference.resolved if message.reference else None
+        return isinstance(replied, discord.Message) and replied.author.id == me.id
+
+    @commands.Cog.listener()
+    async def on_message(self, message: discord.Message) -> None:
+        me = self.bot.user
+        if (
+            me is None
+            or message.author.bot
+            or message.type
+            not in (
+                discord.MessageType.default,
+                discord.MessageType.reply,
+            )
+        ):
+            return
+        channel = message.channel
+        scope = scope_for(channel.id)
+        try:
+            if message.guild is None or (
+                isinstance(channel, discord.Thread) and channel.owner_id == me.id
+            ):
+                await self.answer(message, channel)
+                return
+            addressed = self._addressed(message, me)
+            mode = await self.reply_mode(scope)
+        except StoreUnavailable as error:
+            if message.guild is None or self._addressed(message, me):
+                await LiveReply(channel, message).fail(str(error))
+            return
+        if mode is ReplyMode.ALL or (addressed and mode is ReplyMode.MENTIONS):
+            await self.answer(message, channel)
+        elif addressed and isinstance(channel, discord.TextChannel):
+            name = readable_text(message, me.id)[:80] or f"Chat with {message.author.display_name}"
+            thread = await message.create_thread(name=name)
+            await self.answer(message, thread)
+        elif addressed:  # threads mode, in a place that cannot hold threads
+            await self.answer(message, channel)
+
+    async def answer(self, message: discord.Message, channel: discord.abc.Messageable) -> None:
+        """Stream the engine's answer into `channel` (the message's own, or its new thread)."""
+        me = self.bot.user
+        assert me is not None
+        reference = message if channel == message.channel else None
+        live = LiveReply(channel, reference)
+        scope = scope_for(channel.id)  # type: ignore[attr-defined]
+        try:
+            async with channel.typing():
+                user = await user_message(message, me.id)
+                reply = await self.bot.engine.reply(
+                    scope, user, user_ref=str(message.id), on_text=live.feed
+                )
+            await live.finish(reply.text + (SHORTENED_NOTE if reply.shortened else ""))
+        except BotError as error:
+            await live.fail(str(error))
+        except Exception:
+            log.exception("answering message %s in %s failed", message.id, scope)
+            await live.fail(UNEXPECTED)
+
+    @commands.Cog.listener()
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        """A user message deleted in Discord leaves the stored history too."""
+        try:
+            await self.bot.engine.forget(scope_for(payload.channel_id), str(payload.message_id))
+        except StoreUnavailable:
+            log.warning(
+                "could not forget deleted message %s: storage unavailable", payload.message_id
+            )

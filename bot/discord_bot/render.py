@@ -1,0 +1,156 @@
+"""Turning model text into Discord messages: split under the 2,000-character limit at
+paragraph or line boundaries, with code blocks closed and reopened across the split, and a
+reply that grows as the model streams, edited no faster than Discord allows."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import discord
+
+MESSAGE_LIMIT = 2000
+"""Discord's limit for a bot's message content."""
+EDIT_INTERVAL_SECONDS = 1.2
+"""About one edit a second per message is what Discord tolerates from a streaming bot."""
+NO_PINGS = discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=True)
+"""The model's text can never ping @everyone, @here, roles or users; the asker is notified."""
+_FENCE = "```"
+
+log = logging.getLogger(__name__)
+
+
+def _fence_after(text: str, open_fence: str | None) -> str | None:
+    """The code fence still open at the end of `text`, given the one open at its start."""
+    for line in text.split("\n"):
+        stripped = line.strip()
+        if stripped.startswith(_FENCE):
+            open_fence = None if open_fence is not None else stripped
+    return open_fence
+
+
+def _cut_point(window: str) -> int:
+    """Where to cut: the last paragraph break, else line break, else space, in the back
+    half of the window; else the hard limit."""
+    half = len(window) // 2
+    for separator in ("\n\n", "\n", " "):
+        at = window.rfind(separator)
+        if at > half:
+            return at
+    return len(window)
+
+
+def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
+    """Pieces of at most `limit` characters that read as the whole text. A code block cut
+    in two is closed at the end of one piece and reopened (same language) in the next."""
+    pieces: list[str] = []
+    open_fence: str | None = None
+    rest = text
+    while rest:
+        prefix = f"{open_fence}\n" if open_fence else ""
+        if len(prefix) + len(rest) <= limit:
+            pieces.append(prefix + rest)
+            break
+        window = rest[: limit - len(prefix) - len(_FENCE) - 1]
+        cut = _cut_point(window)
+        piece = rest[:cut]
+        open_fence = _fence_after(piece, open_fence)
+        pieces.append(prefix + piece + (f"\n{_FENCE}" if open_fence else ""))
+        rest = rest[cut:]
+        rest = rest[1:] if rest.startswith(" ") else rest.lstrip("\n")
+    return [p for p in pieces if p.strip()]
+
+
+Postable = discord.abc.Messageable
+
+
+class LiveReply:
+    """An answer in `channel` that follows streaming text: messages are posted and edited at
+    most once per `interval`, and `finish` leaves them equal to the final text, split. The
+    first message replies to `reference` when given."""
+
+    def __init__(
+        self,
+        channel: Postable,
+        reference: discord.Message | None,
+        interval: float = EDIT_INTERVAL_SECONDS,
+    ) -> None:
+        self._channel = channel
+        self._reference = reference
+        self._interval = interval
+        self._text = ""
+        self._posted: list[discord.Message] = []
+        self._shown: list[str] = []
+        self._last_flush = 0.0
+        self._pending: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def started(self) -> bool:
+        return bool(self._posted)
+
+    async def feed(self, delta: str) -> None:
+        """Take a piece of streamed text; the flush happens in the background."""
+        self._text += delta
+        if self._pending is None or self._pending.done():
+            self._pending = asyncio.create_task(self._flush_when_due())
+
+    async def finish(self, text: str) -> None:
+        """Show exactly `text` (the whole answer, with any notes appended)."""
+        await self._cancel_pending()
+        self._text = text
+        await self._flush()
+
+    async def fail(self, problem: str) -> None:
+        """Say what went wrong, after whatever part of the answer was already shown."""
+        await self._cancel_pending()
+        shown = self._text.strip()
+        self._text = f"{shown}\n\n⚠️ {problem}" if shown and self._posted else f"⚠️ {problem}"
+        await self._flush()
+
+    async def _cancel_pending(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pending
+
+    async def _flush_when_due(self) -> None:
+        wait = self._last_flush + self._interval - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        try:
+            await self._flush()
+        except discord.HTTPException as error:  # the final flush will try again
+            log.warning("streaming edit failed: HTTP %s", error.status)
+
+    async def _flush(self) -> None:
+        async with self._lock:
+            self._last_flush = time.monotonic()
+            for i, piece in enumerate(split_message(self._text)):
+                if i < len(self._posted):
+                    if self._shown[i] != piece:
+                        await self._posted[i].edit(content=piece, allowed_mentions=NO_PINGS)
+                        self._shown[i] = piece
+                    continue
+                posted = await self._channel.send(
+                    piece,
+                    reference=self._reference if i == 0 else None,  # type: ignore[arg-type]
+                    allowed_mentions=NO_PINGS,
+                )
+                self._posted.append(posted)
+                self._shown.append(piece)
+
+
+async def respond(interaction: discord.Interaction, text: str, *, ephemeral: bool = False) -> None:
+    """Answer a slash command, in several messages when the text is long."""
+    pieces = split_message(text) or ["(nothing to show)"]
+    if interaction.response.is_done():
+        await interaction.followup.send(pieces[0], ephemeral=ephemeral, allowed_mentions=NO_PINGS)
+    else:
+        await interaction.response.send_message(
+            pieces[0], ephemeral=ephemeral, allowed_mentions=NO_PINGS
+        )
+    for piece in pieces[1:]:
+        await interaction.followup.send(piece, ephemeral=ephemeral, allowed_mentions=NO_PINGS)
