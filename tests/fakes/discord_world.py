@@ -1,0 +1,551 @@
+"""What the fake Discord knows: one guild, its people and channels, DMs, messages, files.
+
+Every method runs with the fake's lock held. Changes a client would see (a new message, an
+edit, a thread) go through `dispatch`, which the gateway turns into events for connected
+bots, the way Discord echoes even a bot's own posts back to it.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+DISCORD_EPOCH_MS = 1_420_070_400_000
+
+# Fixed ids (snowflakes from 2022), so tests and failure messages are stable across runs.
+BOT_ID = 1_000_000_000_000_000_001
+GUILD_ID = 1_000_000_000_000_000_100
+ADMIN_ID = 1_000_000_000_000_000_201
+MEMBER_ID = 1_000_000_000_000_000_202
+ADMIN_ROLE_ID = 1_000_000_000_000_000_301
+BOT_ROLE_ID = 1_000_000_000_000_000_302
+GENERAL_ID = 1_000_000_000_000_000_401
+RANDOM_ID = 1_000_000_000_000_000_402
+
+TEXT_CHANNEL, DM_CHANNEL, PUBLIC_THREAD, PRIVATE_THREAD = 0, 1, 11, 12
+THREAD_TYPES = (10, PUBLIC_THREAD, PRIVATE_THREAD)
+
+DEFAULT_MESSAGE, REPLY_MESSAGE, CHAT_INPUT_COMMAND_MESSAGE = 0, 19, 20
+EPHEMERAL, LOADING = 1 << 6, 1 << 7
+
+
+class Perm:
+    """Permission bits the fake hands out (Discord's values)."""
+
+    ADMINISTRATOR = 1 << 3
+    MANAGE_GUILD = 1 << 5
+    ADD_REACTIONS = 1 << 6
+    VIEW_CHANNEL = 1 << 10
+    SEND_MESSAGES = 1 << 11
+    MANAGE_MESSAGES = 1 << 13
+    EMBED_LINKS = 1 << 14
+    ATTACH_FILES = 1 << 15
+    READ_MESSAGE_HISTORY = 1 << 16
+    USE_EXTERNAL_EMOJIS = 1 << 18
+    CHANGE_NICKNAME = 1 << 26
+    USE_APPLICATION_COMMANDS = 1 << 31
+    MANAGE_THREADS = 1 << 34
+    CREATE_PUBLIC_THREADS = 1 << 35
+    CREATE_PRIVATE_THREADS = 1 << 36
+    SEND_MESSAGES_IN_THREADS = 1 << 38
+    ALL = (1 << 54) - 1  # what Discord reports for an administrator
+
+    EVERYONE = (
+        ADD_REACTIONS
+        | VIEW_CHANNEL
+        | SEND_MESSAGES
+        | EMBED_LINKS
+        | ATTACH_FILES
+        | READ_MESSAGE_HISTORY
+        | USE_EXTERNAL_EMOJIS
+        | CHANGE_NICKNAME
+        | USE_APPLICATION_COMMANDS
+        | CREATE_PUBLIC_THREADS
+        | SEND_MESSAGES_IN_THREADS
+    )
+    # The bot is deliberately not an administrator, so permission handling stays visible.
+    BOT = EVERYONE | MANAGE_MESSAGES | MANAGE_THREADS | CREATE_PRIVATE_THREADS
+
+
+class Intent:
+    GUILDS = 1 << 0
+    GUILD_MEMBERS = 1 << 1
+    GUILD_MESSAGES = 1 << 9
+    DIRECT_MESSAGES = 1 << 12
+    MESSAGE_CONTENT = 1 << 15
+
+
+class DiscordError(Exception):
+    """An error Discord would answer with; the REST layer turns it into the JSON reply."""
+
+    def __init__(
+        self, status: int, code: int, message: str, errors: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(f"{status} {code} {message}")
+        self.status, self.code, self.message, self.errors = status, code, message, errors
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"message": self.message, "code": self.code}
+        if self.errors is not None:
+            body["errors"] = self.errors
+        return body
+
+
+def unknown_channel() -> DiscordError:
+    return DiscordError(404, 10003, "Unknown Channel")
+
+
+def unknown_message() -> DiscordError:
+    return DiscordError(404, 10008, "Unknown Message")
+
+
+def iso_time(snowflake: int) -> str:
+    ms = (snowflake >> 22) + DISCORD_EPOCH_MS
+    return datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC).isoformat()
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).isoformat()
+
+
+class Snowflakes:
+    """Time-based, strictly increasing ids, so ordering and `created_at` behave as in Discord."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def next(self) -> int:
+        now_ms = int(datetime.datetime.now(tz=datetime.UTC).timestamp() * 1000)
+        with self._lock:
+            self._last = max((now_ms - DISCORD_EPOCH_MS) << 22, self._last + 1)
+            return self._last
+
+
+@dataclass
+class Channel:
+    id: int
+    type: int
+    name: str | None
+    guild_id: int | None
+    position: int = 0
+    parent_id: int | None = None
+    owner_id: int | None = None
+    recipient_id: int | None = None
+    last_message_id: int | None = None
+    message_count: int = 0
+
+
+@dataclass
+class Message:
+    """One message as the fake stored it: what was sent, and every version after edits."""
+
+    id: int
+    channel_id: int
+    author_id: int
+    content: str
+    history: list[str]  # every version of the content, the first as posted, the last current
+    type: int = DEFAULT_MESSAGE
+    flags: int = 0
+    embeds: list[dict[str, Any]] = field(default_factory=list)
+    attachments: list[dict[str, Any]] = field(default_factory=list)
+    mentions: list[int] = field(default_factory=list)
+    allowed_mentions: dict[str, Any] | None = None  # as the bot sent it
+    message_reference: dict[str, Any] | None = None  # as sent
+    interaction_id: int | None = None
+    interaction_metadata: dict[str, Any] | None = None
+    webhook_id: int | None = None
+    edited_at: str | None = None
+    deleted: bool = False
+
+    @property
+    def original_content(self) -> str:
+        return self.history[0]
+
+    @property
+    def edited(self) -> bool:
+        return self.edited_at is not None
+
+    @property
+    def ephemeral(self) -> bool:
+        return bool(self.flags & EPHEMERAL)
+
+    @property
+    def reply_to(self) -> int | None:
+        if self.message_reference is None:
+            return None
+        return int(self.message_reference["message_id"])
+
+
+@dataclass
+class StoredFile:
+    filename: str
+    data: bytes
+    content_type: str
+
+
+_MENTION = re.compile(r"<@!?(\d+)>")
+
+
+def _user(user_id: int, username: str, global_name: str, *, bot: bool = False) -> dict[str, Any]:
+    return {
+        "id": str(user_id),
+        "username": username,
+        "discriminator": "0",
+        "global_name": global_name,
+        "avatar": None,
+        "bot": bot,
+        "public_flags": 0,
+    }
+
+
+def _role(role_id: int, name: str, permissions: int, position: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": str(role_id),
+        "name": name,
+        "permissions": str(permissions),
+        "position": position,
+        "color": 0,
+        "colors": {"primary_color": 0, "secondary_color": None, "tertiary_color": None},
+        "hoist": False,
+        "managed": False,
+        "mentionable": False,
+        "icon": None,
+        "unicode_emoji": None,
+        "flags": 0,
+        **extra,
+    }
+
+
+class World:
+    def __init__(self, http_base: str, dispatch: Callable[[str, dict[str, Any]], None]) -> None:
+        self.http_base = http_base
+        self.dispatch = dispatch
+        self.ids = Snowflakes()
+        self.bot_user = _user(BOT_ID, "fakebot", "Fake Bot", bot=True)
+        self.users: dict[int, dict[str, Any]] = {
+            BOT_ID: self.bot_user,
+            ADMIN_ID: _user(ADMIN_ID, "alice", "Alice Admin"),
+            MEMBER_ID: _user(MEMBER_ID, "bob", "Bob Member"),
+        }
+        self.roles: dict[int, dict[str, Any]] = {
+            GUILD_ID: _role(GUILD_ID, "@everyone", Perm.EVERYONE, 0),
+            ADMIN_ROLE_ID: _role(ADMIN_ROLE_ID, "Admin", Perm.ADMINISTRATOR | Perm.MANAGE_GUILD, 2),
+            BOT_ROLE_ID: _role(
+                BOT_ROLE_ID, "fakebot", Perm.BOT, 1, managed=True, tags={"bot_id": str(BOT_ID)}
+            ),
+        }
+        self.member_roles: dict[int, list[int]] = {
+            BOT_ID: [BOT_ROLE_ID],
+            ADMIN_ID: [ADMIN_ROLE_ID],
+            MEMBER_ID: [],
+        }
+        self.joined_at = iso_time(GUILD_ID)
+        self.channels: dict[int, Channel] = {
+            GENERAL_ID: Channel(GENERAL_ID, TEXT_CHANNEL, "general", GUILD_ID, position=0),
+            RANDOM_ID: Channel(RANDOM_ID, TEXT_CHANNEL, "random", GUILD_ID, position=1),
+        }
+        self.messages: dict[int, Message] = {}
+        self.files: dict[int, StoredFile] = {}
+
+    # People and permissions
+
+    def user(self, user: dict[str, Any] | int | str) -> dict[str, Any]:
+        user_id = int(user["id"]) if isinstance(user, dict) else int(user)
+        try:
+            return self.users[user_id]
+        except KeyError:
+            raise ValueError(f"the fake knows no user {user_id}") from None
+
+    def permissions(self, user_id: int) -> int:
+        """Guild-level permissions, as Discord computes them for `member.permissions`."""
+        perms = int(self.roles[GUILD_ID]["permissions"])
+        for role_id in self.member_roles.get(user_id, []):
+            perms |= int(self.roles[role_id]["permissions"])
+        return Perm.ALL if perms & Perm.ADMINISTRATOR else perms
+
+    def member_payload(
+        self, user_id: int, *, with_user: bool = True, with_permissions: bool = False
+    ) -> dict[str, Any]:
+        member: dict[str, Any] = {
+            "roles": [str(r) for r in self.member_roles[user_id]],
+            "joined_at": self.joined_at,
+            "premium_since": None,
+            "deaf": False,
+            "mute": False,
+            "pending": False,
+            "nick": None,
+            "avatar": None,
+            "flags": 0,
+            "communication_disabled_until": None,
+        }
+        if with_user:
+            member["user"] = self.users[user_id]
+        if with_permissions:
+            member["permissions"] = str(self.permissions(user_id))
+        return member
+
+    # Guild and channels
+
+    def guild_payload(self) -> dict[str, Any]:
+        """GUILD_CREATE's data: everything discord.py caches, members counted exactly."""
+        guild_channels = [c for c in self.channels.values() if c.type == TEXT_CHANNEL]
+        threads = [c for c in self.channels.values() if c.type in THREAD_TYPES]
+        return {
+            "id": str(GUILD_ID),
+            "name": "Fake Guild",
+            "icon": None,
+            "splash": None,
+            "discovery_splash": None,
+            "owner_id": str(ADMIN_ID),
+            "afk_channel_id": None,
+            "afk_timeout": 300,
+            "verification_level": 0,
+            "default_message_notifications": 0,
+            "explicit_content_filter": 0,
+            "mfa_level": 0,
+            "nsfw_level": 0,
+            "premium_tier": 0,
+            "system_channel_id": str(GENERAL_ID),
+            "system_channel_flags": 0,
+            "rules_channel_id": None,
+            "preferred_locale": "en-US",
+            "features": [],
+            "description": None,
+            "application_id": None,
+            "joined_at": self.joined_at,
+            "large": False,
+            "unavailable": False,
+            "member_count": len(self.member_roles),
+            "roles": list(self.roles.values()),
+            "members": [self.member_payload(uid) for uid in self.member_roles],
+            "channels": [self.channel_payload(c) for c in guild_channels],
+            "threads": [self.channel_payload(c) for c in threads],
+            "emojis": [],
+            "stickers": [],
+            "voice_states": [],
+            "presences": [],
+            "stage_instances": [],
+            "guild_scheduled_events": [],
+            "soundboard_sounds": [],
+        }
+
+    def channel(self, channel_id: int | str) -> Channel:
+        try:
+            return self.channels[int(channel_id)]
+        except (KeyError, ValueError):
+            raise unknown_channel() from None
+
+    def channel_payload(self, channel: Channel) -> dict[str, Any]:
+        last = str(channel.last_message_id) if channel.last_message_id else None
+        if channel.type == DM_CHANNEL:
+            assert channel.recipient_id is not None
+            return {
+                "id": str(channel.id),
+                "type": DM_CHANNEL,
+                "last_message_id": last,
+                "flags": 0,
+                "recipients": [self.users[channel.recipient_id]],
+            }
+        payload: dict[str, Any] = {
+            "id": str(channel.id),
+            "type": channel.type,
+            "guild_id": str(channel.guild_id),
+            "name": channel.name,
+            "position": channel.position,
+            "parent_id": str(channel.parent_id) if channel.parent_id else None,
+            "last_message_id": last,
+            "rate_limit_per_user": 0,
+            "flags": 0,
+        }
+        if channel.type in THREAD_TYPES:
+            payload |= {
+                "owner_id": str(channel.owner_id),
+                "message_count": channel.message_count,
+                "total_message_sent": channel.message_count,
+                "member_count": 1,
+                "thread_metadata": {
+                    "archived": False,
+                    "auto_archive_duration": 1440,
+                    "archive_timestamp": iso_time(channel.id),
+                    "locked": False,
+                    "create_timestamp": iso_time(channel.id),
+                },
+            }
+        else:
+            payload |= {"topic": None, "nsfw": False, "permission_overwrites": []}
+        return payload
+
+    def create_thread(
+        self,
+        parent_id: int,
+        name: str,
+        owner_id: int,
+        *,
+        thread_type: int = PUBLIC_THREAD,
+        thread_id: int | None = None,
+    ) -> Channel:
+        parent = self.channel(parent_id)
+        if parent.type != TEXT_CHANNEL:
+            raise DiscordError(400, 50024, "Cannot execute action on this channel type")
+        thread_id = thread_id or self.ids.next()
+        if thread_id in self.channels:
+            raise DiscordError(400, 160004, "A thread has already been created for this message")
+        thread = Channel(
+            thread_id, thread_type, name, parent.guild_id, parent_id=parent.id, owner_id=owner_id
+        )
+        self.channels[thread_id] = thread
+        self.dispatch("THREAD_CREATE", self.channel_payload(thread) | {"newly_created": True})
+        return thread
+
+    def dm_channel(self, user_id: int) -> Channel:
+        for channel in self.channels.values():
+            if channel.type == DM_CHANNEL and channel.recipient_id == user_id:
+                return channel
+        self.user(user_id)
+        channel = Channel(self.ids.next(), DM_CHANNEL, None, None, recipient_id=user_id)
+        self.channels[channel.id] = channel
+        return channel
+
+    # Files
+
+    def add_file(self, filename: str, data: bytes, content_type: str) -> dict[str, Any]:
+        file_id = self.ids.next()
+        self.files[file_id] = StoredFile(filename, data, content_type)
+        url = f"{self.http_base}/attachments/{file_id}/{filename}"
+        return {
+            "id": str(file_id),
+            "filename": filename,
+            "size": len(data),
+            "url": url,
+            "proxy_url": url,
+            "content_type": content_type,
+        }
+
+    # Messages
+
+    def message(self, channel_id: int | str, message_id: int | str) -> Message:
+        self.channel(channel_id)
+        msg = self.messages.get(int(message_id))
+        if msg is None or msg.deleted or msg.channel_id != int(channel_id):
+            raise unknown_message()
+        return msg
+
+    def channel_messages(self, channel_id: int, *, include_deleted: bool = False) -> list[Message]:
+        """What a user would see in the channel, oldest first (never ephemeral messages)."""
+        return [
+            m
+            for m in self.messages.values()
+            if m.channel_id == channel_id and not m.ephemeral and (include_deleted or not m.deleted)
+        ]
+
+    def post(
+        self,
+        channel_id: int,
+        author_id: int,
+        content: str,
+        *,
+        extra_mentions: tuple[int, ...] = (),
+        **fields: Any,
+    ) -> Message:
+        """Store a new message and, unless it is ephemeral, tell the gateway about it."""
+        channel = self.channel(channel_id)
+        mentions = [int(m) for m in _MENTION.findall(content) if int(m) in self.users]
+        mentions += [m for m in extra_mentions if m not in mentions]
+        if fields.get("message_reference") and "type" not in fields:
+            fields["type"] = REPLY_MESSAGE
+        msg = Message(
+            self.ids.next(), channel.id, author_id, content, [content], mentions=mentions, **fields
+        )
+        self.messages[msg.id] = msg
+        if not msg.ephemeral:
+            channel.last_message_id = msg.id
+            channel.message_count += 1
+            self.dispatch("MESSAGE_CREATE", self.message_payload(msg))
+        return msg
+
+    def edit(self, msg: Message, changes: dict[str, Any]) -> Message:
+        if "content" in changes:
+            msg.content = changes["content"] or ""
+            msg.history.append(msg.content)
+        for key in ("embeds", "attachments"):
+            if key in changes:
+                setattr(msg, key, changes[key] or [])
+        if changes.get("flags") is not None:
+            # An edit can suppress embeds but can never make a message (un)ephemeral.
+            msg.flags = (msg.flags & EPHEMERAL) | (int(changes["flags"]) & ~EPHEMERAL)
+        if "allowed_mentions" in changes:
+            msg.allowed_mentions = changes["allowed_mentions"]
+        msg.flags &= ~LOADING
+        msg.edited_at = now_iso()
+        if not msg.ephemeral:
+            self.dispatch("MESSAGE_UPDATE", self.message_payload(msg))
+        return msg
+
+    def delete(self, msg: Message) -> None:
+        msg.deleted = True
+        if not msg.ephemeral:
+            data = {"id": str(msg.id), "channel_id": str(msg.channel_id)}
+            guild_id = self.channels[msg.channel_id].guild_id
+            if guild_id:
+                data["guild_id"] = str(guild_id)
+            self.dispatch("MESSAGE_DELETE", data)
+
+    def message_payload(self, msg: Message, *, nested: bool = True) -> dict[str, Any]:
+        """A full message object, as MESSAGE_CREATE, REST answers and replies carry it."""
+        channel = self.channels[msg.channel_id]
+        in_guild = channel.guild_id is not None
+        payload: dict[str, Any] = {
+            "id": str(msg.id),
+            "channel_id": str(msg.channel_id),
+            "author": self.users[msg.author_id],
+            "content": msg.content,
+            "timestamp": iso_time(msg.id),
+            "edited_timestamp": msg.edited_at,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [self._mention(uid, in_guild) for uid in msg.mentions],
+            "mention_roles": [],
+            "attachments": copy.deepcopy(msg.attachments),
+            "embeds": copy.deepcopy(msg.embeds),
+            "components": [],
+            "pinned": False,
+            "type": msg.type,
+            "flags": msg.flags,
+        }
+        if in_guild:
+            payload["guild_id"] = str(channel.guild_id)
+            if msg.webhook_id is None and msg.author_id in self.member_roles:
+                payload["member"] = self.member_payload(msg.author_id, with_user=False)
+        if msg.webhook_id is not None:
+            payload["webhook_id"] = payload["application_id"] = str(msg.webhook_id)
+        if msg.interaction_metadata is not None:
+            payload["interaction_metadata"] = msg.interaction_metadata
+        if msg.message_reference is not None:
+            ref = msg.message_reference
+            ref_channel = int(ref.get("channel_id") or msg.channel_id)
+            payload["message_reference"] = {
+                "type": ref.get("type") or 0,
+                "message_id": str(ref["message_id"]),
+                "channel_id": str(ref_channel),
+            }
+            if in_guild:
+                payload["message_reference"]["guild_id"] = str(channel.guild_id)
+            if nested:
+                target = self.messages.get(int(ref["message_id"]))
+                alive = target is not None and not target.deleted
+                payload["referenced_message"] = (
+                    self.message_payload(target, nested=False) if alive and target else None
+                )
+        return payload
+
+    def _mention(self, user_id: int, in_guild: bool) -> dict[str, Any]:
+        mention = dict(self.users[user_id])
+        if in_guild and user_id in self.member_roles:
+            mention["member"] = self.member_payload(user_id, with_user=False)
+        return mention
