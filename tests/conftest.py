@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
@@ -16,6 +17,9 @@ import redis.asyncio as aioredis
 from bot.store.base import SessionStore, StorePolicy
 from bot.store.redis import RedisStore
 from bot.store.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from tests.discord_harness import Harness
 
 TEST_MODELS = (
     "openai/gpt-5.1",
@@ -124,3 +128,23 @@ async def raw_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def harness(redis_url: str) -> AsyncIterator[Harness]:
+    """The bot, connected to the fake Discord and the fake Dedalus API, over real Redis."""
+    from tests.discord_harness import Harness
+    from tests.fakes.dedalus_api import FakeDedalusAPI
+    from tests.fakes.discord_gateway import FakeDiscord
+
+    with (
+        FakeDiscord() as discord_fake,
+        discord_fake.point_discord_py_here(),
+        FakeDedalusAPI() as api,
+    ):
+        running = Harness(discord_fake, api, redis_url)
+        await running.start()
+        try:
+            yield running
+        finally:
+            await running.stop()

@@ -85,6 +85,7 @@ class LiveReply:
         self._shown: list[str] = []
         self._last_flush = 0.0
         self._pending: asyncio.Task[None] | None = None
+        self._waiting = False
         self._lock = asyncio.Lock()
 
     @property
@@ -111,15 +112,24 @@ class LiveReply:
         await self._flush()
 
     async def _cancel_pending(self) -> None:
-        if self._pending is not None:
-            self._pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pending
+        """Drop a flush still waiting for its turn; let one already talking to Discord end,
+        or a message it posted would be posted again."""
+        task = self._pending
+        if task is None or task.done():
+            return
+        if self._waiting:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     async def _flush_when_due(self) -> None:
         wait = self._last_flush + self._interval - time.monotonic()
         if wait > 0:
-            await asyncio.sleep(wait)
+            self._waiting = True
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                self._waiting = False
         try:
             await self._flush()
         except discord.HTTPException as error:  # the final flush will try again

@@ -1,0 +1,109 @@
+"""The whole bot against the fakes: the project's ChatBot on the real discord.py client,
+connected to the fake Discord, answering through the real SDK from the fake Dedalus API,
+storing in real Redis. `restart()` replaces every object, as a new process would."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from bot.commands import Commands
+from bot.discord_bot.client import ChatBot
+from bot.discord_bot.scopes import scope_for
+from bot.engine import Engine, EngineLimits
+from bot.model import DedalusModel
+from bot.store.base import Message, StorePolicy
+from bot.store.redis import RedisStore
+from tests.conftest import TEST_MODELS
+from tests.fakes.dedalus_api import FakeDedalusAPI
+from tests.fakes.discord_gateway import FakeDiscord
+from tests.fakes.discord_world import Message as PostedMessage
+
+SYSTEM = "You are the test bot."
+
+
+class Harness:
+    def __init__(self, discord: FakeDiscord, api: FakeDedalusAPI, redis_url: str) -> None:
+        self.discord = discord
+        self.api = api
+        self.redis_url = redis_url
+        self.budget_bytes = 200_000
+        self.bot: ChatBot | None = None
+        self.store: RedisStore | None = None
+        self._running: asyncio.Task[None] | None = None
+
+    async def start(self) -> ChatBot:
+        self.store = RedisStore.from_url(self.redis_url, StorePolicy(TEST_MODELS[0]))
+        model = DedalusModel.connect("test-key", self.api.base_url, timeout=2.0, max_retries=0)
+        engine = Engine(self.store, model, EngineLimits(SYSTEM, self.budget_bytes))
+        bot = ChatBot(engine, Commands(self.store, TEST_MODELS), guild_ready_timeout=0.1)
+        self.bot = bot
+        self._running = asyncio.create_task(bot.start(self.discord.token))
+        await self.discord.wait_for(lambda: bot.is_ready() or self._running.done(), what="ready")
+        if self._running.done():
+            self._running.result()
+        return bot
+
+    async def stop(self) -> None:
+        if self.bot is not None and self._running is not None:
+            await self.bot.close()
+            await self._running
+        if self.store is not None:
+            await self.store.close()
+        self.bot = self.store = self._running = None
+
+    async def restart(self) -> ChatBot:
+        await self.stop()
+        return await self.start()
+
+    async def history(self, channel_id: int, session: str = "default") -> list[Message]:
+        assert self.store is not None
+        return await self.store.read_history(scope_for(channel_id), session)
+
+    async def answer(self, channel_id: int, count: int = 1, **wait: Any) -> list[PostedMessage]:
+        """Wait for the bot's `count`-th answer in the channel (slash command responses do
+        not count) and for its turn to finish (edits done), then return its answers there."""
+        await self.discord.wait_for(
+            lambda: len(self.answers(channel_id)) >= count,
+            what=f"{count} answer(s) in channel {channel_id}",
+            **wait,
+        )
+        await self.settled()
+        return self.answers(channel_id)
+
+    def answers(self, channel_id: int) -> list[PostedMessage]:
+        return [m for m in self.discord.bot_messages(channel_id) if m.interaction_id is None]
+
+    async def settled(self) -> None:
+        """Wait until no turn is in progress (every session lock released)."""
+        redis = aioredis.Redis.from_url(self.redis_url)  # looking, as an operator would
+        try:
+            for _ in range(500):
+                if not await redis.keys("*:lock"):
+                    await asyncio.sleep(0.05)
+                    if not await redis.keys("*:lock"):
+                        return
+                await asyncio.sleep(0.02)
+        finally:
+            await redis.aclose()
+        raise AssertionError("a turn never finished")
+
+    async def say(self, channel_id: int, author: dict[str, Any], content: str, **kw: Any) -> int:
+        return self.discord.user_says(channel_id, author, content, **kw)
+
+    async def command(
+        self,
+        name: str,
+        options: dict[str, Any] | None = None,
+        *,
+        user: dict[str, Any],
+        channel_id: int,
+        subcommand: str | None = None,
+    ) -> str:
+        interaction = self.discord.invoke(
+            name, options, user=user, channel_id=channel_id, subcommand=subcommand
+        )
+        reply = await self.discord.wait_interaction_reply(interaction)
+        return reply.text

@@ -1,0 +1,91 @@
+"""When the bot speaks up: mentions and replies by default, every message or a thread per
+mention when an admin says so, always in DMs and its own threads, never to itself."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.discord_harness import Harness
+
+
+async def quiet_for_a_moment(harness: Harness, channel_id: int) -> None:
+    await asyncio.sleep(0.5)
+    await harness.settled()
+    assert harness.answers(channel_id) == []
+
+
+async def test_by_default_only_mentions_and_replies_are_answered(harness: Harness) -> None:
+    fake = harness.discord
+    await harness.say(fake.general_id, fake.member, "people chatting among themselves")
+    await quiet_for_a_moment(harness, fake.general_id)
+    assert harness.api.request_count == 0
+
+    await harness.say(fake.general_id, fake.member, "hello bot", mentions_bot=True)
+    [first] = await harness.answer(fake.general_id)
+    await harness.say(fake.general_id, fake.admin, "tell me more", reply_to=first.id)
+    await harness.answer(fake.general_id, 2)
+    assert harness.api.request_count == 2
+    assert len(await harness.history(fake.general_id)) == 4
+
+
+async def test_answer_every_message_after_mode_all(harness: Harness) -> None:
+    fake = harness.discord
+    said = await harness.command(
+        "mode", {"mode": "all"}, user=fake.admin, channel_id=fake.general_id
+    )
+    assert "Reply mode: all" in said
+    await harness.say(fake.general_id, fake.member, "no mention needed now")
+    [reply] = await harness.answer(fake.general_id)
+    assert "no mention needed now" in reply.content
+    await harness.say(fake.random_id, fake.member, "other channels keep the default")
+    await quiet_for_a_moment(harness, fake.random_id)
+
+
+async def test_thread_mode_opens_a_thread_per_mention_and_continues_there(
+    harness: Harness,
+) -> None:
+    fake = harness.discord
+    await harness.command("mode", {"mode": "threads"}, user=fake.admin, channel_id=fake.general_id)
+    asked = await harness.say(fake.general_id, fake.member, "plan a trip", mentions_bot=True)
+    thread = asked  # a thread started from a message takes the message's id
+    [reply] = await harness.answer(thread)
+    assert "plan a trip" in reply.content
+    assert harness.answers(fake.general_id) == []
+
+    await harness.say(thread, fake.member, "somewhere warm")  # no mention: its own thread
+    await harness.answer(thread, 2)
+    assert len(await harness.history(thread)) == 4
+    assert await harness.history(fake.general_id) == []
+
+
+async def test_the_bot_never_answers_itself(harness: Harness) -> None:
+    fake = harness.discord
+    await harness.command("mode", {"mode": "all"}, user=fake.admin, channel_id=fake.general_id)
+    await harness.say(fake.general_id, fake.member, "one message")
+    await harness.answer(fake.general_id)
+    await asyncio.sleep(0.5)  # its own post comes back over the gateway, and is ignored
+    await harness.settled()
+    assert harness.api.request_count == 1
+    assert len(harness.answers(fake.general_id)) == 1
+
+
+async def test_a_deleted_message_leaves_the_history(harness: Harness) -> None:
+    fake = harness.discord
+    kept = await harness.say(fake.general_id, fake.member, "keep this", mentions_bot=True)
+    await harness.answer(fake.general_id)
+    gone = await harness.say(fake.general_id, fake.member, "oops, secret", mentions_bot=True)
+    await harness.answer(fake.general_id, 2)
+    fake.delete_user_message(fake.general_id, gone)
+
+    async def forgotten() -> bool:
+        return not any(
+            "secret" in str(m["content"]) for m in await harness.history(fake.general_id)
+        )
+
+    for _ in range(100):
+        if await forgotten():
+            break
+        await asyncio.sleep(0.02)
+    history = await harness.history(fake.general_id)
+    assert [m["role"] for m in history] == ["user", "assistant", "assistant"]
+    assert "keep this" in str(history[0]["content"]) and kept
