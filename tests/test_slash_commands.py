@@ -1,0 +1,159 @@
+"""The slash commands change what the next model call receives; admin-only ones are
+registered so Discord refuses them to members; bad input changes nothing."""
+
+from __future__ import annotations
+
+import discord
+import pytest
+
+from tests.conftest import TEST_MODELS
+from tests.discord_harness import Harness
+from tests.fakes.discord_gateway import CommandRefused
+
+ADMIN_ONLY = {"clear", "model", "mcp", "mode"}
+
+
+async def ask(harness: Harness, text: str, answers_before: int) -> None:
+    fake = harness.discord
+    await harness.say(fake.general_id, fake.member, text, mentions_bot=True)
+    await harness.answer(fake.general_id, answers_before + 1)
+
+
+async def test_commands_are_registered_with_their_permissions(harness: Harness) -> None:
+    registered = {c["name"]: c for c in harness.discord.commands()}
+    assert set(registered) == {"new", "list", "load", "clear", "status", "model", "mcp", "mode"}
+    manage_guild = str(discord.Permissions(manage_guild=True).value)
+    for name, command in registered.items():
+        expected = manage_guild if name in ADMIN_ONLY else None
+        assert command.get("default_member_permissions") == expected, name
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "subcommand"),
+    [
+        ("clear", None, None),
+        ("model", {"name": "2"}, None),
+        ("mcp", {"server": "acme/x"}, "add"),
+        ("mode", {"mode": "all"}, None),
+    ],
+)
+async def test_a_member_cannot_use_admin_commands(
+    harness: Harness, name: str, options: dict[str, str] | None, subcommand: str | None
+) -> None:
+    fake = harness.discord
+    with pytest.raises(CommandRefused):
+        fake.invoke(
+            name, options, user=fake.member, channel_id=fake.general_id, subcommand=subcommand
+        )
+
+
+async def test_model_and_mcp_changes_reach_the_next_model_call(harness: Harness) -> None:
+    fake, api = harness.discord, harness.api
+    await ask(harness, "first", 0)
+    said = await harness.command(
+        "model", {"name": TEST_MODELS[2]}, user=fake.admin, channel_id=fake.general_id
+    )
+    assert said == f"Switched to: {TEST_MODELS[2]}"
+    said = await harness.command(
+        "mcp",
+        {"server": "acme/search"},
+        user=fake.admin,
+        channel_id=fake.general_id,
+        subcommand="add",
+    )
+    assert said == "Added MCP server: acme/search"
+    await ask(harness, "second", 1)
+    assert api.last_request["model"] in (TEST_MODELS[2], [TEST_MODELS[2]])
+    assert api.last_request["mcp_servers"] == ["acme/search"]
+
+    status = await harness.command("status", user=fake.member, channel_id=fake.general_id)
+    assert f"Model: {TEST_MODELS[2]}" in status and "MCP Servers: acme/search" in status
+    assert "Messages: 4" in status
+    interaction = fake.invoke("status", user=fake.member, channel_id=fake.general_id)
+    assert (await fake.wait_interaction_reply(interaction)).ephemeral  # views are private
+
+    await harness.command("mcp", user=fake.admin, channel_id=fake.general_id, subcommand="clear")
+    await ask(harness, "third", 2)
+    assert api.last_request["mcp_servers"] == []
+
+
+async def test_new_load_and_clear_change_the_history_sent(harness: Harness) -> None:
+    fake, api = harness.discord, harness.api
+    await ask(harness, "in default", 0)
+    said = await harness.command(
+        "new", {"name": "work"}, user=fake.member, channel_id=fake.general_id
+    )
+    assert said == "Started new session: work"
+    await ask(harness, "in work", 1)
+    assert [m["role"] for m in api.messages_sent()] == ["system", "user"]
+
+    listed = await harness.command("list", user=fake.member, channel_id=fake.general_id)
+    assert "* work (2 messages)" in listed and "default (2 messages)" in listed
+    choices = await fake.autocomplete("load", "name", "def", fake.member, fake.general_id)
+    assert [c["value"] for c in choices] == ["default"]
+
+    await harness.command("load", {"name": "default"}, user=fake.member, channel_id=fake.general_id)
+    await ask(harness, "back in default", 2)
+    assert "in default" in api.messages_sent()[1]["content"]
+
+    await harness.command("clear", user=fake.admin, channel_id=fake.general_id)
+    await ask(harness, "after clear", 3)
+    assert [m["role"] for m in api.messages_sent()] == ["system", "user"]
+
+
+async def test_new_with_thread_opens_a_thread_with_its_own_session(harness: Harness) -> None:
+    fake = harness.discord
+    await ask(harness, "channel talk", 0)
+    said = await harness.command(
+        "new", {"name": "ideas", "thread": True}, user=fake.member, channel_id=fake.general_id
+    )
+    thread_id = int(said.split("<#")[1].split(">")[0])
+    await harness.say(thread_id, fake.member, "thread talk")  # its own thread: no mention
+    await harness.answer(thread_id)
+    assert [m["role"] for m in harness.api.messages_sent()] == ["system", "user"]
+    status = await harness.command("status", user=fake.member, channel_id=thread_id)
+    assert "Session: ideas" in status
+
+
+async def test_model_autocomplete_offers_the_allowed_models(harness: Harness) -> None:
+    fake = harness.discord
+    choices = await fake.autocomplete("model", "name", "o", fake.admin, fake.general_id)
+    assert [c["value"] for c in choices] == [m for m in TEST_MODELS if "o" in m]
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "subcommand", "said"),
+    [
+        ("model", {"name": "gpt-2"}, None, "Unknown model 'gpt-2'"),
+        ("mcp", {"server": "http://insecure.example.com"}, "add", "Only https://"),
+        ("mcp", {"server": "https://u:p@example.com/mcp"}, "add", "credentials are refused"),
+        ("mcp", {"server": "acme/none"}, "remove", "is not active"),
+        ("load", {"name": "ghost"}, None, "no session named 'ghost'"),
+        ("new", {"name": "two words"}, None, "no spaces"),
+    ],
+)
+async def test_bad_input_is_explained_privately_and_changes_nothing(
+    harness: Harness,
+    name: str,
+    options: dict[str, str],
+    subcommand: str | None,
+    said: str,
+) -> None:
+    fake = harness.discord
+    before = await harness.command("status", user=fake.admin, channel_id=fake.general_id)
+    interaction = fake.invoke(
+        name, options, user=fake.admin, channel_id=fake.general_id, subcommand=subcommand
+    )
+    reply = await fake.wait_interaction_reply(interaction)
+    assert said in reply.text and reply.ephemeral
+    after = await harness.command("status", user=fake.admin, channel_id=fake.general_id)
+    assert after == before
+
+
+async def test_in_a_dm_the_user_owns_the_session(harness: Harness) -> None:
+    fake = harness.discord
+    dm = fake.dm_channel(fake.member)
+    said = await harness.command("model", {"name": "3"}, user=fake.member, channel_id=dm)
+    assert said == f"Switched to: {TEST_MODELS[2]}"
+    with pytest.raises(CommandRefused):  # channel modes make no sense in a DM
+        fake.invoke("mode", {"mode": "all"}, user=fake.member, channel_id=dm)
