@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from bot.errors import InvalidInput, SessionBusy, UnknownSession
-from bot.store.base import Message, SessionSettings, SessionStore, encode_message
+from bot.store.base import Message, SessionSettings, SessionStore, StorePolicy, encode_message
 
 BIG = 1_000_000
 TOOL_ROUND: list[Message] = [
@@ -165,3 +165,26 @@ async def test_scope_options_are_kept_per_scope(store: SessionStore) -> None:
     await store.set_scope_option("s1", "reply_mode", "threads")
     assert await store.scope_option("s1", "reply_mode") == "threads"
     assert await store.scope_option("s2", "reply_mode") is None
+
+
+async def test_idle_sessions_expire_after_the_ttl(
+    store: SessionStore, redis_url: str, tmp_path: object
+) -> None:
+    from bot.store.redis import RedisStore
+    from bot.store.sqlite import SqliteStore
+
+    policy = StorePolicy(default_model="openai/gpt-5.1", ttl_seconds=1)
+    if isinstance(store, RedisStore):
+        expiring: SessionStore = RedisStore.from_url(redis_url, policy)
+    else:
+        expiring = SqliteStore(tmp_path / "ttl.sqlite3", policy)  # type: ignore[operator]
+    await save_turn(expiring, "idle", {"role": "user", "content": "old"})
+    await save_turn(expiring, "busy", {"role": "user", "content": "old"})
+    for _ in range(2):
+        await asyncio.sleep(0.65)
+        await save_turn(expiring, "busy", {"role": "user", "content": "new"})
+    assert await expiring.list_sessions("idle") == []
+    assert await expiring.read_history("idle", "default") == []
+    kept = await expiring.read_history("busy", "default")
+    assert [m["content"] for m in kept] == ["old", "new", "new"]  # in use: all kept
+    await expiring.close()

@@ -89,3 +89,26 @@ async def test_a_deleted_message_leaves_the_history(harness: Harness) -> None:
     history = await harness.history(fake.general_id)
     assert [m["role"] for m in history] == ["user", "assistant", "assistant"]
     assert "keep this" in str(history[0]["content"]) and kept
+
+
+async def test_other_bots_are_never_answered(harness: Harness) -> None:
+    fake = harness.discord
+    await harness.command("mode", {"mode": "all"}, user=fake.admin, channel_id=fake.general_id)
+    spoken = await harness.say(fake.general_id, fake.member, "template", mentions_bot=True)
+    await harness.answer(fake.general_id)
+    event = next(d for e, d in fake.dispatched if e == "MESSAGE_CREATE" and d["id"] == str(spoken))
+    from_a_bot = {
+        **event,
+        "id": str(spoken + 1),
+        "content": f"<@{fake.bot_id}> beep boop",
+        "author": {**event["author"], "id": "4242", "username": "otherbot", "bot": True},
+    }
+    fake.dispatch("MESSAGE_CREATE", from_a_bot)
+    await quiet_for_a_moment_after(harness, answers=1)
+    assert harness.api.request_count == 1
+
+
+async def quiet_for_a_moment_after(harness: Harness, answers: int) -> None:
+    await asyncio.sleep(0.5)
+    await harness.settled()
+    assert len(harness.answers(harness.discord.general_id)) == answers

@@ -132,9 +132,11 @@ class SqliteStore:
         return name
 
     def _purge_idle(self, db: sqlite3.Connection) -> None:
-        """Drop sessions idle past the TTL; run at most once a minute, from a write."""
+        """Drop sessions idle past the TTL; run from a write, at most once a minute (or twice
+        per TTL when that is shorter)."""
         now = time.time()
-        if not self._policy.ttl_seconds or now - self._last_purge < _PURGE_EVERY_SECONDS:
+        ttl = self._policy.ttl_seconds
+        if not ttl or now - self._last_purge < min(_PURGE_EVERY_SECONDS, ttl / 2):
             return
         self._last_purge = now
         cutoff = now - self._policy.ttl_seconds

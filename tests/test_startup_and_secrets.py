@@ -1,0 +1,89 @@
+"""Starting the bot: missing or refused settings end with one clear line; secrets never
+reach the log, even through errors."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot.commands import Commands
+from bot.discord_bot.client import ChatBot, run_discord
+from bot.engine import Engine, EngineLimits
+from bot.errors import SettingsError
+from bot.model import DedalusModel
+from bot.store.base import StorePolicy
+from bot.store.redis import RedisStore
+from tests.conftest import TEST_MODELS
+from tests.discord_harness import Harness
+from tests.fakes.dedalus_api import FakeDedalusAPI
+from tests.fakes.discord_gateway import FakeDiscord
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({}, "error: DISCORD_TOKEN is not set"),
+        ({"DISCORD_TOKEN": "t"}, "error: DEDALUS_API_KEY is not set"),
+        (
+            {"DISCORD_TOKEN": "t", "DEDALUS_API_KEY": "k", "REDIS_URL": "localhost"},
+            "error: REDIS_URL must be a redis:// URL",
+        ),
+        (
+            {"DISCORD_TOKEN": "t", "DEDALUS_API_KEY": "k", "CONTEXT_BUDGET_TOKENS": "lots"},
+            "error: CONTEXT_BUDGET_TOKENS must be a positive whole number",
+        ),
+        (
+            {"DISCORD_TOKEN": "t", "DEDALUS_API_KEY": "k", "DEFAULT_MODEL": "gpt-2"},
+            "error: DEFAULT_MODEL 'gpt-2' is not in ALLOWED_MODELS",
+        ),
+    ],
+)
+def test_a_bad_setting_stops_with_one_line_naming_it(
+    tmp_path: Path, env: dict[str, str], said: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bot"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **env},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(said)
+
+
+async def test_a_refused_token_is_reported_as_such(redis_url: str) -> None:
+    with FakeDiscord() as fake, fake.point_discord_py_here(), FakeDedalusAPI() as api:
+        store = RedisStore.from_url(redis_url, StorePolicy(TEST_MODELS[0]))
+        model = DedalusModel.connect("test-key", api.base_url, timeout=1, max_retries=0)
+        engine = Engine(store, model, EngineLimits("system", 10_000))
+        bot = ChatBot(engine, Commands(store, TEST_MODELS))
+        with pytest.raises(SettingsError, match="DISCORD_TOKEN was refused by Discord"):
+            await run_discord(bot, "not-the-token")
+        await store.close()
+
+
+async def test_no_secret_reaches_the_log(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    fake = harness.discord
+    harness.api.reply_error(500)
+    harness.api.reply_error(401)
+    for text in ("first", "second", "third"):
+        await harness.say(fake.general_id, fake.member, text, mentions_bot=True)
+    await harness.answer(fake.general_id, 3)
+    await harness.command("status", user=fake.member, channel_id=fake.general_id)
+    logged = "\n".join(f"{r.getMessage()} {r.exc_text or ''} {r.args!r}" for r in caplog.records)
+    assert "model call failed" in logged  # the faults were logged ...
+    assert fake.token not in logged and harness.api.api_key not in logged  # ... without secrets
+    shown = "\n".join(m.content for m in fake.bot_messages(fake.general_id))
+    assert "refused the bot's API key" in shown and harness.api.api_key not in shown
