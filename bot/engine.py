@@ -19,16 +19,20 @@ from dataclasses import dataclass
 from bot.context import build_context, paired_tool_messages
 from bot.errors import BotError, ModelError, SessionBusy, StoreUnavailable
 from bot.model import ContextTooLong, ModelClient, TextSink
-from bot.store.base import Message, SessionSettings, SessionStore, Turn, message_size
+from bot.store.base import Message, SessionSettings, SessionStore, Ticket, Turn, message_size
 
 log = logging.getLogger(__name__)
+
+
+BUSY_POLL_MAX_SECONDS = 0.1
+"""A waiting turn asks again at least this often, so a queue of turns moves briskly."""
 
 
 @dataclass(frozen=True)
 class EngineLimits:
     system_prompt: str
     budget_bytes: int
-    lock_ms: int = 30_000
+    lock_ms: int = 15_000
     """A crashed process blocks its session at most this long; live turns renew it."""
     wait_seconds: float = 300.0
     """How long a turn waits for the session while other turns run before giving up."""
@@ -67,14 +71,19 @@ class Engine:
         user: Message,
         *,
         user_ref: str | None = None,
+        order: int | None = None,
+        claim: str | None = None,
         on_text: TextSink | None = None,
     ) -> Reply:
         """Answer `user` in the scope's current session. With `on_text`, the answer streams:
         each text delta is handed to it as it arrives, and the full text is saved at the end.
-        `user_ref` names the stored user message so it can be forgotten later."""
+        `user_ref` names the stored user message so it can be forgotten later. Turns of a
+        scope go in increasing `order` (default: now) across processes; a `claim` (a message
+        id) is answered once, later tries raising `AlreadyClaimed`."""
+        ticket = Ticket(order=order, claim=claim) if order is not None else Ticket.now(claim)
         lock = self._scope_locks.setdefault(scope, asyncio.Lock())
         async with lock:
-            turn = await self._begin(scope)
+            turn = await self._begin(scope, ticket)
             saved = False
             try:
                 async with self._lock_kept_alive(turn):
@@ -91,18 +100,25 @@ class Engine:
         """Remove a stored user message (its author deleted it); False if none was stored."""
         return await self._store.forget_message(scope, user_ref)
 
-    async def _begin(self, scope: str) -> Turn:
+    async def claim(self, scope: str, claim: str) -> bool:
+        """Claim a message before acting on it outside a turn (opening a thread for it)."""
+        return await self._store.claim(scope, claim)
+
+    async def _begin(self, scope: str, ticket: Ticket) -> Turn:
+        """Wait for the scope's earlier turns, polling with a short backoff."""
         limits = self._limits
         deadline = time.monotonic() + limits.wait_seconds
-        pause = 0.01
+        pause = 0.005
         while True:
             try:
-                return await self._store.begin_turn(scope, limits.budget_bytes, limits.lock_ms)
+                return await self._store.begin_turn(
+                    scope, ticket, limits.budget_bytes, limits.lock_ms
+                )
             except SessionBusy:
                 if time.monotonic() + pause > deadline:
                     raise
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.5)
+                pause = min(pause * 2, BUSY_POLL_MAX_SECONDS)
 
     async def _run(
         self, turn: Turn, user: Message, on_text: TextSink | None

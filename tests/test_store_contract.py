@@ -7,7 +7,15 @@ import asyncio
 import pytest
 
 from bot.errors import InvalidInput, SessionBusy, UnknownSession
-from bot.store.base import Message, SessionSettings, SessionStore, StorePolicy, encode_message
+from bot.store.base import (
+    AlreadyClaimed,
+    Message,
+    SessionSettings,
+    SessionStore,
+    StorePolicy,
+    Ticket,
+    encode_message,
+)
 
 BIG = 1_000_000
 TOOL_ROUND: list[Message] = [
@@ -24,7 +32,7 @@ TOOL_ROUND: list[Message] = [
 
 
 async def save_turn(store: SessionStore, scope: str, *messages: Message, ref: str | None = None):
-    turn = await store.begin_turn(scope, BIG, 10_000)
+    turn = await store.begin_turn(scope, Ticket.now(), BIG, 10_000)
     assert await store.finish_turn(turn, list(messages), ref)
     return turn
 
@@ -38,7 +46,7 @@ async def test_untouched_scope_reports_an_empty_default(store: SessionStore) -> 
 async def test_a_turn_stores_messages_exactly_as_given(store: SessionStore) -> None:
     await save_turn(store, "s1", *TOOL_ROUND)
     assert await store.read_history("s1", "default") == TOOL_ROUND
-    turn = await store.begin_turn("s1", BIG, 10_000)
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
     assert turn.recent == TOOL_ROUND
     assert turn.session.message_count == 4
     await store.finish_turn(turn, [])
@@ -48,47 +56,48 @@ async def test_begin_returns_only_the_newest_messages_within_budget(store: Sessi
     messages = [{"role": "user", "content": f"message {i:03}"} for i in range(50)]
     await save_turn(store, "s1", *messages)
     size = len(encode_message(messages[0]).encode())
-    turn = await store.begin_turn("s1", size * 5 + size // 2, 10_000)
+    turn = await store.begin_turn("s1", Ticket.now(), size * 5 + size // 2, 10_000)
     assert turn.recent == messages[-5:]
     assert turn.session.message_count == 50
     await store.finish_turn(turn, [])
 
 
 async def test_a_locked_session_is_busy_until_the_turn_finishes(store: SessionStore) -> None:
-    turn = await store.begin_turn("s1", BIG, 10_000)
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    waiting = Ticket.now()
     with pytest.raises(SessionBusy):
-        await store.begin_turn("s1", BIG, 10_000)
-    other_scope = await store.begin_turn("s2", BIG, 10_000)  # other scopes never wait
+        await store.begin_turn("s1", waiting, BIG, 10_000)
+    other_scope = await store.begin_turn("s2", Ticket.now(), BIG, 10_000)  # never waits
     await store.finish_turn(other_scope, [])
     assert await store.finish_turn(turn, [{"role": "user", "content": "hi"}])
-    second = await store.begin_turn("s1", BIG, 10_000)
+    second = await store.begin_turn("s1", waiting, BIG, 10_000)
     assert second.recent == [{"role": "user", "content": "hi"}]
     await store.finish_turn(second, [])
 
 
 async def test_a_crashed_holders_lock_expires(store: SessionStore) -> None:
-    await store.begin_turn("s1", BIG, 50)  # never finished: its process "crashed"
+    await store.begin_turn("s1", Ticket.now(), BIG, 50)  # never finished: its process "crashed"
     await asyncio.sleep(0.1)
-    turn = await store.begin_turn("s1", BIG, 10_000)
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
     assert await store.finish_turn(turn, [{"role": "user", "content": "after"}])
 
 
 async def test_a_turn_that_lost_its_lock_saves_nothing(store: SessionStore) -> None:
-    stale = await store.begin_turn("s1", BIG, 50)
+    stale = await store.begin_turn("s1", Ticket.now(), BIG, 50)
     await asyncio.sleep(0.1)
-    current = await store.begin_turn("s1", BIG, 10_000)
+    current = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
     assert not await store.finish_turn(stale, [{"role": "user", "content": "stale"}])
     assert await store.finish_turn(current, [{"role": "user", "content": "current"}])
     assert await store.read_history("s1", "default") == [{"role": "user", "content": "current"}]
 
 
 async def test_extend_lock_keeps_a_long_turn_alive(store: SessionStore) -> None:
-    turn = await store.begin_turn("s1", BIG, 100)
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 100)
     for _ in range(3):
         await asyncio.sleep(0.05)
         assert await store.extend_lock(turn, 100)
     with pytest.raises(SessionBusy):
-        await store.begin_turn("s1", BIG, 100)
+        await store.begin_turn("s1", Ticket(order=0), BIG, 100)
     assert await store.finish_turn(turn, [])
 
 
@@ -188,3 +197,55 @@ async def test_idle_sessions_expire_after_the_ttl(
     kept = await expiring.read_history("busy", "default")
     assert [m["content"] for m in kept] == ["old", "new", "new"]  # in use: all kept
     await expiring.close()
+
+
+async def test_turns_start_in_ticket_order_whoever_asks_first(store: SessionStore) -> None:
+    first, second, third = (Ticket(order=n) for n in (10, 20, 30))
+    holder = await store.begin_turn("s1", Ticket(order=1), BIG, 10_000)
+    for ticket in (third, second, first):  # they arrive out of order while s1 is busy
+        with pytest.raises(SessionBusy):
+            await store.begin_turn("s1", ticket, BIG, 10_000)
+    await store.finish_turn(holder, [])
+    for early, late in ((first, second), (second, third)):
+        with pytest.raises(SessionBusy):
+            await store.begin_turn("s1", late, BIG, 10_000)
+        turn = await store.begin_turn("s1", early, BIG, 10_000)
+        await store.finish_turn(turn, [{"role": "user", "content": str(early.order)}])
+    last = await store.begin_turn("s1", third, BIG, 10_000)
+    await store.finish_turn(last, [{"role": "user", "content": "30"}])
+    history = await store.read_history("s1", "default")
+    assert [m["content"] for m in history] == ["10", "20", "30"]
+
+
+async def test_a_dead_waiters_place_lapses(store: SessionStore) -> None:
+    from bot.store import base
+
+    ghost = Ticket(order=1)
+    holder = await store.begin_turn("s1", Ticket(order=0), BIG, 10_000)
+    with pytest.raises(SessionBusy):
+        await store.begin_turn("s1", ghost, BIG, 10_000)  # and never asks again
+    await store.finish_turn(holder, [])
+    with pytest.raises(SessionBusy):
+        await store.begin_turn("s1", Ticket(order=2), BIG, 10_000)
+    await asyncio.sleep(base.TICKET_TTL_MS / 1000 + 0.2)
+    turn = await store.begin_turn("s1", Ticket(order=3), BIG, 10_000)
+    assert await store.finish_turn(turn, [])
+
+
+async def test_a_claimed_message_starts_only_one_turn(store: SessionStore) -> None:
+    mine = Ticket(order=1, claim="msg-1")
+    turn = await store.begin_turn("s1", mine, BIG, 10_000)
+    with pytest.raises(AlreadyClaimed):
+        await store.begin_turn("s1", Ticket(order=1, claim="msg-1"), BIG, 10_000)
+    await store.finish_turn(turn, [])
+    with pytest.raises(AlreadyClaimed):  # also after the first turn ended
+        await store.begin_turn("s1", Ticket(order=2, claim="msg-1"), BIG, 10_000)
+    assert await store.claim("s1", "msg-2")
+    assert not await store.claim("s1", "msg-2")
+    assert not await store.claim("s1", "msg-1")
+    retry = Ticket(order=5, claim="msg-3")  # a turn that waited keeps its claim
+    blocker = await store.begin_turn("s1", Ticket(order=4), BIG, 10_000)
+    with pytest.raises(SessionBusy):
+        await store.begin_turn("s1", retry, BIG, 10_000)
+    await store.finish_turn(blocker, [])
+    assert await store.finish_turn(await store.begin_turn("s1", retry, BIG, 10_000), [])

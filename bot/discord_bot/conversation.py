@@ -17,7 +17,7 @@ from bot.commands import ReplyMode
 from bot.discord_bot.render import LiveReply
 from bot.discord_bot.scopes import scope_for
 from bot.errors import BotError, StoreUnavailable
-from bot.store.base import Message
+from bot.store.base import AlreadyClaimed, Message
 
 if TYPE_CHECKING:
     from bot.discord_bot.client import ChatBot
@@ -176,14 +176,28 @@ class Conversation(commands.Cog):
         if mode is ReplyMode.ALL or (addressed and mode is ReplyMode.MENTIONS):
             await self.answer(message, channel)
         elif addressed and isinstance(channel, discord.TextChannel):
+            if not await self._claimed_here(scope, message):
+                return
             name = readable_text(message, me.id)[:80] or f"Chat with {message.author.display_name}"
             thread = await message.create_thread(name=name)
-            await self.answer(message, thread)
+            await self.answer(message, thread, claimed=True)
         elif addressed:  # threads mode, in a place that cannot hold threads
             await self.answer(message, channel)
 
-    async def answer(self, message: discord.Message, channel: discord.abc.Messageable) -> None:
-        """Stream the engine's answer into `channel` (the message's own, or its new thread)."""
+    async def _claimed_here(self, scope: str, message: discord.Message) -> bool:
+        """Take the message for this process before a side effect outside a turn."""
+        try:
+            return await self.bot.engine.claim(scope, str(message.id))
+        except StoreUnavailable as error:
+            await LiveReply(message.channel, message).fail(str(error))
+            return False
+
+    async def answer(
+        self, message: discord.Message, channel: discord.abc.Messageable, claimed: bool = False
+    ) -> None:
+        """Stream the engine's answer into `channel` (the message's own, or its new thread).
+        The turn claims the message, so a duplicate delivery, or the same event seen by
+        another process, is answered once; turns follow the messages' order."""
         me = self.bot.user
         assert me is not None
         reference = message if channel == message.channel else None
@@ -193,9 +207,16 @@ class Conversation(commands.Cog):
             async with channel.typing():
                 user = await user_message(message, me.id)
                 reply = await self.bot.engine.reply(
-                    scope, user, user_ref=str(message.id), on_text=live.feed
+                    scope,
+                    user,
+                    user_ref=str(message.id),
+                    order=message.id,
+                    claim=None if claimed else str(message.id),
+                    on_text=live.feed,
                 )
             await live.finish(reply.text + (SHORTENED_NOTE if reply.shortened else ""))
+        except AlreadyClaimed:
+            log.debug("message %s is answered elsewhere", message.id)
         except BotError as error:
             await live.fail(str(error))
         except Exception:

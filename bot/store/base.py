@@ -9,14 +9,21 @@ A turn is two calls so a backend can do each in one round trip: `begin_turn` tak
 session's lock and returns the newest messages that fit the context budget; `finish_turn`
 appends what the turn added and releases the lock, atomically. A failed turn calls
 `finish_turn` with nothing to add, which only releases the lock.
+
+Turns of one scope go in the order of their tickets, whichever process holds them: a turn
+waits in the scope's queue until it is first and the lock is free. A ticket may carry a
+claim (a Discord message id): a claim can start a turn only once, so a message delivered
+twice, or to two processes, is answered once.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
+import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bot.errors import CorruptSession, InvalidSessionName
@@ -67,6 +74,35 @@ class SessionInfo:
     message_count: int
     created_at: float
     updated_at: float
+
+
+TICKET_TTL_MS = 5_000
+"""A waiting turn renews its place at every poll; a dead waiter's place lapses after this."""
+CLAIM_TTL_SECONDS = 86_400
+"""How long a claimed message id is remembered (gateway replays come within minutes)."""
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """One turn's place in its scope's queue, the same on every retry of that turn."""
+
+    order: int
+    """Turns go in increasing order (Discord message ids grow with time)."""
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    claim: str | None = None
+
+    @classmethod
+    def now(cls, claim: str | None = None) -> Ticket:
+        return cls(order=time.time_ns(), claim=claim)
+
+    @property
+    def place(self) -> str:
+        """Queue entries sort as text, so the order is zero-padded (a 64-bit id fits)."""
+        return f"{self.order:020d}:{self.token}"
+
+
+class AlreadyClaimed(Exception):
+    """Another turn has claimed this message; this one must not answer it."""
 
 
 @dataclass(frozen=True)
@@ -127,10 +163,16 @@ def mcp_json(settings: SessionSettings) -> str:
 class SessionStore(Protocol):
     """Async session storage. Every method raises `StoreUnavailable` when storage is down."""
 
-    async def begin_turn(self, scope: str, budget_bytes: int, lock_ms: int) -> Turn:
+    async def begin_turn(self, scope: str, ticket: Ticket, budget_bytes: int, lock_ms: int) -> Turn:
         """Lock the current session (creating `default` if the scope has none) and return the
-        newest messages whose stored size fits `budget_bytes`. Raises `SessionBusy` when
-        another turn holds the lock, `CorruptSession` when the session cannot be read."""
+        newest messages whose stored size fits `budget_bytes`. Raises `SessionBusy` while
+        an earlier ticket waits or another turn holds the lock (call again with the same
+        ticket), `AlreadyClaimed` when another turn claimed the ticket's claim, and
+        `CorruptSession` when the session cannot be read."""
+        ...
+
+    async def claim(self, scope: str, claim: str) -> bool:
+        """Claim a message id before acting on it outside a turn; False if already claimed."""
         ...
 
     async def finish_turn(

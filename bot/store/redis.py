@@ -5,6 +5,9 @@ scope and any of its sessions even on Redis Cluster):
 
     {prefix}:{scope}:state              hash    current -> session name; opt:{option} -> value
     {prefix}:{scope}:names              zset    session name -> last use (unix seconds)
+    {prefix}:{scope}:queue              zset    waiting turns' places, in text order (score 0)
+    {prefix}:{scope}:tickets            hash    place -> deadline (ms); a lapsed place is dropped
+    {prefix}:{scope}:claim:{id}         string  a claimed message id, expiring after a day
     {prefix}:{scope}:s:{name}:meta      hash    model, mcp (JSON list), created, updated, format
     {prefix}:{scope}:s:{name}:messages  list    one JSON message per element, oldest first
     {prefix}:{scope}:s:{name}:refs      hash    user ref (Discord message id) -> stored JSON
@@ -18,9 +21,9 @@ in `_PRELUDE` and the two must agree.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -28,12 +31,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bot.errors import CorruptSession, InvalidInput, SessionBusy, StoreUnavailable, UnknownSession
 from bot.store.base import (
+    CLAIM_TTL_SECONDS,
     DEFAULT_SESSION,
     STORE_FORMAT,
+    TICKET_TTL_MS,
+    AlreadyClaimed,
     Message,
     SessionInfo,
     SessionSettings,
     StorePolicy,
+    Ticket,
     Turn,
     decode_messages,
     encode_message,
@@ -92,16 +99,40 @@ def _lua(body: str) -> str:
     return script.replace("$FORMAT", STORE_FORMAT).replace("$DEFAULT", DEFAULT_SESSION)
 
 
-# ARGV: prefix, token, lock_ms, budget_bytes, default_model, now
+# ARGV: prefix, token, lock_ms, budget_bytes, default_model, now, place, claim, claim_ttl,
+# ticket_ttl_ms. Claim, then queue, then lock; only the first ticket of the queue may lock.
 _BEGIN_TURN = _lua(
     """
+local token, claim = ARGV[2], ARGV[8]
+if claim ~= '' then
+  local claimed = prefix .. 'claim:' .. claim
+  local holder = redis.call('GET', claimed)
+  if holder and holder ~= token then return {'claimed'} end
+  if not holder then redis.call('SET', claimed, token, 'EX', ARGV[9]) end
+end
+local queue, tickets, place = prefix .. 'queue', prefix .. 'tickets', ARGV[7]
+local clock = redis.call('TIME')
+local now_ms = clock[1] * 1000 + math.floor(clock[2] / 1000)
+redis.call('ZADD', queue, 0, place)
+redis.call('HSET', tickets, place, now_ms + tonumber(ARGV[10]))
+local first = redis.call('ZRANGE', queue, 0, 0)[1]
+while first ~= place and tonumber(redis.call('HGET', tickets, first) or '0') < now_ms do
+  redis.call('ZREM', queue, first)
+  redis.call('HDEL', tickets, first)
+  first = redis.call('ZRANGE', queue, 0, 0)[1]
+end
+if first ~= place then return {'busy'} end
 local name = current_or_create(ARGV[5], ARGV[6])
 local info = describe(name)
-if info[2] ~= '$FORMAT' then return {'corrupt', name} end
-local lock = key(name, 'lock')
-if not redis.call('SET', lock, ARGV[2], 'NX', 'PX', ARGV[3]) then
-  return {'busy', name, redis.call('PTTL', lock)}
+if info[2] ~= '$FORMAT' then
+  redis.call('ZREM', queue, place)
+  redis.call('HDEL', tickets, place)
+  return {'corrupt', name}
 end
+local lock = key(name, 'lock')
+if not redis.call('SET', lock, token, 'NX', 'PX', ARGV[3]) then return {'busy'} end
+redis.call('ZREM', queue, place)
+redis.call('HDEL', tickets, place)
 local out = {'ok'}
 for _, v in ipairs(info) do out[#out + 1] = v end
 local messages, budget, used, stop = key(name, 'messages'), tonumber(ARGV[4]), 0, info[7]
@@ -116,6 +147,13 @@ while stop > 0 do
   stop = start
 end
 return out
+"""
+)
+
+# ARGV: prefix, claim, claim_ttl
+_CLAIM = _lua(
+    """
+return redis.call('SET', prefix .. 'claim:' .. ARGV[2], 'claimed', 'NX', 'EX', ARGV[3]) and 1 or 0
 """
 )
 
@@ -257,6 +295,7 @@ class RedisStore:
         self._owns_client = owns_client
         register = client.register_script
         self._begin = register(_BEGIN_TURN)
+        self._claim = register(_CLAIM)
         self._finish = register(_FINISH_TURN)
         self._extend = register(_EXTEND_LOCK)
         self._describe = register(_DESCRIBE_CURRENT)
@@ -290,26 +329,34 @@ class RedisStore:
     def _prefix(scope: str) -> str:
         return scope_key(scope, "")
 
-    async def begin_turn(self, scope: str, budget_bytes: int, lock_ms: int) -> Turn:
-        token = uuid.uuid4().hex
-        args: list[ScriptArg] = [
-            self._prefix(scope),
-            token,
-            lock_ms,
-            budget_bytes,
-            self._policy.default_model,
-        ]
+    async def begin_turn(self, scope: str, ticket: Ticket, budget_bytes: int, lock_ms: int) -> Turn:
+        args: list[ScriptArg] = [self._prefix(scope), ticket.token, lock_ms, budget_bytes]
+        args += [self._policy.default_model, time.time(), ticket.place, ticket.claim or ""]
+        args += [CLAIM_TTL_SECONDS, TICKET_TTL_MS]
         async with _available():
-            reply = await self._begin(keys=self._keys(scope), args=[*args, time.time()])
+            reply = await self._begin(keys=self._keys(scope), args=args)
         status = reply[0]
+        if status == "claimed":
+            raise AlreadyClaimed()
         if status == "corrupt":
             raise CorruptSession(reply[1])
         if status == "busy":
             raise SessionBusy()
         session = session_info(reply[1 : 1 + _SUMMARY_FIELDS])
-        newest_first = reply[1 + _SUMMARY_FIELDS :]
-        recent = decode_messages(session.name, newest_first[::-1])
-        return Turn(scope=scope, session=session, recent=recent, lock_token=token)
+        turn = Turn(scope=scope, session=session, recent=[], lock_token=ticket.token)
+        try:
+            recent = decode_messages(session.name, reply[1 + _SUMMARY_FIELDS :][::-1])
+        except CorruptSession:
+            await self.finish_turn(turn, [])
+            raise
+        return replace(turn, recent=recent)
+
+    async def claim(self, scope: str, claim: str) -> bool:
+        async with _available():
+            claimed = await self._claim(
+                keys=self._keys(scope), args=[self._prefix(scope), claim, CLAIM_TTL_SECONDS]
+            )
+        return bool(claimed)
 
     async def finish_turn(
         self, turn: Turn, added: Sequence[Message], user_ref: str | None = None

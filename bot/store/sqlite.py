@@ -11,19 +11,23 @@ import asyncio
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
 from bot.errors import CorruptSession, InvalidInput, SessionBusy, StoreUnavailable, UnknownSession
 from bot.store.base import (
+    CLAIM_TTL_SECONDS,
     DEFAULT_SESSION,
     STORE_FORMAT,
+    TICKET_TTL_MS,
+    AlreadyClaimed,
     Message,
     SessionInfo,
     SessionSettings,
     StorePolicy,
+    Ticket,
     Turn,
     decode_messages,
     encode_message,
@@ -48,6 +52,12 @@ CREATE TABLE IF NOT EXISTS messages (
     body TEXT NOT NULL, ref TEXT);
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages (scope, name, id);
 CREATE INDEX IF NOT EXISTS messages_by_ref ON messages (scope, ref) WHERE ref IS NOT NULL;
+CREATE TABLE IF NOT EXISTS claims (
+    scope TEXT NOT NULL, claim TEXT NOT NULL, token TEXT NOT NULL, expires REAL NOT NULL,
+    PRIMARY KEY (scope, claim));
+CREATE TABLE IF NOT EXISTS queue (
+    scope TEXT NOT NULL, place TEXT NOT NULL, deadline REAL NOT NULL,
+    PRIMARY KEY (scope, place));
 """
 
 _SUMMARY = """
@@ -149,20 +159,37 @@ class SqliteStore:
 
     # The store protocol.
 
-    async def begin_turn(self, scope: str, budget_bytes: int, lock_ms: int) -> Turn:
-        token = uuid.uuid4().hex
+    async def begin_turn(self, scope: str, ticket: Ticket, budget_bytes: int, lock_ms: int) -> Turn:
+        token = ticket.token
 
-        def work(db: sqlite3.Connection) -> tuple[SessionInfo, list[str]]:
-            name = self._current_or_create(db, scope)
+        def work(db: sqlite3.Connection) -> tuple[SessionInfo, list[str]] | Exception:
+            """Returns the refusal instead of raising it, so the claim and the place in
+            the queue are committed even when the turn must wait."""
             now = time.time()
+            if ticket.claim is not None and not self._take_claim(db, scope, ticket.claim, token):
+                return AlreadyClaimed()
+            db.execute(
+                "INSERT INTO queue (scope, place, deadline) VALUES (?, ?, ?)"
+                " ON CONFLICT (scope, place) DO UPDATE SET deadline = excluded.deadline",
+                (scope, ticket.place, now + TICKET_TTL_MS / 1000),
+            )
+            db.execute("DELETE FROM queue WHERE scope = ? AND deadline < ?", (scope, now))
+            (first,) = db.execute(
+                "SELECT min(place) FROM queue WHERE scope = ?", (scope,)
+            ).fetchone()
+            if first != ticket.place:
+                return SessionBusy()
+            name = self._current_or_create(db, scope)
             fmt, expires = db.execute(
                 "SELECT format, lock_expires FROM sessions WHERE scope = ? AND name = ?",
                 (scope, name),
             ).fetchone()
             if fmt != STORE_FORMAT:
-                raise CorruptSession(name)
+                db.execute("DELETE FROM queue WHERE scope = ? AND place = ?", (scope, ticket.place))
+                return CorruptSession(name)
             if expires > now:
-                raise SessionBusy()
+                return SessionBusy()
+            db.execute("DELETE FROM queue WHERE scope = ? AND place = ?", (scope, ticket.place))
             db.execute(
                 "UPDATE sessions SET lock_token = ?, lock_expires = ? WHERE scope = ? AND name = ?",
                 (token, now + lock_ms / 1000, scope, name),
@@ -181,9 +208,34 @@ class SqliteStore:
                 recent.append(body)
             return session, recent[::-1]
 
-        session, bodies = await self._run(work)
-        recent = decode_messages(session.name, bodies)
-        return Turn(scope=scope, session=session, recent=recent, lock_token=token)
+        outcome = await self._run(work)
+        if isinstance(outcome, Exception):
+            raise outcome
+        session, bodies = outcome
+        turn = Turn(scope=scope, session=session, recent=[], lock_token=token)
+        try:
+            recent = decode_messages(session.name, bodies)
+        except CorruptSession:
+            await self.finish_turn(turn, [])
+            raise
+        return replace(turn, recent=recent)
+
+    def _take_claim(self, db: sqlite3.Connection, scope: str, claim: str, token: str) -> bool:
+        """True when `claim` is now this token's (newly, or from an earlier try)."""
+        now = time.time()
+        db.execute("DELETE FROM claims WHERE scope = ? AND expires < ?", (scope, now))
+        db.execute(
+            "INSERT OR IGNORE INTO claims (scope, claim, token, expires) VALUES (?, ?, ?, ?)",
+            (scope, claim, token, now + CLAIM_TTL_SECONDS),
+        )
+        (holder,) = db.execute(
+            "SELECT token FROM claims WHERE scope = ? AND claim = ?", (scope, claim)
+        ).fetchone()
+        return bool(holder == token)
+
+    async def claim(self, scope: str, claim: str) -> bool:
+        token = Ticket.now().token
+        return await self._run(lambda db: self._take_claim(db, scope, claim, token))
 
     async def finish_turn(
         self, turn: Turn, added: Sequence[Message], user_ref: str | None = None
