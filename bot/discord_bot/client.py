@@ -65,6 +65,14 @@ class ChatBot(commands.Bot):
         else:
             await self.tree.sync()
 
+    async def on_ready(self) -> None:
+        log.info(
+            "connected as %s (id %s) to %d server(s)",
+            self.user,
+            self.application_id,
+            len(self.guilds),
+        )
+
     async def on_message(self, message: discord.Message) -> None:
         """No prefix commands: conversation is handled by the `Conversation` cog."""
 

@@ -4,9 +4,11 @@ engine's answer back. Everything else about a turn happens in the core."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
+import weakref
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -126,11 +128,18 @@ class Conversation(commands.Cog):
     def __init__(self, bot: ChatBot) -> None:
         self.bot = bot
         self._modes: dict[str, tuple[ReplyMode, float]] = {}
+        self._in_arrival_order: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def _known_mode(self, scope: str) -> ReplyMode | None:
+        cached = self._modes.get(scope)
+        return cached[0] if cached and cached[1] > time.monotonic() else None
 
     async def reply_mode(self, scope: str) -> ReplyMode:
-        cached = self._modes.get(scope)
-        if cached and cached[1] > time.monotonic():
-            return cached[0]
+        known = self._known_mode(scope)
+        if known is not None:
+            return known
         mode = await self.bot.session_commands.reply_mode(scope)
         if len(self._modes) > 10_000:
             self._modes.clear()
@@ -149,28 +158,35 @@ class Conversation(commands.Cog):
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
         me = self.bot.user
-        if (
-            me is None
-            or message.author.bot
-            or message.type
-            not in (
-                discord.MessageType.default,
-                discord.MessageType.reply,
-            )
-        ):
+        ordinary = (discord.MessageType.default, discord.MessageType.reply)
+        if me is None or message.author.bot or message.type not in ordinary:
             return
         channel = message.channel
         scope = scope_for(channel.id)
+        always = message.guild is None or (
+            isinstance(channel, discord.Thread) and channel.owner_id == me.id
+        )
+        addressed = self._addressed(message, me)
+        if not (always or addressed) and self._known_mode(scope) is ReplyMode.MENTIONS:
+            return  # most messages in a busy channel: decided without waiting
+        # Taken before any other await: this process handles a channel's messages in the
+        # order they arrived, which keeps the turns (and the stored history) in that order.
+        async with self._in_arrival_order.setdefault(scope, asyncio.Lock()):
+            await self._handle(message, scope, always=always, addressed=addressed)
+
+    async def _handle(
+        self, message: discord.Message, scope: str, *, always: bool, addressed: bool
+    ) -> None:
+        me = self.bot.user
+        assert me is not None
+        channel = message.channel
+        if always:
+            await self.answer(message, channel)
+            return
         try:
-            if message.guild is None or (
-                isinstance(channel, discord.Thread) and channel.owner_id == me.id
-            ):
-                await self.answer(message, channel)
-                return
-            addressed = self._addressed(message, me)
             mode = await self.reply_mode(scope)
         except StoreUnavailable as error:
-            if message.guild is None or self._addressed(message, me):
+            if addressed:
                 await LiveReply(channel, message).fail(str(error))
             return
         if mode is ReplyMode.ALL or (addressed and mode is ReplyMode.MENTIONS):

@@ -369,6 +369,12 @@ class FakeDiscord:
             return copy.deepcopy(self._gateway.identify_payload)
 
     @property
+    def connected_sessions(self) -> int:
+        """How many gateway sessions are connected now (one per running bot process)."""
+        with self._lock:
+            return sum(1 for s in self._gateway.sessions.values() if s.queue is not None)
+
+    @property
     def resumes(self) -> int:
         """How many times a client resumed a session."""
         with self._lock:

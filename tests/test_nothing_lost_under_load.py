@@ -1,0 +1,136 @@
+"""Overlapping messages, two bot processes, duplicate and replayed events: every message is
+answered exactly once and the history holds each question followed by its own answer, in
+the order the messages were sent."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bot.discord_bot.scopes import scope_for
+from bot.store.base import StorePolicy
+from bot.store.redis import RedisStore
+from tests.conftest import TEST_MODELS
+from tests.discord_harness import Harness
+from tests.fakes.dedalus_api import FakeDedalusAPI
+from tests.fakes.discord_gateway import FakeDiscord
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def echo_of(question: dict[str, object]) -> dict[str, object]:
+    return {"role": "assistant", "content": f"echo: {question['content']}"}
+
+
+@pytest.fixture
+def fakes() -> Iterator[tuple[FakeDiscord, FakeDedalusAPI]]:
+    with FakeDiscord(rate_limit=1000) as discord_fake, FakeDedalusAPI() as api:
+        yield discord_fake, api
+
+
+@pytest.fixture
+def two_bot_processes(
+    fakes: tuple[FakeDiscord, FakeDedalusAPI], redis_url: str, tmp_path: Path
+) -> Iterator[list[Path]]:
+    fake, api = fakes
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(ROOT),
+        "FAKE_DISCORD_API": fake.api_base,
+        "FAKE_DISCORD_GATEWAY": fake.gateway_url,
+        "DISCORD_TOKEN": fake.token,
+        "REDIS_URL": redis_url,
+        "MODEL_MAX_RETRIES": "0",
+        **api.env(),
+    }
+    logs = [tmp_path / f"bot{i}.log" for i in range(2)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.bot_process"],
+            cwd=ROOT,
+            env=env,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        for log in logs
+    ]
+    try:
+        deadline = time.monotonic() + 30
+        while not all("connected as" in log.read_text() for log in logs):
+            running = all(p.poll() is None for p in processes)
+            assert running and time.monotonic() < deadline, [log.read_text() for log in logs]
+            time.sleep(0.05)
+        yield logs
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(10)
+
+
+async def test_fifty_overlapping_messages_across_two_processes(
+    fakes: tuple[FakeDiscord, FakeDedalusAPI], two_bot_processes: list[Path], redis_url: str
+) -> None:
+    fake, api = fakes
+    for i in range(50):
+        fake.user_says(fake.general_id, fake.member, f"m{i:02}", mentions_bot=True)
+    await fake.wait_for(
+        lambda: len(fake.bot_messages(fake.general_id)) >= 50, timeout=90, what="50 answers"
+    )
+    await asyncio.sleep(1)  # a duplicate answer, if any, would show up now
+    answers = fake.bot_messages(fake.general_id)
+    assert len(answers) == 50
+    store = RedisStore.from_url(redis_url, StorePolicy(TEST_MODELS[0]))
+    history = await store.read_history(scope_for(fake.general_id), "default")
+    await store.close()
+    assert len(history) == 100
+    questions = history[0::2]
+    assert [q["content"].rsplit(": ", 1)[1] for q in questions] == [f"m{i:02}" for i in range(50)]
+    assert history[1::2] == [echo_of(q) for q in questions]
+    assert api.request_count == 50
+    logs = "".join(log.read_text() for log in two_bot_processes)
+    assert "Traceback" not in logs
+
+
+async def test_a_duplicated_event_is_answered_once(harness: Harness) -> None:
+    fake = harness.discord
+    said = fake.user_says(fake.general_id, fake.member, "only once", mentions_bot=True)
+    event = next(d for e, d in fake.dispatched if e == "MESSAGE_CREATE" and d["id"] == str(said))
+    fake.dispatch("MESSAGE_CREATE", event)
+    fake.dispatch("MESSAGE_CREATE", event)
+    await harness.answer(fake.general_id)
+    await asyncio.sleep(0.5)
+    await harness.settled()
+    assert len(harness.answers(fake.general_id)) == 1
+    assert harness.api.request_count == 1
+
+
+async def test_events_replayed_after_a_resume_are_answered_once(harness: Harness) -> None:
+    fake = harness.discord
+    fake.request_reconnect()
+    for text in ("during", "the", "reconnect"):
+        fake.user_says(fake.general_id, fake.member, text, mentions_bot=True)
+    await harness.answer(fake.general_id, 3)
+    await fake.wait_for(lambda: fake.resumes >= 1, what="the client to resume")
+    await asyncio.sleep(0.5)
+    await harness.settled()
+    assert len(harness.answers(fake.general_id)) == 3
+    assert len(await harness.history(fake.general_id)) == 6
+
+
+async def test_different_channels_do_not_wait_for_each_other(harness: Harness) -> None:
+    fake, api = harness.discord, harness.api
+    api.reply_text("slow answer", delay=1.5)
+    fake.user_says(fake.general_id, fake.member, "slow one", mentions_bot=True)
+    await fake.wait_for(lambda: api.request_count == 1, what="the slow request")
+    started = time.monotonic()
+    fake.user_says(fake.random_id, fake.member, "quick one", mentions_bot=True)
+    await fake.wait_for(lambda: harness.answers(fake.random_id), what="the quick answer")
+    assert time.monotonic() - started < 1.2
+    assert harness.answers(fake.general_id) == []  # the slow one is still running
+    await harness.answer(fake.general_id)
