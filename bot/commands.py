@@ -31,7 +31,8 @@ REPLY_MODE_HELP = {
 
 MCP_SERVERS_MAX = 10
 MCP_ENTRY_MAX = 300
-_SLUG = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[A-Za-z0-9][\w.-]*)?", re.ASCII)
+_SLUG = re.compile(r"[\w-]+/[\w-]+(@[\w.-]+)?", re.ASCII)
+"""The SDK's own slug rule (`org/name`), with an optional version."""
 
 
 def checked_mcp_server(raw: str) -> str:
@@ -49,7 +50,7 @@ def checked_mcp_server(raw: str) -> str:
             return entry
         raise InvalidMcpServer(
             "Not a marketplace slug: use `org/name` or `org/name@version` "
-            "(letters, digits, '-', '_', '.'), or an https:// URL."
+            "(letters, digits, '-' and '_'), or an https:// URL."
         )
     url = urllib.parse.urlsplit(entry)
     if url.scheme.lower() != "https":
@@ -66,7 +67,7 @@ def checked_mcp_server(raw: str) -> str:
         raise InvalidMcpServer("That MCP server URL has no host.")
     if not entry.isascii():
         raise InvalidMcpServer("Write the MCP server URL in ASCII (punycode for the host).")
-    return entry
+    return "https://" + entry[len("https://") :]  # the SDK recognises URLs by this prefix
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class Commands:
     def resolve_model(self, choice: str) -> str:
         """A number from the model list or an allowed name (case-insensitive)."""
         wanted = choice.strip()
-        if wanted.isdigit() and 1 <= int(wanted) <= len(self.allowed_models):
+        if wanted.isascii() and wanted.isdigit() and 1 <= int(wanted) <= len(self.allowed_models):
             return self.allowed_models[int(wanted) - 1]
         for model in self.allowed_models:
             if model.lower() == wanted.lower():

@@ -249,3 +249,38 @@ async def test_a_claimed_message_starts_only_one_turn(store: SessionStore) -> No
         await store.begin_turn("s1", retry, BIG, 10_000)
     await store.finish_turn(blocker, [])
     assert await store.finish_turn(await store.begin_turn("s1", retry, BIG, 10_000), [])
+
+
+async def damage(store: SessionStore, scope: str, what: str) -> None:
+    """Write what a bug, a crash mid-upgrade or a person with redis-cli might leave."""
+    from bot.store.redis import RedisStore, session_key
+
+    if isinstance(store, RedisStore):
+        redis = store._redis  # the test reaches past the store on purpose, to break it
+        if what == "message":
+            await redis.rpush(session_key(scope, "default", "messages"), "{not json")
+        else:
+            await redis.hset(session_key(scope, "default", "meta"), "mcp", '"x"')
+        return
+    db = store._db  # type: ignore[attr-defined]
+    if what == "message":
+        db.execute("INSERT INTO messages (scope, name, body) VALUES (?, 'default', '[1')", (scope,))
+    else:
+        db.execute("UPDATE sessions SET mcp = '\"x\"' WHERE scope = ?", (scope,))
+
+
+@pytest.mark.parametrize("what", ["message", "settings"])
+async def test_a_damaged_session_fails_alone_and_clear_repairs_it(
+    store: SessionStore, what: str
+) -> None:
+    from bot.errors import CorruptSession
+
+    await save_turn(store, "bad", {"role": "user", "content": "fine"})
+    await save_turn(store, "good", {"role": "user", "content": "fine"})
+    await damage(store, "bad", what)
+    with pytest.raises(CorruptSession):
+        await store.begin_turn("bad", Ticket.now(), BIG, 10_000)
+    await save_turn(store, "good", {"role": "user", "content": "still fine"})
+    cleared = await store.clear_session("bad")
+    assert cleared.message_count == 0
+    await save_turn(store, "bad", {"role": "user", "content": "repaired"})  # nothing stuck

@@ -23,7 +23,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -248,7 +247,8 @@ _CLEAR = _lua(
 local name = current_or_create(ARGV[2], ARGV[3])
 redis.call('DEL', key(name, 'messages'), key(name, 'refs'))
 local meta = key(name, 'meta')
-if redis.call('HGET', meta, 'format') ~= '$FORMAT' then
+local readable, servers = pcall(cjson.decode, redis.call('HGET', meta, 'mcp') or '')
+if redis.call('HGET', meta, 'format') ~= '$FORMAT' or not readable or type(servers) ~= 'table' then
   redis.call('DEL', meta)
   create(name, ARGV[2], '[]', ARGV[3])
 end
@@ -342,14 +342,15 @@ class RedisStore:
             raise CorruptSession(reply[1])
         if status == "busy":
             raise SessionBusy()
-        session = session_info(reply[1 : 1 + _SUMMARY_FIELDS])
-        turn = Turn(scope=scope, session=session, recent=[], lock_token=ticket.token)
+        name = reply[1]
         try:
-            recent = decode_messages(session.name, reply[1 + _SUMMARY_FIELDS :][::-1])
+            session = session_info(reply[1 : 1 + _SUMMARY_FIELDS])
+            recent = decode_messages(name, reply[1 + _SUMMARY_FIELDS :][::-1])
         except CorruptSession:
-            await self.finish_turn(turn, [])
+            placeholder = SessionInfo(name, SessionSettings(self._policy.default_model), 0, 0, 0)
+            await self.finish_turn(Turn(scope, placeholder, [], ticket.token), [])
             raise
-        return replace(turn, recent=recent)
+        return Turn(scope=scope, session=session, recent=recent, lock_token=ticket.token)
 
     async def claim(self, scope: str, claim: str) -> bool:
         async with _available():

@@ -333,8 +333,8 @@ class SqliteStore:
             name = self._current_or_create(db, scope)
             db.execute("DELETE FROM messages WHERE scope = ? AND name = ?", (scope, name))
             db.execute(
-                "UPDATE sessions SET updated = ?, format = ?,"
-                " mcp = CASE WHEN json_valid(mcp) THEN mcp ELSE '[]' END"
+                "UPDATE sessions SET updated = ?, format = ?, mcp = CASE"
+                " WHEN json_valid(mcp) AND json_type(mcp) = 'array' THEN mcp ELSE '[]' END"
                 " WHERE scope = ? AND name = ?",
                 (time.time(), STORE_FORMAT, scope, name),
             )

@@ -1,0 +1,127 @@
+"""Every command argument, fuzzed: each input gets a clear refusal (and nothing changes) or
+is accepted as something valid; none crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import string
+import tempfile
+from pathlib import Path
+
+from dedalus_labs.lib.mcp.wire import serialize_mcp_servers
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bot.commands import Commands, checked_mcp_server
+from bot.errors import InvalidInput
+from bot.store.base import SessionInfo, StorePolicy, checked_session_name
+from bot.store.sqlite import SqliteStore
+from tests.conftest import TEST_MODELS
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+
+nasty_text = st.one_of(
+    st.text(),
+    st.text(alphabet=string.printable),
+    st.text(min_size=200, max_size=3000),
+    st.sampled_from(["", " ", "\n", "\x00", "\u202e", "é", "🙂", "../x", "a b", "x" * 51]),
+)
+urlish = st.builds(
+    lambda scheme, creds, host, path: f"{scheme}{creds}{host}{path}",
+    st.sampled_from(["https://", "HTTPS://", "http://", "ftp://", "javascript:", "", "//"]),
+    st.sampled_from(["", "user:pw@", "user@", ":@"]),
+    st.sampled_from(
+        ["example.com", "mcp.example.com:8443", "", "exa mple.com", "[::1]", "é.com", "host:99999"]
+    ),
+    st.sampled_from(["", "/", "/sse", "/a b", "/\t", "?q=1", "#x"]),
+)
+slugish = st.builds(
+    lambda org, name, version: f"{org}/{name}{version}",
+    st.text(alphabet=string.ascii_letters + "-_.@ /", max_size=12),
+    st.text(alphabet=string.ascii_letters + "-_.@ /", max_size=12),
+    st.sampled_from(["", "@v1", "@1.2.3", "@", "@ v1", "@v1@v2"]),
+)
+
+
+class Fixture:
+    """A fresh SQLite store per example would be slow; one per test, checked for change."""
+
+    def __init__(self) -> None:
+        self.directory = tempfile.TemporaryDirectory()
+        self.store = SqliteStore(
+            Path(self.directory.name) / "s.sqlite3", StorePolicy(TEST_MODELS[0])
+        )
+        self.commands = Commands(self.store, TEST_MODELS)
+
+    def run(self, coroutine: object) -> object:
+        return asyncio.run(coroutine)  # type: ignore[arg-type]
+
+    def snapshot(self) -> tuple[SessionInfo, list[SessionInfo]]:
+        async def read() -> tuple[SessionInfo, list[SessionInfo]]:
+            return await self.store.current_session("s"), await self.store.list_sessions("s")
+
+        return asyncio.run(read())
+
+
+def test_model_choices() -> None:
+    fixture = Fixture()
+
+    @FUZZ
+    @given(st.one_of(nasty_text, st.integers(-5, 10).map(str), st.sampled_from(TEST_MODELS)))
+    def check(choice: str) -> None:
+        before = fixture.snapshot()
+        try:
+            said = fixture.run(fixture.commands.model("s", choice))
+        except InvalidInput as refused:
+            assert str(refused).startswith("Unknown model") and "1. " in str(refused)
+            assert fixture.snapshot() == before
+            return
+        assert isinstance(said, str)
+        if choice.strip():
+            assert fixture.snapshot()[0].settings.model in TEST_MODELS
+
+    check()
+
+
+def test_mcp_entries() -> None:
+    fixture = Fixture()
+
+    @FUZZ
+    @given(st.one_of(nasty_text, urlish, slugish))
+    def check(entry: str) -> None:
+        before = fixture.snapshot()
+        try:
+            fixture.run(fixture.commands.mcp_add("s", entry))
+        except InvalidInput as refused:
+            assert 0 < len(str(refused)) < 200
+            assert fixture.snapshot() == before
+            return
+        added = fixture.snapshot()[0].settings.mcp_servers[-1]
+        assert added == checked_mcp_server(entry)
+        assert not any(c.isspace() or not c.isprintable() for c in added)
+        assert "@" not in added.split("/")[2] if added.startswith("https://") else True
+        serialize_mcp_servers([added])  # the SDK accepts whatever we accept
+        fixture.run(fixture.commands.mcp_clear("s"))
+
+    check()
+
+
+def test_session_names() -> None:
+    fixture = Fixture()
+
+    @FUZZ
+    @given(nasty_text)
+    def check(name: str) -> None:
+        before = fixture.snapshot()
+        try:
+            fixture.run(fixture.commands.new("s", name))
+        except InvalidInput:
+            assert fixture.snapshot() == before
+            return
+        current = fixture.snapshot()[0].name
+        if name.strip():
+            assert current == checked_session_name(name)
+        else:  # no name: the next free `chat-N`
+            assert current.startswith("chat-")
+
+    check()
