@@ -196,3 +196,14 @@ async def test_overlapping_messages_in_one_scope_are_answered_in_order(
     assert [m["content"] for m in history] == [
         text for i in range(20) for text in (f"m{i}", f"echo: m{i}")
     ]
+
+
+async def test_a_run_interrupted_mid_tool_call_stores_no_dangling_call(
+    engine: Engine, api: FakeDedalusAPI, store: SessionStore
+) -> None:
+    api.reply_tool_call("lookup", {"q": "x"})
+    api.reply_error(500)  # the model call after the tool result fails
+    with pytest.raises(ModelError, match="unavailable"):
+        await engine.reply("chan", user("use a tool"))
+    assert await store.read_history("chan", "default") == []
+    assert (await engine.reply("chan", user("again"))).text == "echo: again"

@@ -3,6 +3,8 @@ connected and the session stays consistent."""
 
 from __future__ import annotations
 
+import asyncio
+
 from tests.conftest import RedisServer
 from tests.discord_harness import Harness
 
@@ -54,8 +56,13 @@ async def test_storage_down_is_explained_and_the_bot_recovers(
         interaction = fake.invoke("status", user=fake.member, channel_id=fake.general_id)
         reply = await fake.wait_interaction_reply(interaction)
         assert "Storage is unavailable" in reply.text and reply.ephemeral
+        await asyncio.sleep(3)  # down for several seconds
+        said = await ask(harness, "still down", 2)
+        assert said.startswith("⚠️ Storage is unavailable")
     finally:
-        redis_server.start()
-    said = await ask(harness, "after", 2)
+        redis_server.start()  # empty: this test server keeps nothing on disk
+    said = await ask(harness, "after", 3)
     assert said.startswith("echo: ")
     assert harness.bot is not None and not harness.bot.is_closed()
+    history = await harness.history(fake.general_id)
+    assert [m["role"] for m in history] == ["user", "assistant"]  # whole turns only
