@@ -31,6 +31,7 @@ class Harness:
         self.api = api
         self.redis_url = redis_url
         self.budget_bytes = 200_000
+        self.dev_guild_id: int | None = None
         self.bot: ChatBot | None = None
         self.store: RedisStore | None = None
         self._running: asyncio.Task[None] | None = None
@@ -39,7 +40,12 @@ class Harness:
         self.store = RedisStore.from_url(self.redis_url, StorePolicy(TEST_MODELS[0]))
         model = DedalusModel.connect("test-key", self.api.base_url, timeout=2.0, max_retries=0)
         engine = Engine(self.store, model, EngineLimits(SYSTEM, self.budget_bytes))
-        bot = ChatBot(engine, Commands(self.store, TEST_MODELS), guild_ready_timeout=0.1)
+        bot = ChatBot(
+            engine,
+            Commands(self.store, TEST_MODELS),
+            dev_guild_id=self.dev_guild_id,
+            guild_ready_timeout=0.1,
+        )
         self.bot = bot
         self._running = asyncio.create_task(bot.start(self.discord.token))
         await self.discord.wait_for(lambda: bot.is_ready() or self._running.done(), what="ready")

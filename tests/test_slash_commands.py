@@ -28,6 +28,16 @@ async def test_commands_are_registered_with_their_permissions(harness: Harness) 
         assert command.get("default_member_permissions") == expected, name
 
 
+async def test_a_development_guild_gets_the_commands_at_once(harness: Harness) -> None:
+    fake = harness.discord
+    harness.dev_guild_id = fake.guild_id
+    await harness.restart()
+    in_guild = {c["name"] for c in fake.commands(fake.guild_id)}
+    assert in_guild == {"new", "list", "load", "clear", "status", "model", "mcp", "mode"}
+    said = await harness.command("status", user=fake.member, channel_id=fake.general_id)
+    assert "Session: default" in said
+
+
 @pytest.mark.parametrize(
     ("name", "options", "subcommand"),
     [
