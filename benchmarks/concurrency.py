@@ -1,0 +1,128 @@
+"""Many channels talking at once in one process: every channel's turns run concurrently
+(`asyncio.gather`) through one engine and one store, with the instant model.
+
+Run in a child process (`python -m benchmarks.concurrency ...`, which prints one JSON
+object) so its peak memory (`ru_maxrss`) is its own and not the seeding's of the parent.
+
+`--pool blocking` gives the Redis client a `BlockingConnectionPool` of the same size as
+redis-py's default pool (100), where a command waits for a free connection instead of
+failing; it is not what the bot does, and shows what such a change would give."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from benchmarks.common import LIMITS, POLICY, Conversation, InstantModel, flush, seed
+from bot.engine import Engine
+from bot.store.base import SessionStore
+from bot.store.redis import RedisStore
+from bot.store.sqlite import SqliteStore
+
+
+def _status_kb(field: str) -> int:
+    """A field of /proc/self/status: VmRSS is the resident memory now, VmHWM its peak.
+    (`ru_maxrss` would do, but Linux carries it over from the parent across fork and exec.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+async def _redis_clients(url: str) -> int:
+    """Client connections open on the server, this one not counted."""
+    client = aioredis.Redis.from_url(url)
+    try:
+        return int((await client.info("clients"))["connected_clients"]) - 1
+    finally:
+        await client.aclose()
+
+
+def _open(backend: str, url: str, pool: str, directory: str) -> SessionStore:
+    if backend == "sqlite":
+        return SqliteStore(Path(directory) / "sessions.sqlite3", POLICY)
+    if pool == "blocking":
+        blocking = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=100, timeout=30, decode_responses=True
+        )
+        client = aioredis.Redis(connection_pool=blocking)
+        return RedisStore(client, POLICY, owns_client=True)
+    return RedisStore.from_url(url, POLICY)
+
+
+async def run(
+    backend: str, url: str, channels: int, turns: int, history: int, pool: str
+) -> dict[str, Any]:
+    conversation = Conversation()
+    with tempfile.TemporaryDirectory(prefix="bench-conc-") as directory:
+        if backend == "redis":
+            await flush(url)
+        store = _open(backend, url, pool, directory)
+        scopes = [f"discord:{300_000 + i}" for i in range(channels)]
+        await seed(store, [(s, conversation.history(history)) for s in scopes])
+        engine = Engine(store, InstantModel(conversation.answer), LIMITS)
+        await engine.reply(scopes[0], conversation.user(0))  # scripts loaded, pool warm
+        failures: Counter[str] = Counter()
+
+        async def talk(index: int, scope: str) -> int:
+            done = 0
+            for turn in range(turns):
+                try:
+                    await engine.reply(scope, conversation.user(index + turn))
+                    done += 1
+                except Exception as error:  # counted and reported, never hidden
+                    cause = error.__cause__
+                    why = f" (from {type(cause).__name__}: {cause})" if cause else ""
+                    failures[f"{type(error).__name__}{why}"[:160]] += 1
+            return done
+
+        rss_before = _status_kb("VmRSS")
+        start = time.perf_counter()
+        done = await asyncio.gather(*(talk(i, s) for i, s in enumerate(scopes)))
+        elapsed = time.perf_counter() - start
+        connections = await _redis_clients(url) if backend == "redis" else 0
+        await store.close()
+    return {
+        "backend": backend,
+        "pool": pool if backend == "redis" else "",
+        "channels": channels,
+        "turns_each": turns,
+        "history": history,
+        "turns_ok": sum(done),
+        "turns_failed": sum(failures.values()),
+        "failures": dict(failures.most_common(3)),
+        "seconds": elapsed,
+        "turns_per_second": sum(done) / elapsed,
+        "rss_before_mb": rss_before / 1024,
+        "peak_rss_mb": _status_kb("VmHWM") / 1024,
+        "connections": connections,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--backend", choices=("redis", "sqlite"), default="redis")
+    parser.add_argument("--url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--channels", type=int, default=1000)
+    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--history", type=int, default=20)
+    parser.add_argument("--pool", choices=("default", "blocking"), default="default")
+    args = parser.parse_args()
+    result = asyncio.run(
+        run(args.backend, args.url, args.channels, args.turns, args.history, args.pool)
+    )
+    json.dump(result, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

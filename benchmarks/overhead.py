@@ -1,0 +1,206 @@
+"""Per-turn overhead on Redis, SQLite and the reference JSON file, for a grid of stored
+sessions and history lengths.
+
+For each number of stored sessions N, `measured` of them (the same number for every N;
+one per scope, as one Discord channel each) hold a history of H messages and take the
+turns, round-robin; the other N - measured are stored but idle, with 10 to 100 messages
+each. The stores for the different N are open side by side (a Redis database, or an SQLite
+file, each) and take their turns in alternating blocks, so a slow spell of a shared
+machine hits them alike. Within the context budget the measured sessions are re-seeded to
+H messages before each block, so a turn sees H or H + 2 messages; beyond it they are not
+(the budget, not the history, decides what is loaded), and grow by two messages a turn."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import reference_json
+from benchmarks.common import (
+    BUDGET_BYTES,
+    POLICY,
+    Conversation,
+    Phases,
+    background_lengths,
+    flush,
+    mean_stored_bytes,
+    percentile,
+    run_turns,
+    seed,
+)
+from bot.store.base import SessionStore
+from bot.store.redis import RedisStore
+from bot.store.sqlite import SqliteStore
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Cell:
+    backend: str
+    sessions: int
+    history: int
+    grown_to: int = 0
+    """The longest history a measured turn saw (turns add two messages each)."""
+    phases: Phases = field(default_factory=Phases)
+    file_bytes: int = 0
+    """For the JSON pattern: the size of the file rewritten on every save."""
+
+    @property
+    def turns(self) -> int:
+        return len(self.phases.total)
+
+    def p(self, q: float, part: str = "total") -> float:
+        """Percentile `q` of a phase, in milliseconds."""
+        values: Sequence[int] = getattr(self.phases, part)
+        return percentile(values, q) / 1e6
+
+    @property
+    def sent(self) -> float:
+        return percentile(self.phases.sent_messages, 50)
+
+    def add(self, phases: Phases) -> None:
+        for part in ("total", "load", "context", "save", "sent_messages"):
+            getattr(self.phases, part).extend(getattr(phases, part))
+
+
+@dataclass(frozen=True)
+class Grid:
+    sessions: tuple[int, ...]
+    histories: tuple[int, ...]
+    measured: int
+    """Sessions taking turns in every cell (all of them when fewer are stored)."""
+    turns: int
+    """Recorded turns per cell (at least), after `warmup`."""
+    warmup: int
+    json_turns: int
+    json_seconds: float
+    """The JSON pattern takes seconds per turn at large sizes: at most this long per cell
+    (at least two turns)."""
+    rounds_per_block: int = 2
+
+
+def measured_scopes(sessions: Sequence[int], grid: Grid) -> list[str]:
+    return [f"discord:{100_000 + i}" for i in range(min(grid.measured, *sessions))]
+
+
+def background(sessions: int, measured: int, length: int | None = None) -> list[tuple[str, int]]:
+    """The idle sessions: `length` messages each, else 10 to 100."""
+    count = sessions - measured
+    lengths = [length] * count if length is not None else background_lengths(count)
+    return [(f"discord:{500_000 + i}", n) for i, n in enumerate(lengths)]
+
+
+def _database(url: str, index: int) -> str:
+    """The same server, database `index` (one per number of stored sessions)."""
+    return url.rsplit("/", 1)[0] + f"/{index}"
+
+
+async def store_cells(
+    backend: str,
+    redis_url: str,
+    grid: Grid,
+    conversation: Conversation,
+    progress: Progress,
+    *,
+    sessions_list: Sequence[int] | None = None,
+    histories: Sequence[int] | None = None,
+    background_length: int | None = None,
+) -> list[Cell]:
+    """One cell per (stored sessions, history length) on `backend` ("redis" or "sqlite")."""
+    counts = list(sessions_list or grid.sessions)
+    scopes = measured_scopes(counts, grid)
+    stores: list[SessionStore] = []
+    cells: list[Cell] = []
+    with tempfile.TemporaryDirectory(prefix="bench-sqlite-") as directory:
+        if backend == "redis":
+            await flush(redis_url)
+        try:
+            for index, sessions in enumerate(counts):
+                store: SessionStore
+                if backend == "redis":
+                    store = RedisStore.from_url(_database(redis_url, index), POLICY)
+                else:
+                    store = SqliteStore(Path(directory) / f"sessions-{sessions}.sqlite3", POLICY)
+                stores.append(store)
+                idle = background(sessions, len(scopes), background_length)
+                progress(f"{backend}: seeding {len(idle)} idle sessions")
+                await seed(store, [(s, conversation.history(n)) for s, n in idle])
+            for history in histories or grid.histories:
+                cells += await _interleaved(
+                    backend, stores, counts, scopes, history, grid, conversation
+                )
+                for cell in cells[-len(counts) :]:
+                    progress(
+                        f"{backend}: {cell.sessions} sessions, {history} messages: "
+                        f"p50 {cell.p(50):.3f} ms, p99 {cell.p(99):.3f} ms ({cell.turns} turns)"
+                    )
+        finally:
+            for store in stores:
+                await store.close()
+    return cells
+
+
+async def _interleaved(
+    backend: str,
+    stores: Sequence[SessionStore],
+    counts: Sequence[int],
+    scopes: Sequence[str],
+    history: int,
+    grid: Grid,
+    conversation: Conversation,
+) -> list[Cell]:
+    """The cells of one history length, the stores taking turns block by block (in
+    alternating order), re-seeding within the budget."""
+    within_budget = history * mean_stored_bytes(conversation) < BUDGET_BYTES
+    rounds = grid.rounds_per_block
+    blocks = -(-(grid.turns + grid.warmup) // (rounds * len(scopes)))
+    cells = [Cell(backend, n, history) for n in counts]
+    since_seed = [0] * len(stores)
+    for block in range(blocks):
+        order = range(len(stores)) if block % 2 == 0 else reversed(range(len(stores)))
+        for i in order:
+            if block == 0 or within_budget:
+                await seed(stores[i], [(s, conversation.history(history)) for s in scopes])
+                since_seed[i] = 0
+            warmup = grid.warmup if block == 0 else 0
+            cells[i].add(await run_turns(stores[i], conversation, scopes, rounds, warmup))
+            since_seed[i] += rounds
+            cells[i].grown_to = history + 2 * (since_seed[i] - 1)
+    return cells
+
+
+async def json_cells(
+    grid: Grid,
+    conversation: Conversation,
+    progress: Progress,
+    *,
+    sessions_list: Sequence[int] | None = None,
+    histories: Sequence[int] | None = None,
+    background_length: int | None = None,
+) -> list[Cell]:
+    """The same cells through the reference pattern's JSON file."""
+    cells: list[Cell] = []
+    with tempfile.TemporaryDirectory(prefix="bench-json-") as directory:
+        path = Path(directory) / "sessions.json"
+        counts = list(sessions_list or grid.sessions)
+        scopes = measured_scopes(counts, grid)
+        for sessions in counts:
+            idle = background(sessions, len(scopes), background_length)
+            for history in histories or grid.histories:
+                stored = idle + [(s, history) for s in scopes]
+                result = await reference_json.measure(
+                    path, conversation, stored, scopes, grid.json_turns, grid.json_seconds
+                )
+                cell = Cell("json", sessions, history, history, result.phases, result.file_bytes)
+                progress(
+                    f"json: {sessions} sessions, {history} messages: "
+                    f"p50 {cell.p(50):.1f} ms ({cell.turns} turns, "
+                    f"file {result.file_bytes / 1e6:.0f} MB)"
+                )
+                cells.append(cell)
+                await asyncio.sleep(0)
+    return cells

@@ -1,0 +1,102 @@
+"""The benchmark command keeps working: a tiny run (`python -m benchmarks --quick`) writes a
+report whose tables hold numbers. Nothing here asserts on how fast anything is."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tables(report: str) -> dict[str, list[dict[str, str]]]:
+    """Each section's table, as rows of header -> cell."""
+    out: dict[str, list[dict[str, str]]] = {}
+    for section in report.split("\n## ")[1:]:
+        title, _, body = section.partition("\n")
+        rows = [line for line in body.splitlines() if line.startswith("|")]
+        if len(rows) < 2:
+            continue
+        header = [cell.strip() for cell in rows[0].strip("|").split("|")]
+        out[title] = [
+            dict(zip(header, (c.strip() for c in row.strip("|").split("|")), strict=True))
+            for row in rows[2:]
+        ]
+    return out
+
+
+def number(cell: str) -> float:
+    value = float(cell.split(" ")[0])
+    assert math.isfinite(value) and value >= 0, cell
+    return value
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("bench") / "BENCHMARKS.md"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out.read_text()
+
+
+def test_the_report_names_the_machine_date_and_command(report: str) -> None:
+    assert "**Command:** `python -m benchmarks --quick --out " in report
+    for label in ("**Date:**", "**CPU:**", "**Python:**", "**Redis server:**"):
+        assert label in report
+
+
+def test_every_grid_cell_has_parseable_percentiles(report: str) -> None:
+    rows = tables(report)["Per-turn overhead"]
+    assert {r["Store"] for r in rows} == {"redis", "sqlite"}
+    assert len(rows) == 2 * 2 * 4  # stores x stored-session counts x history lengths
+    for row in rows:
+        assert number(row["p50 ms"]) <= number(row["p99 ms"])
+        for column in ("Load p50 ms", "Context p50 ms", "Save p50 ms", "Turns", "Sent"):
+            number(row[column])
+
+
+def test_round_trips_and_commands_are_counted(report: str) -> None:
+    rows = tables(report)["Redis commands and round trips per turn"]
+    assert [r["History"] for r in rows] == ["10", "1000"]
+    for row in rows:
+        assert number(row["Round trips / turn"]) >= 1
+        assert number(row["Commands sent / turn"]) >= 1
+        number(row["Run inside the scripts / turn"])
+        number(row["Redis server µs / turn"])
+
+
+def test_the_json_pattern_and_the_ratio_are_reported(report: str) -> None:
+    rows = tables(report)["Against the reference pattern (one JSON file)"]
+    assert len(rows) == 1 + 2 * 4
+    for row in rows:
+        assert number(row["JSON p50 ms"]) > 0
+        assert number(row["JSON / Redis"]) > 0
+
+
+def test_concurrency_end_to_end_and_targets_are_reported(report: str) -> None:
+    found = tables(report)
+    concurrent = found["Many channels at once"]
+    assert len(concurrent) == 3
+    for row in concurrent:
+        number(row["Turns/s"])
+        assert number(row["Peak RSS MB"]) > 0
+    end_to_end = found["With the real clients (for context; not the bot's own overhead)"]
+    assert len(end_to_end) == 4
+    for row in end_to_end:
+        number(row["p50 ms"])
+    targets = found["Targets"]
+    assert len(targets) == 5
+    assert all(row["Met"].startswith(("yes", "**no**")) for row in targets)
