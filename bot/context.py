@@ -54,10 +54,17 @@ def well_formed(messages: Sequence[Message]) -> list[Message]:
 
 
 def build_context(
-    system_prompt: str, recent: Sequence[Message], user: Message, budget_bytes: int
+    system_prompt: str,
+    recent: Sequence[Message],
+    user: Message,
+    budget_bytes: int,
+    recent_bytes: int | None = None,
 ) -> list[Message]:
-    """System prompt, then as much recent history as fits beside it, then the new message."""
+    """System prompt, then as much recent history as fits beside it, then the new message.
+    `recent_bytes`, when the store already measured `recent`, spares measuring it again
+    whenever it fits whole (the common case)."""
     system: Message = {"role": "system", "content": system_prompt}
-    room = budget_bytes - message_size(system) - message_size(user)
-    history = well_formed(newest_within(recent, max(room, 0)))
+    room = max(budget_bytes - message_size(system) - message_size(user), 0)
+    fits = recent_bytes is not None and recent_bytes <= room
+    history = well_formed(recent if fits else newest_within(recent, room))
     return [system, *history, user]

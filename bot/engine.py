@@ -83,7 +83,7 @@ class Engine:
         ticket = Ticket(order=order, claim=claim) if order is not None else Ticket.now(claim)
         lock = self._scope_locks.setdefault(scope, asyncio.Lock())
         async with lock:
-            turn = await self._begin(scope, ticket)
+            turn = await self._begin(scope, ticket, self._history_room(user))
             saved = False
             try:
                 async with self._lock_kept_alive(turn):
@@ -104,16 +104,20 @@ class Engine:
         """Claim a message before acting on it outside a turn (opening a thread for it)."""
         return await self._store.claim(scope, claim)
 
-    async def _begin(self, scope: str, ticket: Ticket) -> Turn:
+    def _history_room(self, user: Message) -> int:
+        """What the budget leaves for history beside the system prompt and the new message,
+        so the store loads no more than will be sent."""
+        system: Message = {"role": "system", "content": self._limits.system_prompt}
+        return max(self._limits.budget_bytes - message_size(system) - message_size(user), 0)
+
+    async def _begin(self, scope: str, ticket: Ticket, room: int) -> Turn:
         """Wait for the scope's earlier turns, polling with a short backoff."""
         limits = self._limits
         deadline = time.monotonic() + limits.wait_seconds
         pause = 0.005
         while True:
             try:
-                return await self._store.begin_turn(
-                    scope, ticket, limits.budget_bytes, limits.lock_ms
-                )
+                return await self._store.begin_turn(scope, ticket, room, limits.lock_ms)
             except SessionBusy:
                 if time.monotonic() + pause > deadline:
                     raise
@@ -127,7 +131,8 @@ class Engine:
         half of what was sent."""
         budget = self._limits.budget_bytes
         for shortened in (False, True):
-            context = build_context(self._limits.system_prompt, turn.recent, user, budget)
+            measured = turn.recent_bytes if not shortened else None
+            context = build_context(self._limits.system_prompt, turn.recent, user, budget, measured)
             try:
                 added, text = await self._call_model(context, turn.session.settings, on_text)
                 return added, text, shortened

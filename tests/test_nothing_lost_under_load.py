@@ -134,3 +134,22 @@ async def test_different_channels_do_not_wait_for_each_other(harness: Harness) -
     assert time.monotonic() - started < 1.2
     assert harness.answers(fake.general_id) == []  # the slow one is still running
     await harness.answer(fake.general_id)
+
+
+async def test_three_hundred_channels_at_once_are_all_answered(redis_url: str) -> None:
+    """More turns in flight than the Redis pool has connections: they wait, none fails."""
+    from bot.engine import Engine, EngineLimits
+    from bot.model import DedalusModel
+
+    with FakeDedalusAPI() as api:
+        store = RedisStore.from_url(redis_url, StorePolicy(TEST_MODELS[0]))
+        model = DedalusModel.connect("test-key", api.base_url, timeout=30, max_retries=0)
+        engine = Engine(store, model, EngineLimits("system", 10_000))
+        scopes = [f"load:{i}" for i in range(300)]
+        replies = await asyncio.gather(
+            *(engine.reply(s, {"role": "user", "content": s}) for s in scopes)
+        )
+        assert [r.text for r in replies] == [f"echo: {s}" for s in scopes]
+        histories = await asyncio.gather(*(store.read_history(s, "default") for s in scopes))
+        assert all(len(h) == 2 for h in histories)
+        await store.close()

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import time
 
+import aiohttp
 import discord
 
 MESSAGE_LIMIT = 2000
@@ -134,6 +135,8 @@ class LiveReply:
             await self._flush()
         except discord.HTTPException as error:  # the final flush will try again
             log.warning("streaming edit failed: HTTP %s", error.status)
+        except (aiohttp.ClientError, OSError) as error:
+            log.warning("streaming edit failed: %s", type(error).__name__)
 
     async def _flush(self) -> None:
         async with self._lock:

@@ -112,6 +112,8 @@ class Turn:
     scope: str
     session: SessionInfo
     recent: list[Message]
+    recent_bytes: int
+    """The stored size of `recent`, which the store already kept within the budget."""
     lock_token: str
 
 
@@ -152,6 +154,19 @@ def decode_messages(name: str, stored: Sequence[str]) -> list[Message]:
     except ValueError:
         raise CorruptSession(name) from None
     if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+        raise CorruptSession(name)
+    return messages
+
+
+def decode_message_array(name: str, stored: str) -> list[Message]:
+    """Parse messages stored one per element but fetched as one JSON array."""
+    try:
+        messages = json.loads(stored)
+    except ValueError:
+        raise CorruptSession(name) from None
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
+    ):
         raise CorruptSession(name)
     return messages
 

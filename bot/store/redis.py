@@ -41,6 +41,7 @@ from bot.store.base import (
     StorePolicy,
     Ticket,
     Turn,
+    decode_message_array,
     decode_messages,
     encode_message,
     mcp_json,
@@ -50,6 +51,10 @@ from bot.store.base import (
 KEY_PREFIX = "dcbot"
 
 ScriptArg = str | int | float
+MAX_CONNECTIONS = 64
+POOL_WAIT_SECONDS = 10
+"""Beyond MAX_CONNECTIONS calls in flight, a call waits this long for a free connection
+(redis-py's default pool raises at once, which a busy bot would report as an outage)."""
 
 
 def scope_key(scope: str, part: str) -> str:
@@ -135,16 +140,23 @@ redis.call('HDEL', tickets, place)
 local out = {'ok'}
 for _, v in ipairs(info) do out[#out + 1] = v end
 local messages, budget, used, stop = key(name, 'messages'), tonumber(ARGV[4]), 0, info[7]
+local newest_first = {}
 while stop > 0 do
   local start = math.max(stop - 64, 0)
   local page = redis.call('LRANGE', messages, start, stop - 1)
   for j = #page, 1, -1 do
+    if used + #page[j] > budget then stop = 0 break end
     used = used + #page[j]
-    if used > budget then return out end
-    out[#out + 1] = page[j]
+    newest_first[#newest_first + 1] = page[j]
   end
-  stop = start
+  stop = math.min(stop, start)
 end
+local oldest_first = {}
+for i = #newest_first, 1, -1 do oldest_first[#oldest_first + 1] = newest_first[i] end
+out[#out + 1] = used
+-- One JSON array, not one reply element per message: parsing a long reply element by
+-- element costs the client far more than one json.loads.
+out[#out + 1] = '[' .. table.concat(oldest_first, ',') .. ']'
 return out
 """
 )
@@ -308,14 +320,16 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, policy: StorePolicy) -> RedisStore:
-        client = aioredis.Redis.from_url(
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=POOL_WAIT_SECONDS,
             decode_responses=True,
             socket_connect_timeout=2,
             socket_timeout=5,
             health_check_interval=30,
         )
-        return cls(client, policy, owns_client=True)
+        return cls(aioredis.Redis.from_pool(pool), policy, owns_client=True)
 
     async def close(self) -> None:
         if self._owns_client:
@@ -343,14 +357,15 @@ class RedisStore:
         if status == "busy":
             raise SessionBusy()
         name = reply[1]
+        used, recent_json = reply[1 + _SUMMARY_FIELDS :]
         try:
             session = session_info(reply[1 : 1 + _SUMMARY_FIELDS])
-            recent = decode_messages(name, reply[1 + _SUMMARY_FIELDS :][::-1])
+            recent = decode_message_array(name, recent_json)
         except CorruptSession:
             placeholder = SessionInfo(name, SessionSettings(self._policy.default_model), 0, 0, 0)
-            await self.finish_turn(Turn(scope, placeholder, [], ticket.token), [])
+            await self.finish_turn(Turn(scope, placeholder, [], 0, ticket.token), [])
             raise
-        return Turn(scope=scope, session=session, recent=recent, lock_token=ticket.token)
+        return Turn(scope, session, recent, int(used), ticket.token)
 
     async def claim(self, scope: str, claim: str) -> bool:
         async with _available():

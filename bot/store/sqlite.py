@@ -162,7 +162,7 @@ class SqliteStore:
     async def begin_turn(self, scope: str, ticket: Ticket, budget_bytes: int, lock_ms: int) -> Turn:
         token = ticket.token
 
-        def work(db: sqlite3.Connection) -> tuple[SessionInfo, list[str]] | Exception:
+        def work(db: sqlite3.Connection) -> tuple[SessionInfo, list[str], int] | Exception:
             """Returns the refusal instead of raising it, so the claim and the place in
             the queue are committed even when the turn must wait."""
             now = time.time()
@@ -202,17 +202,18 @@ class SqliteStore:
                 "SELECT body FROM messages WHERE scope = ? AND name = ? ORDER BY id DESC",
                 (scope, name),
             ):
-                used += len(body.encode())
-                if used > budget_bytes:
+                size = len(body.encode())
+                if used + size > budget_bytes:
                     break
+                used += size
                 recent.append(body)
-            return session, recent[::-1]
+            return session, recent[::-1], used
 
         outcome = await self._run(work)
         if isinstance(outcome, Exception):
             raise outcome
-        session, bodies = outcome
-        turn = Turn(scope=scope, session=session, recent=[], lock_token=token)
+        session, bodies, used = outcome
+        turn = Turn(scope, session, [], used, token)
         try:
             recent = decode_messages(session.name, bodies)
         except CorruptSession:
