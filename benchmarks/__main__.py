@@ -142,8 +142,10 @@ async def run(plan: Plan, command: str) -> Results:
         if cell is not None:
             loaded = round(cell.sent) - 2
             results.decode_ms = breakdown.decode_ns(conversation, loaded) / 1e6
-            lrange = await breakdown.lrange_ns(server.url, conversation, loaded, plan.ping_samples)
-            results.lrange = Timing("lrange", lrange)
+            reply = await breakdown.bulk_reply_ns(
+                server.url, conversation, loaded, plan.ping_samples
+            )
+            results.bulk_reply = Timing("bulk reply", reply)
 
         for history in plan.round_trip_histories:
             progress(f"round trips at {history} messages")

@@ -1,5 +1,6 @@
 """Reference points for splitting a turn's time: the cost of one bare Redis round trip from
-this client, and of decoding the loaded messages, each measured on its own."""
+this client, of one round trip bringing a reply as large as `begin_turn`'s, and of decoding
+the loaded messages, each measured on its own."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 import redis.asyncio as aioredis
 
 from benchmarks.common import Conversation, percentile
-from bot.store.base import decode_messages, encode_message
+from bot.store.base import decode_message_array, encode_message
 
 
 async def ping_ns(url: str, samples: int) -> list[int]:
@@ -28,20 +29,26 @@ async def ping_ns(url: str, samples: int) -> list[int]:
         await client.aclose()
 
 
-async def lrange_ns(url: str, conversation: Conversation, messages: int, samples: int) -> list[int]:
-    """One LRANGE returning `messages` stored messages with the same client: a round trip
-    plus moving and parsing the reply (RESP), with next to no server work."""
+def _as_array(conversation: Conversation, messages: int) -> str:
+    """The loaded messages as `begin_turn` returns them: one JSON array."""
+    return "[" + ",".join(encode_message(m) for m in conversation.history(messages)) + "]"
+
+
+async def bulk_reply_ns(
+    url: str, conversation: Conversation, messages: int, samples: int
+) -> list[int]:
+    """One GET of a string as large as `begin_turn`'s reply, with the same client: a round
+    trip plus moving and parsing that reply, with next to no server work."""
     client = aioredis.Redis.from_url(url, decode_responses=True)
-    key = "bench:lrange"
+    key = "bench:reply"
     try:
-        await client.delete(key)
-        await client.rpush(key, *(encode_message(m) for m in conversation.history(messages)))
+        await client.set(key, _as_array(conversation, messages))
         for _ in range(20):
-            await client.lrange(key, 0, -1)
+            await client.get(key)
         out: list[int] = []
         for _ in range(samples):
             start = time.perf_counter_ns()
-            await client.lrange(key, 0, -1)
+            await client.get(key)
             out.append(time.perf_counter_ns() - start)
         await client.delete(key)
         return out
@@ -50,12 +57,12 @@ async def lrange_ns(url: str, conversation: Conversation, messages: int, samples
 
 
 def decode_ns(conversation: Conversation, messages: int, samples: int = 200) -> float:
-    """p50 time of `decode_messages` on `messages` stored messages (what `begin_turn` does
-    with the messages Redis returns)."""
-    stored = [encode_message(m) for m in conversation.history(messages)]
+    """p50 time of `decode_message_array` on `messages` messages (what `begin_turn` does
+    with the array Redis returns)."""
+    stored = _as_array(conversation, messages)
     out: list[int] = []
     for _ in range(samples):
         start = time.perf_counter_ns()
-        decode_messages("bench", stored)
+        decode_message_array("bench", stored)
         out.append(time.perf_counter_ns() - start)
     return percentile(out, 50)

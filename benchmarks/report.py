@@ -28,7 +28,7 @@ class Results:
     """(stored sessions, history) of the comparison with the reference pattern."""
     machine: dict[str, str] = field(default_factory=dict)
     ping: Timing | None = None
-    lrange: Timing | None = None
+    bulk_reply: Timing | None = None
     """One LRANGE of as many messages as a turn at the longest history loads."""
     cells: list[Cell] = field(default_factory=list)
     compared: list[Cell] = field(default_factory=list)
@@ -226,18 +226,19 @@ def _notes(r: Results, big: int, longest: int) -> list[str]:
     ping = r.ping.p(50) if r.ping else math.nan
     if cell is not None and cell.p(50) >= 0.5:
         script = trips.script_usec.get("begin_turn", math.nan) / 1000 if trips else math.nan
-        reply = (r.lrange.p(50) if r.lrange else math.nan) - ping
+        reply = (r.bulk_reply.p(50) if r.bulk_reply else math.nan) - ping
         notes.append(
             f"- **0.5 ms at {longest} messages:** the turn's p50 is {num(cell.p(50))} ms. "
-            f"Loading takes {num(cell.p(50, 'load'))} ms: about {num(ping)} ms is the round "
-            f"trip itself, {num(reply)} ms moving and parsing a {cell.sent - 2:.0f}-element "
-            f"reply (redis-py's pure-Python RESP parser, one element per message), "
-            f"{num(script)} ms the begin_turn script inside Redis and {num(r.decode_ms)} ms "
-            f"decoding the messages one `json.loads` each. Context assembly takes "
-            f"{num(cell.p(50, 'context'))} ms: `build_context` re-serializes every loaded "
-            f"message to measure it (`message_size`), though the script already kept to the "
-            f"budget. Saving takes {num(cell.p(50, 'save'))} ms. On this machine two bare "
-            f"round trips alone take {num(2 * ping)} ms."
+            f"On this machine two bare round trips alone take {num(2 * ping)} ms. Loading "
+            f"takes {num(cell.p(50, 'load'))} ms: about {num(ping)} ms is the round trip "
+            f"itself, {num(reply)} ms moving the reply (the {cell.sent - 2:.0f} messages "
+            f"that fit the context budget, as one JSON array), {num(script)} ms the "
+            f"begin_turn script inside Redis (reading and joining them) and "
+            f"{num(r.decode_ms)} ms decoding the array. Context assembly takes "
+            f"{num(cell.p(50, 'context'))} ms and saving {num(cell.p(50, 'save'))} ms. "
+            "What is left grows with the history that fits the budget, which every turn "
+            "loads whole; a per-process cache of each session's recent messages, fetching "
+            "only what other processes added, would remove it (not built)."
         )
     sessions, history = r.compare
     json_p50 = _p50(_find(r.compared, "json", sessions, history))
@@ -517,10 +518,10 @@ def _where(r: Results, big: int, longest: int) -> list[str]:
         f"## Where a Redis turn's time goes ({longest} messages, {big} sessions)",
         "",
         "Medians of each part; the *of which* lines are measured on their own (a bare PING",
-        "and an LRANGE of as many such messages with the same client library; each script's",
-        "time inside Redis from SLOWLOG; `decode_messages` alone on the same messages), so",
-        "they indicate rather than add up exactly. The LRANGE line is a round trip plus",
-        "moving and parsing a reply as large as `begin_turn`'s, with almost no server work.",
+        "and a GET of a string as large as `begin_turn`'s reply, with the same client library;",
+        "each script's time inside Redis from SLOWLOG; `decode_message_array` alone on the same",
+        "messages), so they indicate rather than add up exactly. The GET line is a round trip",
+        "plus moving and parsing a reply as large as `begin_turn`'s, with almost no server work.",
         "",
         _row("Part", "ms"),
         _row("---", "---"),
@@ -528,14 +529,16 @@ def _where(r: Results, big: int, longest: int) -> list[str]:
         _row("load: `begin_turn`", num(load)),
         _row("- of which one bare round trip (PING, redis.asyncio)", num(ping)),
         _row(
-            f"- of which one round trip bringing {loaded} such messages (LRANGE)",
-            num(r.lrange.p(50) if r.lrange else math.nan),
+            f"- of which one round trip bringing {loaded} such messages (GET of one array)",
+            num(r.bulk_reply.p(50) if r.bulk_reply else math.nan),
         ),
         _row(
             "- of which the begin_turn script inside Redis",
             num(scripts.get("begin_turn", math.nan) / 1000),
         ),
-        _row(f"- of which decoding the {loaded} loaded messages (JSON)", num(r.decode_ms)),
+        _row(
+            f"- of which decoding the {loaded} loaded messages (one JSON array)", num(r.decode_ms)
+        ),
         _row("context: `build_context`", num(context)),
         _row("save: `finish_turn`", num(save)),
         _row(

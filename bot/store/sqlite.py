@@ -258,12 +258,14 @@ class SqliteStore:
                     "INSERT INTO messages (scope, name, body, ref) VALUES (?, ?, ?, ?)",
                     [(scope, name, body, ref) for body, ref in zip(bodies, refs, strict=True)],
                 )
-                db.execute(
-                    "DELETE FROM messages WHERE scope = ? AND name = ? AND id <= (SELECT id"
-                    " FROM messages WHERE scope = ? AND name = ? ORDER BY id DESC"
-                    " LIMIT 1 OFFSET ?)",
-                    (scope, name, scope, name, self._policy.history_cap),
-                )
+                over_cap = turn.session.message_count + len(bodies) > self._policy.history_cap
+                if over_cap:  # the trim scans the history: only when there is one to do
+                    db.execute(
+                        "DELETE FROM messages WHERE scope = ? AND name = ? AND id <= (SELECT id"
+                        " FROM messages WHERE scope = ? AND name = ? ORDER BY id DESC"
+                        " LIMIT 1 OFFSET ?)",
+                        (scope, name, scope, name, self._policy.history_cap),
+                    )
             db.execute(
                 "UPDATE sessions SET updated = ?, lock_token = NULL, lock_expires = 0"
                 " WHERE scope = ? AND name = ?",
