@@ -7,9 +7,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-
 from bot.commands import Commands
 from bot.discord_bot.client import ChatBot
 from bot.discord_bot.scopes import scope_for
@@ -83,22 +80,25 @@ class Harness:
     def answers(self, channel_id: int) -> list[PostedMessage]:
         return [m for m in self.discord.bot_messages(channel_id) if m.interaction_id is None]
 
-    async def settled(self) -> None:
-        """Wait until no turn is in progress (every session lock released)."""
-        redis = aioredis.Redis.from_url(self.redis_url)  # looking, as an operator would
-        try:
-            for _ in range(500):
-                if not await redis.keys("*:lock"):
-                    await asyncio.sleep(0.05)
-                    if not await redis.keys("*:lock"):
-                        return
-                await asyncio.sleep(0.02)
-        except RedisConnectionError:  # storage is down on purpose: no turn can hold a lock
-            await asyncio.sleep(0.2)
-            return
-        finally:
-            await redis.aclose()
-        raise AssertionError("a turn never finished")
+    async def settled(self, timeout: float = 20.0) -> None:  # noqa: ASYNC109
+        """Wait until the bot has finished handling every message it received: discord.py
+        runs each event handler as a task named for its event, and the answer's last edit
+        happens inside it (after the turn released its lock)."""
+
+        def handling() -> list[asyncio.Task[Any]]:
+            return [
+                task
+                for task in asyncio.all_tasks()
+                if task.get_name().startswith("discord.py: on_") and not task.done()
+            ]
+
+        deadline = asyncio.get_running_loop().time() + timeout
+        quiet_checks = 0
+        while quiet_checks < 3:  # quiet for a few polls: an echo may start another handler
+            quiet_checks = 0 if handling() else quiet_checks + 1
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"the bot is still handling: {handling()}")
+            await asyncio.sleep(0.02)
 
     async def say(self, channel_id: int, author: dict[str, Any], content: str, **kw: Any) -> int:
         return self.discord.user_says(channel_id, author, content, **kw)

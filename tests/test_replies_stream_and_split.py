@@ -59,3 +59,19 @@ async def test_the_models_text_cannot_ping_anyone(harness: Harness) -> None:
     assert reply.allowed_mentions["parse"] == []
     assert reply.allowed_mentions.get("roles", []) == []
     assert reply.allowed_mentions.get("users", []) == []
+
+
+async def test_streaming_edits_stay_within_discords_edit_rate(harness: Harness) -> None:
+    fake = harness.discord
+    fake.strict_edit_rate = True  # like Discord: more than 5 edits of a message in 5 s is a 429
+    text = " ".join(f"token{i}" for i in range(120))
+    harness.api.reply_text(text, chunk_size=20, chunk_delay=0.15)  # about 6 s of streaming
+    await harness.say(fake.general_id, fake.member, "a slow stream", mentions_bot=True)
+    await harness.answer(fake.general_id, timeout=20)
+    [reply] = await fake.wait_for(
+        lambda: [m for m in harness.answers(fake.general_id) if m.content == text],
+        timeout=10,
+        what="the final edit",
+    )
+    assert len(reply.history) >= 4  # it was edited along the way...
+    assert fake.rate_limited == []  # ...never faster than Discord allows

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 
 import aiohttp
 import discord
@@ -16,6 +17,9 @@ MESSAGE_LIMIT = 2000
 """Discord's limit for a bot's message content."""
 EDIT_INTERVAL_SECONDS = 1.2
 """About one edit a second per message is what Discord tolerates from a streaming bot."""
+EDITS_PER_WINDOW = 4
+EDIT_WINDOW_SECONDS = 5.0
+"""Discord answers a sixth edit of a message within five seconds with 429; keep a margin."""
 NO_PINGS = discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=True)
 """The model's text can never ping @everyone, @here, roles or users; the asker is notified."""
 _FENCE = "```"
@@ -87,6 +91,7 @@ class LiveReply:
         self._last_flush = 0.0
         self._pending: asyncio.Task[None] | None = None
         self._waiting = False
+        self._edits: deque[float] = deque()
         self._lock = asyncio.Lock()
 
     @property
@@ -111,6 +116,16 @@ class LiveReply:
         shown = self._text.strip()
         self._text = f"{shown}\n\n⚠️ {problem}" if shown and self._posted else f"⚠️ {problem}"
         await self._flush()
+
+    async def _edit_slot(self) -> None:
+        """Wait, if need be, until an edit stays within Discord's edit rate: periodic
+        flushes alone stay under it, but the final edit can come right after one."""
+        now = time.monotonic()
+        while self._edits and self._edits[0] <= now - EDIT_WINDOW_SECONDS:
+            self._edits.popleft()
+        if len(self._edits) >= EDITS_PER_WINDOW:
+            await asyncio.sleep(self._edits[0] + EDIT_WINDOW_SECONDS - now)
+        self._edits.append(time.monotonic())
 
     async def _cancel_pending(self) -> None:
         """Drop a flush still waiting for its turn; let one already talking to Discord end,
@@ -144,6 +159,7 @@ class LiveReply:
             for i, piece in enumerate(split_message(self._text)):
                 if i < len(self._posted):
                     if self._shown[i] != piece:
+                        await self._edit_slot()
                         await self._posted[i].edit(content=piece, allowed_mentions=NO_PINGS)
                         self._shown[i] = piece
                     continue
