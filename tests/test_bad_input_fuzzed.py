@@ -125,3 +125,26 @@ def test_session_names() -> None:
             assert current.startswith("chat-")
 
     check()
+
+
+def test_reply_modes_and_mcp_removals() -> None:
+    fixture = Fixture()
+    fixture.run(fixture.commands.mcp_add("s", "acme/tool"))
+
+    @FUZZ
+    @given(nasty_text, st.one_of(nasty_text, st.just("acme/tool ")))
+    def check(mode: str, removal: str) -> None:
+        before = fixture.snapshot()
+        try:
+            fixture.run(fixture.commands.set_reply_mode("s", mode))
+            assert mode.strip().lower() in {"mentions", "all", "threads"}
+        except InvalidInput as refused:
+            assert str(refused).startswith("Unknown mode") and fixture.snapshot() == before
+        try:
+            fixture.run(fixture.commands.mcp_remove("s", removal))
+            assert removal.strip() == "acme/tool"
+            fixture.run(fixture.commands.mcp_add("s", "acme/tool"))
+        except InvalidInput as refused:
+            assert "is not active" in str(refused) and fixture.snapshot() == before
+
+    check()
