@@ -127,9 +127,9 @@ def _log_level(raw: str) -> str:
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build settings from `env`, or from the process environment after loading `.env`."""
     if env is None:
-        from dotenv import load_dotenv
+        from dotenv import find_dotenv, load_dotenv
 
-        load_dotenv()
+        load_dotenv(find_dotenv(usecwd=True))  # the .env of the directory the bot runs in
         env = os.environ
     allowed = _parsed(
         env, "ALLOWED_MODELS", REFERENCE_MODELS, _model_list, "a comma-separated model list"

@@ -60,6 +60,20 @@ def test_a_bad_setting_stops_with_one_line_naming_it(
     assert result.stderr.startswith(said)
 
 
+def test_settings_come_from_the_env_file_of_the_working_directory(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("DISCORD_TOKEN=from-the-file\nMODEL_TIMEOUT_SECONDS=0\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "bot"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: MODEL_TIMEOUT_SECONDS must be a positive number")
+
+
 async def test_a_refused_token_is_reported_as_such(redis_url: str) -> None:
     with FakeDiscord() as fake, fake.point_discord_py_here(), FakeDedalusAPI() as api:
         store = RedisStore.from_url(redis_url, StorePolicy(TEST_MODELS[0]))
