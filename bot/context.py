@@ -2,7 +2,10 @@
 
 Providers reject a tool result without its call and an assistant `tool_calls` message without
 all of its results, and some reject a conversation that does not start with a user message.
-Cutting history at an arbitrary point can produce each of these, so the cut is repaired here.
+Stored history keeps every call with its results: the engine stores only what
+`paired_tool_messages` kept of a run, and imports are repaired on the way in. What is left is
+the cut: the window of newest messages may start mid-exchange, so it starts at its first user
+message. That keeps the per-turn work independent of how many messages the window holds.
 """
 
 from __future__ import annotations
@@ -45,12 +48,13 @@ def paired_tool_messages(messages: Sequence[Message]) -> list[Message]:
     return result
 
 
-def well_formed(messages: Sequence[Message]) -> list[Message]:
-    """History fit to send: no stored system messages (ours is sent instead), starting at a
-    user message, every tool call paired with its results."""
-    kept = [m for m in messages if m.get("role") != "system"]
-    first_user = next((i for i, m in enumerate(kept) if m.get("role") == "user"), len(kept))
-    return paired_tool_messages(kept[first_user:])
+def from_first_user(messages: Sequence[Message]) -> list[Message]:
+    """The window from its first user message on, without stored system messages (ours is
+    sent instead)."""
+    first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
+    if first_user is None:
+        return []
+    return [m for m in messages[first_user:] if m.get("role") != "system"]
 
 
 def build_context(
@@ -66,5 +70,5 @@ def build_context(
     system: Message = {"role": "system", "content": system_prompt}
     room = max(budget_bytes - message_size(system) - message_size(user), 0)
     fits = recent_bytes is not None and recent_bytes <= room
-    history = well_formed(recent if fits else newest_within(recent, room))
+    history = from_first_user(recent if fits else newest_within(recent, room))
     return [system, *history, user]

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bot.context import paired_tool_messages
 from bot.errors import InvalidInput
 from bot.store.base import Message, SessionSettings, SessionStore, checked_session_name
 
@@ -76,6 +77,8 @@ async def import_file(
         sessions = parse_sessions_file(text)
     except InvalidSessionFile as error:
         raise InvalidSessionFile(f"{path.name}: {error}") from None
+    # Stored history keeps every tool call with its results (see bot/context.py).
+    sessions = {name: paired_tool_messages(messages) for name, messages in sessions.items()}
     await store.import_sessions(scope, sessions, settings)
     return sessions
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -207,3 +209,23 @@ async def test_a_run_interrupted_mid_tool_call_stores_no_dangling_call(
         await engine.reply("chan", user("use a tool"))
     assert await store.read_history("chan", "default") == []
     assert (await engine.reply("chan", user("again"))).text == "echo: again"
+
+
+async def test_an_imported_dangling_tool_call_never_reaches_the_model(
+    engine: Engine, api: FakeDedalusAPI, store: SessionStore, tmp_path: Path
+) -> None:
+    from bot.store.base import SessionSettings
+    from bot.transfer import import_file
+
+    dangling = {
+        "role": "assistant",
+        "tool_calls": [
+            {"id": "c9", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        ],
+    }
+    orphan = {"role": "tool", "tool_call_id": "c404", "content": "lost"}
+    sessions = {"default": [user("q"), dangling, orphan, {"role": "assistant", "content": "a"}]}
+    (tmp_path / "s.json").write_text(json.dumps(sessions))
+    await import_file(store, "chan", tmp_path / "s.json", SessionSettings(TEST_MODELS[0]))
+    await engine.reply("chan", user("next"))
+    assert [m["role"] for m in api.messages_sent()] == ["system", "user", "assistant", "user"]

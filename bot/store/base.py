@@ -164,10 +164,11 @@ def decode_message_array(name: str, stored: str) -> list[Message]:
         messages = json.loads(stored)
     except ValueError:
         raise CorruptSession(name) from None
-    if not isinstance(messages, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
-    ):
+    if not isinstance(messages, list):
         raise CorruptSession(name)
+    for message in messages:
+        if type(message) is not dict or type(message.get("role")) is not str:
+            raise CorruptSession(name)
     return messages
 
 
