@@ -290,3 +290,14 @@ async def test_wrong_token_is_a_login_failure(fake: FakeDiscord) -> None:
             await client.login("not-the-token")
     finally:
         await client.close()
+
+
+def test_ci_checks_requests_against_discords_spec() -> None:
+    """Outside this workplace the spec may be absent (it is not ours to commit) and only the
+    loose limits apply; in CI its absence would silently weaken every Discord test."""
+    import os
+
+    from tests.fakes.discord_validation import SPEC_PATH
+
+    if os.environ.get("CI"):
+        assert SPEC_PATH.is_file(), f"Discord's OpenAPI spec is missing at {SPEC_PATH}"
