@@ -57,6 +57,26 @@ def from_first_user(messages: Sequence[Message]) -> list[Message]:
     return [m for m in messages[first_user:] if m.get("role") != "system"]
 
 
+IMAGE_NOTE = "[an image was shared here; it was shown to you when it was sent]"
+
+
+def with_images_as_notes(message: Message) -> Message:
+    """A stored message with its image parts replaced by a note. Attachment URLs (Discord's
+    CDN among them) expire, and a provider that cannot fetch one refuses the whole request,
+    so only the new message carries its images; the answers already describe older ones."""
+    content = message.get("content")
+    if not isinstance(content, list) or not any(
+        isinstance(part, dict) and part.get("type") == "image_url" for part in content
+    ):
+        return message
+    texts = [
+        str(part.get("text", ""))
+        for part in content
+        if isinstance(part, dict) and part.get("type") == "text"
+    ]
+    return {**message, "content": "\n".join([*texts, IMAGE_NOTE])}
+
+
 def build_context(
     system_prompt: str,
     recent: Sequence[Message],
@@ -71,4 +91,4 @@ def build_context(
     room = max(budget_bytes - message_size(system) - message_size(user), 0)
     fits = recent_bytes is not None and recent_bytes <= room
     history = from_first_user(recent if fits else newest_within(recent, room))
-    return [system, *history, user]
+    return [system, *(with_images_as_notes(m) for m in history), user]

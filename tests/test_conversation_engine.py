@@ -229,3 +229,14 @@ async def test_an_imported_dangling_tool_call_never_reaches_the_model(
     await import_file(store, "chan", tmp_path / "s.json", SessionSettings(TEST_MODELS[0]))
     await engine.reply("chan", user("next"))
     assert [m["role"] for m in api.messages_sent()] == ["system", "user", "assistant", "user"]
+
+
+async def test_only_the_new_message_sends_its_images(engine: Engine, api: FakeDedalusAPI) -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://cdn.example.com/cat.png"}}
+    with_image = {"role": "user", "content": [{"type": "text", "text": "look"}, image]}
+    await engine.reply("chan", with_image)
+    assert api.messages_sent()[1] == with_image
+    await engine.reply("chan", user("and now?"))
+    earlier = api.messages_sent()[1]
+    assert earlier["content"].startswith("look\n[an image was shared here")
+    assert "cdn.example.com" not in json.dumps(api.messages_sent())
