@@ -194,8 +194,14 @@ class Conversation(commands.Cog):
         elif addressed and isinstance(channel, discord.TextChannel):
             if not await self._claimed_here(scope, message):
                 return
-            name = readable_text(message, me.id)[:80] or f"Chat with {message.author.display_name}"
-            thread = await message.create_thread(name=name)
+            first_line = readable_text(message, me.id).split("\n", 1)[0][:80].strip()
+            name = first_line or f"Chat with {message.author.display_name}"
+            try:
+                thread = await message.create_thread(name=name)
+            except discord.HTTPException as error:  # e.g. no Create Public Threads permission
+                log.warning("could not open a thread for %s: HTTP %s", message.id, error.status)
+                await self.answer(message, channel, claimed=True)
+                return
             await self.answer(message, thread, claimed=True)
         elif addressed:  # threads mode, in a place that cannot hold threads
             await self.answer(message, channel)
