@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 
 BUSY_POLL_MAX_SECONDS = 0.1
+SAVE_RETRY_PAUSES = (0.2, 0.5, 1.0)
 """A waiting turn asks again at least this often, so a queue of turns moves briskly."""
 
 
@@ -88,13 +89,25 @@ class Engine:
             try:
                 async with self._lock_kept_alive(turn):
                     added, text, shortened = await self._run(turn, user, on_text)
-                saved = await self._store.finish_turn(turn, [user, *added], user_ref)
+                saved = await self._save(turn, [user, *added], user_ref)
             finally:
                 if not saved:
                     await self._release(turn)
             if not saved:
                 raise LostTurn()
             return Reply(text=text, session=turn.session.name, shortened=shortened)
+
+    async def _save(self, turn: Turn, added: list[Message], user_ref: str | None) -> bool:
+        """Save the turn, trying again on a storage fault: the model's answer is in hand, and
+        saving is idempotent (a repeated save of the same turn stores nothing twice), so a
+        brief outage or a lost reply does not lose it."""
+        for pause in SAVE_RETRY_PAUSES:
+            try:
+                return await self._store.finish_turn(turn, added, user_ref)
+            except StoreUnavailable:
+                log.warning("saving a turn failed: storage unavailable; retrying in %ss", pause)
+                await asyncio.sleep(pause)
+        return await self._store.finish_turn(turn, added, user_ref)
 
     async def forget(self, scope: str, user_ref: str) -> bool:
         """Remove a stored user message (its author deleted it); False if none was stored."""

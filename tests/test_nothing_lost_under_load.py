@@ -16,7 +16,7 @@ import pytest
 from bot.discord_bot.scopes import scope_for
 from bot.store.base import StorePolicy
 from bot.store.redis import RedisStore
-from tests.conftest import TEST_MODELS
+from tests.conftest import TEST_MODELS, RedisServer
 from tests.discord_harness import Harness
 from tests.fakes.dedalus_api import FakeDedalusAPI
 from tests.fakes.discord_gateway import FakeDiscord
@@ -152,4 +152,31 @@ async def test_three_hundred_channels_at_once_are_all_answered(redis_url: str) -
         assert [r.text for r in replies] == [f"echo: {s}" for s in scopes]
         histories = await asyncio.gather(*(store.read_history(s, "default") for s in scopes))
         assert all(len(h) == 2 for h in histories)
+        await store.close()
+
+
+async def test_an_answer_survives_a_storage_blip_while_the_model_works(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    from bot.engine import Engine, EngineLimits
+    from bot.model import DedalusModel
+
+    with FakeDedalusAPI() as api:
+        store = RedisStore.from_url(redis_url, StorePolicy(TEST_MODELS[0]))
+        model = DedalusModel.connect("test-key", api.base_url, timeout=30, max_retries=0)
+        engine = Engine(store, model, EngineLimits("system", 10_000))
+        api.reply_text("worth keeping", delay=1.0)
+        turn = asyncio.create_task(engine.reply("blip", {"role": "user", "content": "q"}))
+        while api.request_count == 0:  # noqa: ASYNC110 - the fake runs in another thread
+            await asyncio.sleep(0.01)
+        redis_server.stop()
+        await asyncio.sleep(1.3)  # the model answers while storage is down
+        redis_server.start()
+        reply = await turn
+        assert reply.text == "worth keeping"
+        history = await store.read_history("blip", "default")
+        assert history == [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "worth keeping"},
+        ]
         await store.close()

@@ -284,3 +284,15 @@ async def test_a_damaged_session_fails_alone_and_clear_repairs_it(
     cleared = await store.clear_session("bad")
     assert cleared.message_count == 0
     await save_turn(store, "bad", {"role": "user", "content": "repaired"})  # nothing stuck
+
+
+async def test_saving_the_same_turn_twice_stores_it_once(store: SessionStore) -> None:
+    """A save repeated because its reply was lost (a timeout) must not duplicate the turn."""
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    answer = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert await store.finish_turn(turn, answer, "m1")
+    assert await store.finish_turn(turn, answer, "m1")
+    assert await store.read_history("s1", "default") == answer
+    later = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)  # the lock is free
+    assert await store.finish_turn(later, answer)
+    assert len(await store.read_history("s1", "default")) == 4

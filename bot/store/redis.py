@@ -8,7 +8,8 @@ scope and any of its sessions even on Redis Cluster):
     {prefix}:{scope}:queue              zset    waiting turns' places, in text order (score 0)
     {prefix}:{scope}:tickets            hash    place -> deadline (ms); a lapsed place is dropped
     {prefix}:{scope}:claim:{id}         string  a claimed message id, expiring after a day
-    {prefix}:{scope}:s:{name}:meta      hash    model, mcp (JSON list), created, updated, format
+    {prefix}:{scope}:s:{name}:meta      hash    model, mcp (JSON list), created, updated, format,
+                                                last_turn (the last saved turn's token)
     {prefix}:{scope}:s:{name}:messages  list    one JSON message per element, oldest first
     {prefix}:{scope}:s:{name}:refs      hash    user ref (Discord message id) -> stored JSON
     {prefix}:{scope}:s:{name}:lock      string  token of the turn in progress, with expiry
@@ -169,11 +170,14 @@ return redis.call('SET', prefix .. 'claim:' .. ARGV[2], 'claimed', 'NX', 'EX', A
 )
 
 # ARGV: prefix, name, token, history_cap, now, ttl_seconds, user_ref, message...
+# Idempotent: the meta remembers the last saved turn's token, so a call repeated because its
+# reply was lost (a timeout) saves nothing twice.
 _FINISH_TURN = _lua(
     """
 local name = ARGV[2]
 local lock = key(name, 'lock')
 local holder = redis.call('GET', lock)
+if redis.call('HGET', key(name, 'meta'), 'last_turn') == ARGV[3] then return 1 end
 if holder and holder ~= ARGV[3] then return 0 end
 local cap = tonumber(ARGV[4])
 if #ARGV > 7 then
@@ -185,7 +189,7 @@ if #ARGV > 7 then
     if redis.call('HLEN', refs) >= cap then redis.call('DEL', refs) end
     redis.call('HSET', refs, ARGV[7], ARGV[8])
   end
-  redis.call('HSET', key(name, 'meta'), 'updated', ARGV[5])
+  redis.call('HSET', key(name, 'meta'), 'updated', ARGV[5], 'last_turn', ARGV[3])
   redis.call('ZADD', KEYS[2], ARGV[5], name)
 end
 if holder then redis.call('DEL', lock) end

@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS scope_options (
 CREATE TABLE IF NOT EXISTS sessions (
     scope TEXT NOT NULL, name TEXT NOT NULL, model TEXT NOT NULL, mcp TEXT NOT NULL,
     created REAL NOT NULL, updated REAL NOT NULL, format TEXT NOT NULL,
-    lock_token TEXT, lock_expires REAL NOT NULL DEFAULT 0,
+    lock_token TEXT, lock_expires REAL NOT NULL DEFAULT 0, last_turn TEXT,
     PRIMARY KEY (scope, name));
 CREATE INDEX IF NOT EXISTS sessions_by_updated ON sessions (updated);
 CREATE TABLE IF NOT EXISTS messages (
@@ -76,6 +76,9 @@ class SqliteStore:
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
+        if "last_turn" not in columns:  # a file from before turns were idempotent
+            self._db.execute("ALTER TABLE sessions ADD COLUMN last_turn TEXT")
         self._thread_lock = threading.Lock()
         self._last_purge = 0.0
 
@@ -246,10 +249,13 @@ class SqliteStore:
 
         def work(db: sqlite3.Connection) -> bool:
             row = db.execute(
-                "SELECT lock_token, lock_expires FROM sessions WHERE scope = ? AND name = ?",
+                "SELECT lock_token, lock_expires, last_turn FROM sessions"
+                " WHERE scope = ? AND name = ?",
                 (scope, name),
             ).fetchone()
             now = time.time()
+            if row is not None and row[2] == turn.lock_token:
+                return True  # saved already: this call repeats one whose reply was lost
             if row is None or (row[0] != turn.lock_token and row[1] > now):
                 return False
             if bodies:
@@ -267,9 +273,10 @@ class SqliteStore:
                         (scope, name, scope, name, self._policy.history_cap),
                     )
             db.execute(
-                "UPDATE sessions SET updated = ?, lock_token = NULL, lock_expires = 0"
+                "UPDATE sessions SET updated = ?, lock_token = NULL, lock_expires = 0,"
+                " last_turn = CASE WHEN ? THEN ? ELSE last_turn END"
                 " WHERE scope = ? AND name = ?",
-                (now, scope, name),
+                (now, bool(bodies), turn.lock_token, scope, name),
             )
             self._purge_idle(db)
             return True
