@@ -12,6 +12,7 @@ import weakref
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import discord
 from discord.ext import commands
 
@@ -106,7 +107,12 @@ async def user_message(message: discord.Message, bot_id: int) -> Message:
         if kind.startswith("image/"):
             images.append({"type": "image_url", "image_url": {"url": attachment.url}})
         elif _is_text(attachment) and attachment.size <= TEXT_ATTACHMENT_MAX_BYTES:
-            body = (await attachment.read()).decode("utf-8", errors="replace")
+            try:
+                body = (await attachment.read()).decode("utf-8", errors="replace")
+            except (discord.HTTPException, aiohttp.ClientError) as error:
+                log.warning("could not download %s: %s", attachment.filename, error)
+                lines.append(f"[file {attachment.filename} could not be downloaded]")
+                continue
             lines.append(f"[file {attachment.filename}]\n```\n{body}\n```")
         elif _is_text(attachment):
             lines.append(
