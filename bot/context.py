@@ -77,18 +77,23 @@ def with_images_as_notes(message: Message) -> Message:
     return {**message, "content": "\n".join([*texts, IMAGE_NOTE])}
 
 
+def history_room(system_prompt: str, user: Message, budget_bytes: int) -> int:
+    """What the budget leaves for history beside the system prompt and the new message."""
+    system: Message = {"role": "system", "content": system_prompt}
+    return max(budget_bytes - message_size(system) - message_size(user), 0)
+
+
 def build_context(
     system_prompt: str,
     recent: Sequence[Message],
     user: Message,
-    budget_bytes: int,
+    room: int,
     recent_bytes: int | None = None,
 ) -> list[Message]:
-    """System prompt, then as much recent history as fits beside it, then the new message.
-    `recent_bytes`, when the store already measured `recent`, spares measuring it again
-    whenever it fits whole (the common case)."""
-    system: Message = {"role": "system", "content": system_prompt}
-    room = max(budget_bytes - message_size(system) - message_size(user), 0)
+    """System prompt, then as much recent history as fits in `room` (see `history_room`),
+    then the new message. `recent_bytes`, when the store already measured `recent`, spares
+    measuring it again whenever it fits whole (the common case)."""
     fits = recent_bytes is not None and recent_bytes <= room
     history = from_first_user(recent if fits else newest_within(recent, room))
+    system: Message = {"role": "system", "content": system_prompt}
     return [system, *(with_images_as_notes(m) for m in history), user]

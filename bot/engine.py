@@ -16,7 +16,7 @@ import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from bot.context import build_context, paired_tool_messages
+from bot.context import build_context, history_room, paired_tool_messages
 from bot.errors import BotError, ModelError, SessionBusy, StoreUnavailable
 from bot.model import ContextTooLong, ModelClient, TextSink
 from bot.store.base import Message, SessionSettings, SessionStore, Ticket, Turn, message_size
@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 
 
 BUSY_POLL_MAX_SECONDS = 0.1
-SAVE_RETRY_PAUSES = (0.2, 0.5, 1.0)
 """A waiting turn asks again at least this often, so a queue of turns moves briskly."""
+SAVE_RETRY_PAUSES = (0.2, 0.5, 1.0)
+"""Pauses between tries to save a turn whose answer is already in hand."""
 
 
 @dataclass(frozen=True)
@@ -84,11 +85,12 @@ class Engine:
         ticket = Ticket(order=order, claim=claim) if order is not None else Ticket.now(claim)
         lock = self._scope_locks.setdefault(scope, asyncio.Lock())
         async with lock:
-            turn = await self._begin(scope, ticket, self._history_room(user))
+            room = history_room(self._limits.system_prompt, user, self._limits.budget_bytes)
+            turn = await self._begin(scope, ticket, room)
             saved = False
             try:
                 async with self._lock_kept_alive(turn):
-                    added, text, shortened = await self._run(turn, user, on_text)
+                    added, text, shortened = await self._run(turn, user, room, on_text)
                 saved = await self._save(turn, [user, *added], user_ref)
             finally:
                 if not saved:
@@ -117,14 +119,9 @@ class Engine:
         """Claim a message before acting on it outside a turn (opening a thread for it)."""
         return await self._store.claim(scope, claim)
 
-    def _history_room(self, user: Message) -> int:
-        """What the budget leaves for history beside the system prompt and the new message,
-        so the store loads no more than will be sent."""
-        system: Message = {"role": "system", "content": self._limits.system_prompt}
-        return max(self._limits.budget_bytes - message_size(system) - message_size(user), 0)
-
     async def _begin(self, scope: str, ticket: Ticket, room: int) -> Turn:
-        """Wait for the scope's earlier turns, polling with a short backoff."""
+        """Wait for the scope's earlier turns, polling with a short backoff. The store loads
+        only the history that fits `room`, which is all that will be sent."""
         limits = self._limits
         deadline = time.monotonic() + limits.wait_seconds
         pause = 0.005
@@ -138,14 +135,13 @@ class Engine:
                 pause = min(pause * 2, BUSY_POLL_MAX_SECONDS)
 
     async def _run(
-        self, turn: Turn, user: Message, on_text: TextSink | None
+        self, turn: Turn, user: Message, room: int, on_text: TextSink | None
     ) -> tuple[list[Message], str, bool]:
         """Call the model; when the provider says the context is too long, once more with
-        half of what was sent."""
-        budget = self._limits.budget_bytes
+        half of the history that was sent."""
+        measured: int | None = turn.recent_bytes
         for shortened in (False, True):
-            measured = turn.recent_bytes if not shortened else None
-            context = build_context(self._limits.system_prompt, turn.recent, user, budget, measured)
+            context = build_context(self._limits.system_prompt, turn.recent, user, room, measured)
             try:
                 added, text = await self._call_model(context, turn.session.settings, on_text)
                 return added, text, shortened
@@ -155,7 +151,8 @@ class Engine:
                 log.warning(
                     "context too long for %s; retrying with half", turn.session.settings.model
                 )
-                budget = sum(message_size(m) for m in context) // 2
+                room = sum(message_size(m) for m in context[1:-1]) // 2
+                measured = None
         raise AssertionError("unreachable")
 
     async def _call_model(

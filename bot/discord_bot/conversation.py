@@ -147,12 +147,12 @@ class Conversation(commands.Cog):
         if known is not None:
             return known
         mode = await self.bot.session_commands.reply_mode(scope)
-        if len(self._modes) > 10_000:
-            self._modes.clear()
-        self._modes[scope] = (mode, time.monotonic() + REPLY_MODE_CACHE_SECONDS)
+        self.remember_mode(scope, mode)
         return mode
 
     def remember_mode(self, scope: str, mode: ReplyMode) -> None:
+        if len(self._modes) > 10_000:
+            self._modes.clear()
         self._modes[scope] = (mode, time.monotonic() + REPLY_MODE_CACHE_SECONDS)
 
     def _addressed(self, message: discord.Message, me: discord.ClientUser) -> bool:

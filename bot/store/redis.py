@@ -127,17 +127,19 @@ while first ~= place and tonumber(redis.call('HGET', tickets, first) or '0') < n
   first = redis.call('ZRANGE', queue, 0, 0)[1]
 end
 if first ~= place then return {'busy'} end
+local function leave_queue()
+  redis.call('ZREM', queue, place)
+  redis.call('HDEL', tickets, place)
+end
 local name = current_or_create(ARGV[5], ARGV[6])
 local info = describe(name)
 if info[2] ~= '$FORMAT' then
-  redis.call('ZREM', queue, place)
-  redis.call('HDEL', tickets, place)
+  leave_queue()
   return {'corrupt', name}
 end
 local lock = key(name, 'lock')
 if not redis.call('SET', lock, token, 'NX', 'PX', ARGV[3]) then return {'busy'} end
-redis.call('ZREM', queue, place)
-redis.call('HDEL', tickets, place)
+leave_queue()
 local out = {'ok'}
 for _, v in ipairs(info) do out[#out + 1] = v end
 local messages, budget, used, stop = key(name, 'messages'), tonumber(ARGV[4]), 0, info[7]
