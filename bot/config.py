@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bot.errors import SettingsError
+from bot.store.base import HISTORY_CACHE_MB
 
 REFERENCE_MODELS: tuple[str, ...] = (
     "openai/gpt-5.1",
@@ -43,6 +44,7 @@ class Settings:
     context_budget_tokens: int  # CONTEXT_BUDGET_TOKENS
     session_ttl_seconds: int  # SESSION_TTL_SECONDS; 0 keeps sessions forever
     history_cap_messages: int  # HISTORY_CAP_MESSAGES
+    history_cache_mb: int  # HISTORY_CACHE_MB; 0 turns the cache off
     model_timeout_seconds: float  # MODEL_TIMEOUT_SECONDS
     model_max_retries: int  # MODEL_MAX_RETRIES
     dev_guild_id: int | None  # DISCORD_DEV_GUILD_ID
@@ -154,6 +156,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         history_cap_messages=_parsed(
             env, "HISTORY_CAP_MESSAGES", 2000, _positive_int, "a positive whole number"
+        ),
+        history_cache_mb=_parsed(
+            env, "HISTORY_CACHE_MB", HISTORY_CACHE_MB, _non_negative_int, "a whole number >= 0"
         ),
         model_timeout_seconds=_parsed(
             env, "MODEL_TIMEOUT_SECONDS", 120.0, _positive_float, "a positive number of seconds"

@@ -180,3 +180,30 @@ async def test_an_answer_survives_a_storage_blip_while_the_model_works(
             {"role": "assistant", "content": "worth keeping"},
         ]
         await store.close()
+
+
+async def test_a_redis_that_stops_answering_fails_the_call_in_time(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    """A frozen Redis (paused, overloaded, a network that drops packets) fails the call as
+    storage unavailable at its deadline instead of hanging the turn; once Redis answers
+    again, the next call gets its own reply, not the stale one of the call that gave up."""
+    import signal
+
+    from bot.errors import StoreUnavailable
+
+    store = RedisStore.from_url(redis_url, StorePolicy(TEST_MODELS[0]), call_timeout=0.5)
+    await store.set_scope_option("frozen", "mode", "all")
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.scope_option("frozen", "mode")
+        assert time.monotonic() - started < 2
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    await store.set_scope_option("frozen", "other", "value")
+    assert await store.scope_option("frozen", "mode") == "all"
+    assert await store.scope_option("frozen", "other") == "value"
+    await store.close()

@@ -39,6 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
             "error: CONTEXT_BUDGET_TOKENS must be a positive whole number",
         ),
         (
+            {"DISCORD_TOKEN": "t", "DEDALUS_API_KEY": "k", "HISTORY_CACHE_MB": "-1"},
+            "error: HISTORY_CACHE_MB must be a whole number >= 0",
+        ),
+        (
             {"DISCORD_TOKEN": "t", "DEDALUS_API_KEY": "k", "DEFAULT_MODEL": "gpt-2"},
             "error: DEFAULT_MODEL 'gpt-2' is not in ALLOWED_MODELS",
         ),

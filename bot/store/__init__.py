@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from bot.config import Settings
+from typing import TYPE_CHECKING
+
 from bot.store.base import SessionStore, StorePolicy
+
+if TYPE_CHECKING:  # settings import the store's defaults, so not at run time
+    from bot.config import Settings
 
 
 def policy_from(settings: Settings) -> StorePolicy:
@@ -11,6 +15,7 @@ def policy_from(settings: Settings) -> StorePolicy:
         default_model=settings.default_model,
         ttl_seconds=settings.session_ttl_seconds,
         history_cap=settings.history_cap_messages,
+        history_cache_bytes=settings.history_cache_mb * 1024 * 1024,
     )
 
 

@@ -112,9 +112,14 @@ class Turn:
     scope: str
     session: SessionInfo
     recent: list[Message]
+    """Read-only: a store may share these message objects with its cache."""
     recent_bytes: int
     """The stored size of `recent`, which the store already kept within the budget."""
     lock_token: str
+
+
+HISTORY_CACHE_MB = 32
+"""Default size of each process's cache of recent messages (Redis store), in MB stored."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,9 @@ class StorePolicy:
     default_model: str
     ttl_seconds: int = 0
     history_cap: int = 2000
+    history_cache_bytes: int = HISTORY_CACHE_MB * 1024 * 1024
+    """At most this many stored bytes of recent messages are kept in memory (Redis store;
+    see `bot.store.recent`); 0 turns the cache off."""
 
 
 def session_info(row: Sequence[Any]) -> SessionInfo:

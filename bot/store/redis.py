@@ -9,10 +9,16 @@ scope and any of its sessions even on Redis Cluster):
     {prefix}:{scope}:tickets            hash    place -> deadline (ms); a lapsed place is dropped
     {prefix}:{scope}:claim:{id}         string  a claimed message id, expiring after a day
     {prefix}:{scope}:s:{name}:meta      hash    model, mcp (JSON list), created, updated, format,
-                                                last_turn (the last saved turn's token)
+                                                last_turn (the last saved turn's token),
+                                                gen and seq (see below)
     {prefix}:{scope}:s:{name}:messages  list    one JSON message per element, oldest first
     {prefix}:{scope}:s:{name}:refs      hash    user ref (Discord message id) -> stored JSON
     {prefix}:{scope}:s:{name}:lock      string  token of the turn in progress, with expiry
+
+A session's `gen` (generation) is replaced whenever its history changes other than by
+appending, and every append raises its `seq` by the number of messages appended: together
+they tell a process whether its cached recent messages are still the newest but a few
+(`bot.store.recent`). `generations` in the state hash keeps new generations unique.
 
 The scripts build session keys from the scope prefix and the name, because the current
 session's name is only known inside the script; `session_key` is the Python twin of `key()`
@@ -21,9 +27,12 @@ in `_PRELUDE` and the two must agree.
 
 from __future__ import annotations
 
+import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -48,14 +57,18 @@ from bot.store.base import (
     mcp_json,
     session_info,
 )
+from bot.store.recent import RecentCache, RecentWindow
 
 KEY_PREFIX = "dcbot"
 
 ScriptArg = str | int | float
 MAX_CONNECTIONS = 64
-POOL_WAIT_SECONDS = 10
-"""Beyond MAX_CONNECTIONS calls in flight, a call waits this long for a free connection
-(redis-py's default pool raises at once, which a busy bot would report as an outage)."""
+"""Beyond this many calls in flight, a call waits for a free connection (redis-py's default
+pool raises at once, which a busy bot would report as an outage)."""
+CALL_TIMEOUT_SECONDS = 5.0
+"""A store call not done by then (waiting for a connection included) fails as storage
+unavailable: Redis stopped answering. One deadline per call, not redis-py's per-read
+`socket_timeout`, which wraps every command in a task and costs a tenth of a turn."""
 
 
 def scope_key(scope: str, part: str) -> str:
@@ -76,9 +89,13 @@ def session_key(scope: str, name: str, part: str) -> str:
 _PRELUDE = """
 local prefix = ARGV[1]
 local function key(name, part) return prefix .. 's:' .. name .. ':' .. part end
+local function new_generation()
+  local clock = redis.call('TIME')
+  return clock[1] .. '.' .. clock[2] .. '.' .. redis.call('HINCRBY', KEYS[1], 'generations', 1)
+end
 local function create(name, model, mcp, now)
   redis.call('HSET', key(name, 'meta'), 'model', model, 'mcp', mcp,
-             'created', now, 'updated', now, 'format', '$FORMAT')
+             'created', now, 'updated', now, 'format', '$FORMAT', 'gen', new_generation(), 'seq', 0)
   redis.call('ZADD', KEYS[2], now, name)
 end
 local function current_or_create(model, now)
@@ -105,7 +122,13 @@ def _lua(body: str) -> str:
 
 
 # ARGV: prefix, token, lock_ms, budget_bytes, default_model, now, place, claim, claim_ttl,
-# ticket_ttl_ms. Claim, then queue, then lock; only the first ticket of the queue may lock.
+# ticket_ttl_ms, cached name, cached gen, cached seq, cached count, history_cap. Claim, then
+# queue, then lock; only the first ticket of the queue may lock. Then the newest messages that
+# fit the budget: only those after the cached seq ('delta') when the caller's cache of this
+# session is still a prefix of it (same gen, and below the cap the length grew by exactly the
+# messages appended since, which also catches writes that bypassed these scripts), else the
+# window ('window', or 'all' when it holds the whole history). Messages come as
+# one JSON array, with their sizes as one comma-separated string.
 _BEGIN_TURN = _lua(
     """
 local token, claim = ARGV[2], ARGV[8]
@@ -142,24 +165,46 @@ if not redis.call('SET', lock, token, 'NX', 'PX', ARGV[3]) then return {'busy'} 
 leave_queue()
 local out = {'ok'}
 for _, v in ipairs(info) do out[#out + 1] = v end
-local messages, budget, used, stop = key(name, 'messages'), tonumber(ARGV[4]), 0, info[7]
-local newest_first = {}
-while stop > 0 do
-  local start = math.max(stop - 64, 0)
+local meta, count = key(name, 'meta'), info[7]
+local stamp = redis.call('HMGET', meta, 'gen', 'seq')
+local gen, seq = stamp[1], tonumber(stamp[2]) or 0
+if not gen then  -- stored before sessions had generations
+  gen, seq = new_generation(), count
+  redis.call('HSET', meta, 'gen', gen, 'seq', seq)
+end
+local wanted, mode = count, 'window'
+if ARGV[12] == gen and ARGV[11] == name then
+  local since = seq - tonumber(ARGV[13])
+  local grown = count - tonumber(ARGV[14]) == since or count >= tonumber(ARGV[15])
+  if since >= 0 and since <= count and grown then wanted, mode = since, 'delta' end
+end
+local messages, budget, used = key(name, 'messages'), tonumber(ARGV[4]), 0
+local stop, first, full = count, count - wanted, false
+local newest_first, sizes = {}, {}
+while stop > first and not full do
+  local start = math.max(stop - 64, first)
   local page = redis.call('LRANGE', messages, start, stop - 1)
   for j = #page, 1, -1 do
-    if used + #page[j] > budget then stop = 0 break end
+    if used + #page[j] > budget then full = true break end
     used = used + #page[j]
     newest_first[#newest_first + 1] = page[j]
   end
-  stop = math.min(stop, start)
+  stop = start
 end
+if full then mode = 'window' elseif mode == 'window' then mode = 'all' end
 local oldest_first = {}
-for i = #newest_first, 1, -1 do oldest_first[#oldest_first + 1] = newest_first[i] end
+for i = #newest_first, 1, -1 do
+  oldest_first[#oldest_first + 1] = newest_first[i]
+  sizes[#sizes + 1] = #newest_first[i]
+end
+out[#out + 1] = gen
+out[#out + 1] = seq
+out[#out + 1] = mode
 out[#out + 1] = used
 -- One JSON array, not one reply element per message: parsing a long reply element by
 -- element costs the client far more than one json.loads.
 out[#out + 1] = '[' .. table.concat(oldest_first, ',') .. ']'
+out[#out + 1] = table.concat(sizes, ',')
 return out
 """
 )
@@ -173,15 +218,17 @@ return redis.call('SET', prefix .. 'claim:' .. ARGV[2], 'claimed', 'NX', 'EX', A
 
 # ARGV: prefix, name, token, history_cap, now, ttl_seconds, user_ref, message...
 # Idempotent: the meta remembers the last saved turn's token, so a call repeated because its
-# reply was lost (a timeout) saves nothing twice.
+# reply was lost (a timeout) saves nothing twice. Returns {1, gen, seq, length} after appending,
+# {1} when nothing was appended (or already had been), {0} when the lock was lost.
 _FINISH_TURN = _lua(
     """
 local name = ARGV[2]
-local lock = key(name, 'lock')
+local lock, meta = key(name, 'lock'), key(name, 'meta')
 local holder = redis.call('GET', lock)
-if redis.call('HGET', key(name, 'meta'), 'last_turn') == ARGV[3] then return 1 end
-if holder and holder ~= ARGV[3] then return 0 end
+if redis.call('HGET', meta, 'last_turn') == ARGV[3] then return {1} end
+if holder and holder ~= ARGV[3] then return {0} end
 local cap = tonumber(ARGV[4])
+local out = {1}
 if #ARGV > 7 then
   local messages = key(name, 'messages')
   redis.call('RPUSH', messages, unpack(ARGV, 8))
@@ -191,7 +238,9 @@ if #ARGV > 7 then
     if redis.call('HLEN', refs) >= cap then redis.call('DEL', refs) end
     redis.call('HSET', refs, ARGV[7], ARGV[8])
   end
-  redis.call('HSET', key(name, 'meta'), 'updated', ARGV[5], 'last_turn', ARGV[3])
+  redis.call('HSET', meta, 'updated', ARGV[5], 'last_turn', ARGV[3])
+  out = {1, redis.call('HGET', meta, 'gen') or '', redis.call('HINCRBY', meta, 'seq', #ARGV - 7),
+         redis.call('LLEN', messages)}
   redis.call('ZADD', KEYS[2], ARGV[5], name)
 end
 if holder then redis.call('DEL', lock) end
@@ -202,7 +251,7 @@ if ttl > 0 then
     redis.call('EXPIRE', k, ttl)
   end
 end
-return 1
+return out
 """
 )
 
@@ -270,7 +319,7 @@ if redis.call('HGET', meta, 'format') ~= '$FORMAT' or not readable or type(serve
   redis.call('DEL', meta)
   create(name, ARGV[2], '[]', ARGV[3])
 end
-redis.call('HSET', meta, 'updated', ARGV[3])
+redis.call('HSET', meta, 'updated', ARGV[3], 'gen', new_generation(), 'seq', 0)
 return describe(name)
 """
 )
@@ -294,7 +343,9 @@ for _, name in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   local stored = redis.call('HGET', refs, ARGV[2])
   if stored then
     redis.call('HDEL', refs, ARGV[2])
-    return redis.call('LREM', key(name, 'messages'), -1, stored)
+    local removed = redis.call('LREM', key(name, 'messages'), -1, stored)
+    if removed > 0 then redis.call('HSET', key(name, 'meta'), 'gen', new_generation()) end
+    return removed
   end
 end
 return 0
@@ -302,15 +353,29 @@ return 0
 )
 
 _SUMMARY_FIELDS = 7
+_FINISH_FIRST_MESSAGE = 7
+"""Index of the first saved message among `_FINISH_TURN`'s arguments."""
 
 
 class RedisStore:
     """Sessions in Redis. The client is injected; `from_url` builds (and then owns) one."""
 
-    def __init__(self, client: aioredis.Redis, policy: StorePolicy, *, owns_client: bool = False):
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        policy: StorePolicy,
+        *,
+        owns_client: bool = False,
+        call_timeout: float = CALL_TIMEOUT_SECONDS,
+    ):
         self._redis = client
         self._policy = policy
         self._owns_client = owns_client
+        self._call_timeout = call_timeout
+        self._recent = RecentCache(policy.history_cache_bytes)
+        self._load_bytes = 0
+        """The largest budget asked for so far: windows are loaded and kept to it, so a turn
+        whose new message is shorter than the last one's still finds its history cached."""
         register = client.register_script
         self._begin = register(_BEGIN_TURN)
         self._claim = register(_CLAIM)
@@ -325,21 +390,34 @@ class RedisStore:
         self._forget = register(_FORGET)
 
     @classmethod
-    def from_url(cls, url: str, policy: StorePolicy) -> RedisStore:
+    def from_url(
+        cls, url: str, policy: StorePolicy, *, call_timeout: float = CALL_TIMEOUT_SECONDS
+    ) -> RedisStore:
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=MAX_CONNECTIONS,
-            timeout=POOL_WAIT_SECONDS,
+            timeout=None,  # the call's own deadline applies
             decode_responses=True,
             socket_connect_timeout=2,
-            socket_timeout=5,
             health_check_interval=30,
         )
-        return cls(aioredis.Redis.from_pool(pool), policy, owns_client=True)
+        client = aioredis.Redis.from_pool(pool)
+        return cls(client, policy, owns_client=True, call_timeout=call_timeout)
 
     async def close(self) -> None:
         if self._owns_client:
             await self._redis.aclose()
+
+    @asynccontextmanager
+    async def _available(self) -> AsyncIterator[None]:
+        """Turn a lost or silent connection into the one error users are shown for it. A
+        call cut off mid-reply closes its connection (redis-py drops it), so no later call
+        reads a stale reply."""
+        try:
+            async with asyncio.timeout(self._call_timeout):
+                yield
+        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            raise StoreUnavailable() from error
 
     @staticmethod
     def _keys(scope: str) -> list[str]:
@@ -350,10 +428,19 @@ class RedisStore:
         return scope_key(scope, "")
 
     async def begin_turn(self, scope: str, ticket: Ticket, budget_bytes: int, lock_ms: int) -> Turn:
-        args: list[ScriptArg] = [self._prefix(scope), ticket.token, lock_ms, budget_bytes]
+        self._load_bytes = load_bytes = max(self._load_bytes, budget_bytes)
+        cached = self._recent.get(scope)
+        if cached is not None and not cached.can_serve(budget_bytes):
+            cached = None
+        args: list[ScriptArg] = [self._prefix(scope), ticket.token, lock_ms, load_bytes]
         args += [self._policy.default_model, time.time(), ticket.place, ticket.claim or ""]
         args += [CLAIM_TTL_SECONDS, TICKET_TTL_MS]
-        async with _available():
+        if cached is not None:
+            args += [cached.name, cached.generation, cached.sequence, cached.count]
+        else:
+            args += ["", "", 0, 0]
+        args.append(self._policy.history_cap)
+        async with self._available():
             reply = await self._begin(keys=self._keys(scope), args=args)
         status = reply[0]
         if status == "claimed":
@@ -363,18 +450,33 @@ class RedisStore:
         if status == "busy":
             raise SessionBusy()
         name = reply[1]
-        used, recent_json = reply[1 + _SUMMARY_FIELDS :]
+        generation, sequence, mode, _, loaded, sizes = reply[1 + _SUMMARY_FIELDS :]
         try:
             session = session_info(reply[1 : 1 + _SUMMARY_FIELDS])
-            recent = decode_message_array(name, recent_json)
+            messages = decode_message_array(name, loaded)
         except CorruptSession:
+            self._recent.drop(scope)
             placeholder = SessionInfo(name, SessionSettings(self._policy.default_model), 0, 0, 0)
             await self.finish_turn(Turn(scope, placeholder, [], 0, ticket.token), [])
             raise
-        return Turn(scope, session, recent, int(used), ticket.token)
+        if mode != "delta" or cached is None:
+            base = RecentWindow(name, generation, 0, 0, load_bytes, mode == "all")
+        elif cached.complete:  # holding everything, it may keep up to any bound
+            base = replace(cached, bound=max(cached.bound, load_bytes))
+        else:
+            base = cached
+        window = base.extended(
+            messages,
+            [int(size) for size in sizes.split(",") if size],
+            int(sequence),
+            session.message_count,
+        )
+        self._recent.put(scope, window)
+        recent, used = window.newest_within(budget_bytes)
+        return Turn(scope, session, recent, used, ticket.token)
 
     async def claim(self, scope: str, claim: str) -> bool:
-        async with _available():
+        async with self._available():
             claimed = await self._claim(
                 keys=self._keys(scope), args=[self._prefix(scope), claim, CLAIM_TTL_SECONDS]
             )
@@ -394,9 +496,31 @@ class RedisStore:
             user_ref or "",
             *(encode_message(m) for m in added),
         ]
-        async with _available():
-            saved = await self._finish(keys=self._keys(turn.scope), args=args)
-        return bool(saved)
+        async with self._available():
+            reply = await self._finish(keys=self._keys(turn.scope), args=args)
+        if len(reply) == 4:
+            generation, sequence, count = reply[1], int(reply[2]), int(reply[3])
+            self._remember_saved(turn, args[_FINISH_FIRST_MESSAGE:], generation, sequence, count)
+        return bool(reply[0])
+
+    def _remember_saved(
+        self, turn: Turn, stored: Sequence[ScriptArg], generation: str, sequence: int, count: int
+    ) -> None:
+        """Extend the cached window by what the turn saved, when it is the window the turn
+        began from (the saved messages follow it directly); otherwise forget it."""
+        scope, cached = turn.scope, self._recent.get(turn.scope)
+        if (
+            cached is None
+            or cached.name != turn.session.name
+            or cached.generation != generation
+            or cached.sequence + len(stored) != sequence
+        ):
+            self._recent.drop(scope)
+            return
+        texts = [str(item) for item in stored]
+        saved = decode_message_array(turn.session.name, "[" + ",".join(texts) + "]")
+        sizes = [len(text.encode()) for text in texts]
+        self._recent.put(scope, cached.extended(saved, sizes, sequence, count))
 
     async def extend_lock(self, turn: Turn, lock_ms: int) -> bool:
         args: list[ScriptArg] = [
@@ -405,18 +529,18 @@ class RedisStore:
             turn.lock_token,
             lock_ms,
         ]
-        async with _available():
+        async with self._available():
             return bool(await self._extend(keys=self._keys(turn.scope), args=args))
 
     async def current_session(self, scope: str) -> SessionInfo:
-        async with _available():
+        async with self._available():
             row = await self._describe(keys=self._keys(scope), args=[self._prefix(scope)])
         if row[1] == "":  # an untouched scope: report the session it would create
             return SessionInfo(row[0], SessionSettings(self._policy.default_model), 0, 0.0, 0.0)
         return session_info(row)
 
     async def list_sessions(self, scope: str) -> list[SessionInfo]:
-        async with _available():
+        async with self._available():
             rows = await self._list(keys=self._keys(scope), args=[self._prefix(scope)])
         return [
             session_info(rows[i : i + _SUMMARY_FIELDS])
@@ -431,14 +555,16 @@ class RedisStore:
             mcp_json(settings),
             time.time(),
         ]
-        async with _available():
+        self._recent.drop(scope)  # the window would not be reused after this
+        async with self._available():
             row = await self._create(keys=self._keys(scope), args=args)
         if not row:
             raise InvalidInput(f"A session named {name!r} exists already; use /load {name}.")
         return session_info(row)
 
     async def switch_session(self, scope: str, name: str) -> SessionInfo:
-        async with _available():
+        self._recent.drop(scope)  # the window would not be reused after this
+        async with self._available():
             row = await self._switch(
                 keys=self._keys(scope), args=[self._prefix(scope), name, time.time()]
             )
@@ -448,7 +574,8 @@ class RedisStore:
 
     async def clear_session(self, scope: str) -> SessionInfo:
         args: list[ScriptArg] = [self._prefix(scope), self._policy.default_model, time.time()]
-        async with _available():
+        self._recent.drop(scope)  # the window would not be reused after this
+        async with self._available():
             return session_info(await self._clear(keys=self._keys(scope), args=args))
 
     async def update_settings(self, scope: str, settings: SessionSettings) -> SessionInfo:
@@ -459,27 +586,28 @@ class RedisStore:
             settings.model,
             mcp_json(settings),
         ]
-        async with _available():
+        async with self._available():
             return session_info(await self._update(keys=self._keys(scope), args=args))
 
     async def forget_message(self, scope: str, user_ref: str) -> bool:
-        async with _available():
+        self._recent.drop(scope)  # the window would not be reused after this
+        async with self._available():
             removed = await self._forget(
                 keys=self._keys(scope), args=[self._prefix(scope), user_ref]
             )
         return bool(removed)
 
     async def scope_option(self, scope: str, option: str) -> str | None:
-        async with _available():
+        async with self._available():
             value = await self._redis.hget(scope_key(scope, "state"), f"opt:{option}")
         return None if value is None else str(value)
 
     async def set_scope_option(self, scope: str, option: str, value: str) -> None:
-        async with _available():
+        async with self._available():
             await self._redis.hset(scope_key(scope, "state"), f"opt:{option}", value)
 
     async def read_history(self, scope: str, name: str) -> list[Message]:
-        async with _available():
+        async with self._available():
             raw = await self._redis.lrange(session_key(scope, name, "messages"), 0, -1)
         return decode_messages(name, [str(item) for item in raw])
 
@@ -487,7 +615,8 @@ class RedisStore:
         self, scope: str, sessions: dict[str, list[Message]], settings: SessionSettings
     ) -> None:
         now = time.time()
-        async with _available(), self._redis.pipeline(transaction=True) as tx:
+        self._recent.drop(scope)  # the window would not be reused after this
+        async with self._available(), self._redis.pipeline(transaction=True) as tx:
             for name, messages in sessions.items():
                 meta = session_key(scope, name, "meta")
                 stored = session_key(scope, name, "messages")
@@ -500,6 +629,8 @@ class RedisStore:
                         "created": now,
                         "updated": now,
                         "format": STORE_FORMAT,
+                        "gen": f"import.{uuid.uuid4().hex}",
+                        "seq": 0,
                     },
                 )
                 if messages:
@@ -509,12 +640,3 @@ class RedisStore:
             if sessions:
                 tx.hsetnx(scope_key(scope, "state"), "current", next(iter(sessions)))
             await tx.execute()
-
-
-@asynccontextmanager
-async def _available() -> AsyncIterator[None]:
-    """Turn a lost connection into the one error users are shown for it."""
-    try:
-        yield
-    except (RedisConnectionError, RedisTimeoutError, OSError) as error:
-        raise StoreUnavailable() from error

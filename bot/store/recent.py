@@ -1,0 +1,128 @@
+"""A process's copy of the newest messages of the sessions it serves.
+
+Loading the whole window that fits the context budget on every turn (about 160 messages
+by default) costs more than everything else in a turn together. Most turns of a session
+are served by the process that served its last one, which already holds that window; so
+each process keeps it, and a turn asks Redis only for what was added since.
+
+What makes the copy safe to reuse: every session's meta holds a *generation*, replaced
+whenever its history changes other than by appending (created, cleared, a message
+forgotten, imported), and a *sequence*, the number of messages ever appended. A copy taken
+at (generation, sequence) is still a prefix of the stored history exactly when the
+generation is unchanged; the messages after its sequence are then all that is new. The
+store checks both inside the same script that takes the lock, so the answer cannot go
+stale before the turn uses it.
+
+Memory is bounded: the least recently used sessions are dropped beyond `max_bytes` of
+stored messages.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from bot.store.base import Message
+
+
+@dataclass(frozen=True)
+class RecentWindow:
+    """The newest messages of one session, oldest first, with their stored sizes, as of the
+    session's (generation, sequence).
+
+    Either `complete` (the session's whole history) or it holds every message that fits
+    `bound` bytes counting from the newest: the message before the first one held would
+    not have fit. Windows are values: a turn extends the one it started from into a new
+    one, so a window never changes under a turn that is using it.
+    """
+
+    name: str
+    generation: str
+    sequence: int
+    count: int
+    """How many messages the session stored at `sequence` (a check against stray writes)."""
+    bound: int
+    complete: bool
+    messages: tuple[Message, ...] = ()
+    sizes: tuple[int, ...] = ()
+    size: int = 0
+
+    def can_serve(self, room: int) -> bool:
+        return self.complete or room <= self.bound
+
+    def newest_within(self, room: int) -> tuple[list[Message], int]:
+        """The longest tail whose stored size fits `room`, and that size."""
+        if self.size <= room:
+            return list(self.messages), self.size
+        used = 0
+        start = len(self.sizes)
+        while start > 0 and used + self.sizes[start - 1] <= room:
+            start -= 1
+            used += self.sizes[start]
+        return list(self.messages[start:]), used
+
+    def extended(
+        self, messages: Sequence[Message], sizes: Sequence[int], sequence: int, count: int
+    ) -> RecentWindow:
+        """This window with messages appended after it (now at `sequence`, with `count`
+        stored), the oldest
+        dropped beyond the bound, so it can still serve any room up to the bound."""
+        all_messages = (*self.messages, *messages)
+        all_sizes = (*self.sizes, *sizes)
+        size = self.size + sum(sizes)
+        start = max(len(all_messages) - count, 0)  # the history cap dropped the oldest
+        size -= sum(all_sizes[:start])
+        while size > self.bound:
+            size -= all_sizes[start]
+            start += 1
+        return replace(
+            self,
+            sequence=sequence,
+            count=count,
+            complete=self.complete and len(all_messages) - start == count,
+            messages=all_messages[start:],
+            sizes=all_sizes[start:],
+            size=size,
+        )
+
+
+class RecentCache:
+    """Windows by scope (one per scope: its current session), least recently used first."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._windows: OrderedDict[str, RecentWindow] = OrderedDict()
+        self._size = 0
+
+    def get(self, scope: str) -> RecentWindow | None:
+        window = self._windows.get(scope)
+        if window is not None:
+            self._windows.move_to_end(scope)
+        return window
+
+    def put(self, scope: str, window: RecentWindow) -> None:
+        self.drop(scope)
+        if window.size > self.max_bytes or self.max_bytes == 0:
+            return
+        self._windows[scope] = window
+        self._size += window.size
+        self._evict()
+
+    def drop(self, scope: str) -> None:
+        window = self._windows.pop(scope, None)
+        if window is not None:
+            self._size -= window.size
+
+    def _evict(self) -> None:
+        while self._size > self.max_bytes and self._windows:
+            _, oldest = self._windows.popitem(last=False)
+            self._size -= oldest.size
+
+    @property
+    def size(self) -> int:
+        """Stored bytes of all cached messages."""
+        return self._size
+
+    def __len__(self) -> int:
+        return len(self._windows)

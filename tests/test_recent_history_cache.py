@@ -1,0 +1,212 @@
+"""Each bot process keeps its sessions' recent messages and asks Redis only for what is new
+(`bot.store.recent`). Whatever several processes do to a conversation, in any order, a turn
+must see exactly the newest stored messages that fit its budget: never a stale, missing,
+duplicated or forgotten message."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bot.context import newest_within
+from bot.store.base import Message, SessionSettings, StorePolicy, Ticket, message_size
+from bot.store.recent import RecentCache, RecentWindow
+from bot.store.redis import RedisStore
+from tests.conftest import TEST_MODELS
+
+SCOPE = "discord:1"
+CAP = 8
+"""A small history cap, so the oldest messages are trimmed within a few turns."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    process: int
+    room: int
+    user_size: int
+    answers: int
+    fails: bool
+
+
+@dataclass(frozen=True)
+class Clear:
+    process: int
+
+
+@dataclass(frozen=True)
+class Forget:
+    process: int
+    back: int
+    """Which earlier user message: 1 is the latest."""
+
+
+@dataclass(frozen=True)
+class Switch:
+    process: int
+    name: str
+
+
+@dataclass(frozen=True)
+class Import:
+    process: int
+    messages: int
+
+
+operations = st.one_of(
+    st.builds(
+        Turn,
+        process=st.integers(0, 2),
+        room=st.sampled_from([0, 60, 150, 400, 10_000]),
+        user_size=st.integers(0, 120),
+        answers=st.integers(1, 4),
+        fails=st.booleans(),
+    ),
+    st.builds(Clear, process=st.integers(0, 2)),
+    st.builds(Forget, process=st.integers(0, 2), back=st.integers(1, 4)),
+    st.builds(Switch, process=st.integers(0, 2), name=st.sampled_from(["default", "other"])),
+    st.builds(Import, process=st.integers(0, 2), messages=st.integers(0, 12)),
+)
+
+
+def text(size: int, tag: int) -> str:
+    return f"#{tag} " + "x" * size
+
+
+async def scenario(redis_url: str, steps: list[object]) -> None:
+    """Run `steps` through three processes (three stores, each with its own cache: the
+    default, a tiny one that evicts almost everything, none) and check every turn's history
+    against what Redis holds."""
+    policies = [
+        StorePolicy(TEST_MODELS[0], history_cap=CAP),
+        StorePolicy(TEST_MODELS[0], history_cap=CAP, history_cache_bytes=300),
+        StorePolicy(TEST_MODELS[0], history_cap=CAP, history_cache_bytes=0),
+    ]
+    stores = [RedisStore.from_url(redis_url, policy) for policy in policies]
+    raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    await raw.flushall()
+    refs: list[str] = []
+    try:
+        for tag, step in enumerate(steps):
+            store = stores[step.process]  # type: ignore[attr-defined]
+            if isinstance(step, Turn):
+                turn = await store.begin_turn(SCOPE, Ticket.now(), step.room, 10_000)
+                stored = await stores[2].read_history(SCOPE, turn.session.name)
+                expected = newest_within(stored, step.room)
+                assert turn.recent == expected, f"step {tag}: {step}"
+                assert turn.recent_bytes == sum(message_size(m) for m in expected)
+                user: Message = {"role": "user", "content": text(step.user_size, tag)}
+                answers: list[Message] = [
+                    {"role": "assistant", "content": text(30 * i, tag)} for i in range(step.answers)
+                ]
+                added = [] if step.fails else [user, *answers]
+                ref = f"m{tag}"
+                assert await store.finish_turn(turn, added, ref if added else None)
+                if added:
+                    refs.append(ref)
+            elif isinstance(step, Clear):
+                await store.clear_session(SCOPE)
+            elif isinstance(step, Forget):
+                if len(refs) >= step.back:
+                    await store.forget_message(SCOPE, refs[-step.back])
+            elif isinstance(step, Switch):
+                try:
+                    await store.switch_session(SCOPE, step.name)
+                except Exception:
+                    await store.create_session(SCOPE, step.name, SessionSettings(TEST_MODELS[0]))
+            elif isinstance(step, Import):
+                history: list[Message] = [
+                    {"role": "user" if i % 2 == 0 else "assistant", "content": text(i * 7, tag)}
+                    for i in range(step.messages)
+                ]
+                await store.import_sessions(
+                    SCOPE, {"default": history}, SessionSettings(TEST_MODELS[0])
+                )
+    finally:
+        for store in stores:
+            await store.close()
+        await raw.aclose()
+
+
+def test_every_turn_sees_the_stored_history_whatever_other_processes_did(
+    redis_url: str,
+) -> None:
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(operations, min_size=1, max_size=30))
+    def check(steps: list[object]) -> None:
+        asyncio.run(scenario(redis_url, steps))
+
+    check()
+
+
+@pytest.mark.parametrize("then_a_turn", [False, True], ids=["", "then-a-turn"])
+@pytest.mark.parametrize("change", ["clear", "forget", "import", "switch-and-back", "turns"])
+async def test_what_another_process_did_at_the_history_cap_is_seen(
+    redis_url: str, change: str, then_a_turn: bool
+) -> None:
+    """At the cap the stored length no longer grows, so only the generation tells a
+    process that its cached messages were replaced: each way of replacing them, checked."""
+    steps: list[object] = [Turn(0, 10_000, 10, 1, False)]  # process 0 caches the session
+    steps += [Turn(1, 10_000, 10, 1, False) for _ in range(CAP)]  # process 1 fills it
+    steps += {
+        "clear": [Clear(1)],
+        "forget": [Forget(1, 2)],
+        "import": [Import(1, CAP)],
+        "switch-and-back": [Switch(1, "other"), Turn(1, 10_000, 5, 1, False), Switch(1, "default")],
+        "turns": [Turn(1, 10_000, 10, 3, False)],
+    }[change]
+    if then_a_turn:
+        steps.append(Turn(1, 10_000, 10, 1, False))
+    steps.append(Turn(0, 10_000, 10, 1, False))  # checked against what Redis holds
+    await scenario(redis_url, steps)
+
+
+async def test_a_steady_conversation_moves_only_its_new_messages(redis_url: str) -> None:
+    """With a long history, a process's first turn loads the whole window that fits the
+    budget; its later turns bring only what was added (here: nothing but the reply)."""
+    store = RedisStore.from_url(redis_url, StorePolicy(TEST_MODELS[0]))
+    raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    history: list[Message] = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": text(300, i)}
+        for i in range(1000)
+    ]
+    await store.import_sessions(SCOPE, {"default": history}, SessionSettings(TEST_MODELS[0]))
+
+    async def turn_output_bytes() -> tuple[int, int]:
+        before = (await raw.info("stats"))["total_net_output_bytes"]
+        turn = await store.begin_turn(SCOPE, Ticket.now(), 64_000, 10_000)
+        after = (await raw.info("stats"))["total_net_output_bytes"]
+        await store.finish_turn(
+            turn, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        )
+        return after - before, len(turn.recent)
+
+    first, first_count = await turn_output_bytes()
+    later = [await turn_output_bytes() for _ in range(5)]
+    assert first > 60_000 and first_count > 150
+    assert all(moved < 2_000 and count >= first_count for moved, count in later)
+    await store.close()
+    await raw.aclose()
+
+
+def window(name: str, size: int) -> RecentWindow:
+    return RecentWindow(name, "g", 1, 1, size, True, ({"role": "user"},), (size,), size)
+
+
+def test_the_cache_keeps_to_its_size_dropping_the_least_recently_used() -> None:
+    cache = RecentCache(max_bytes=1_000)
+    for scope in "abcd":
+        cache.put(scope, window(scope, 300))
+    assert cache.size <= 1_000 and cache.get("a") is None  # the oldest went first
+    assert cache.get("b") is not None  # now the most recently used
+    cache.put("e", window("e", 300))
+    assert cache.get("b") is not None and cache.get("c") is None
+    cache.put("huge", window("huge", 5_000))  # larger than the whole cache: not kept
+    assert cache.get("huge") is None and cache.size <= 1_000
+    off = RecentCache(max_bytes=0)
+    off.put("a", window("a", 0))
+    assert len(off) == 0
