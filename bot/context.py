@@ -96,4 +96,9 @@ def build_context(
     fits = recent_bytes is not None and recent_bytes <= room
     history = from_first_user(recent if fits else newest_within(recent, room))
     system: Message = {"role": "system", "content": system_prompt}
-    return [system, *(with_images_as_notes(m) for m in history), user]
+    # Plain text needs no rewriting; checking that first keeps this pass cheap.
+    return [
+        system,
+        *(m if type(m.get("content")) is str else with_images_as_notes(m) for m in history),
+        user,
+    ]

@@ -181,18 +181,27 @@ class Engine:
 
         async def renew() -> None:
             while True:
-                await asyncio.sleep(interval)
                 try:
                     if not await self._store.extend_lock(turn, self._limits.lock_ms):
                         return
                 except StoreUnavailable:
                     log.warning("could not renew the lock of a turn: storage unavailable")
+                await asyncio.sleep(interval)
 
-        renewer = asyncio.create_task(renew())
+        # Most turns end long before the first renewal: a timer, not a task, until then.
+        renewer: asyncio.Task[None] | None = None
+
+        def start_renewing() -> None:
+            nonlocal renewer
+            renewer = asyncio.create_task(renew())
+
+        timer = asyncio.get_running_loop().call_later(interval, start_renewing)
         try:
             yield
         finally:
-            renewer.cancel()
+            timer.cancel()
+            if renewer is not None:
+                renewer.cancel()
 
     async def _release(self, turn: Turn) -> None:
         try:

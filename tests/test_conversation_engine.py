@@ -240,3 +240,27 @@ async def test_only_the_new_message_sends_its_images(engine: Engine, api: FakeDe
     earlier = api.messages_sent()[1]
     assert earlier["content"].startswith("look\n[an image was shared here")
     assert "cdn.example.com" not in json.dumps(api.messages_sent())
+
+
+async def test_a_turn_longer_than_the_lock_keeps_it_until_saved(
+    store: SessionStore, api: FakeDedalusAPI
+) -> None:
+    """The session lock lapses after `lock_ms` so a crashed process cannot block a channel,
+    but a live turn renews it: a slow answer is saved, and a turn from another process
+    waits for it instead of slipping in between."""
+    model = DedalusModel.connect("test-key", api.base_url, timeout=5.0, max_retries=0)
+    limits = EngineLimits(system_prompt=SYSTEM, budget_bytes=100_000, lock_ms=300)
+    slow, other = Engine(store, model, limits), Engine(store, model, limits)
+    api.reply_text("slow answer", delay=1.2)
+    api.reply_text("second answer")
+    first = asyncio.create_task(slow.reply("chan", user("first")))
+    while api.request_count == 0:  # noqa: ASYNC110 - the fake runs in another thread
+        await asyncio.sleep(0.01)
+    second = await other.reply("chan", user("second"))
+    assert (await first).text == "slow answer" and second.text == "second answer"
+    assert [m["content"] for m in await store.read_history("chan", "default")] == [
+        "first",
+        "slow answer",
+        "second",
+        "second answer",
+    ]

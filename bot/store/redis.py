@@ -399,6 +399,7 @@ class RedisStore:
             timeout=None,  # the call's own deadline applies
             decode_responses=True,
             socket_connect_timeout=2,
+            socket_timeout=None,  # redis-py's default (5 s) would wrap every command in a task
             health_check_interval=30,
         )
         client = aioredis.Redis.from_pool(pool)
