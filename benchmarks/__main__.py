@@ -93,10 +93,12 @@ class Progress:
         print(f"[{time.monotonic() - self.start:6.1f} s] {text}", file=sys.stderr, flush=True)
 
 
-def _concurrency(url: str, plan: Plan, backend: str, pool: str) -> dict[str, object]:
+def _concurrency(url: str, plan: Plan, backend: str, cache_mb: int | None) -> dict[str, object]:
     """One child process per run, so each peak RSS is the run's own."""
     command = [sys.executable, "-m", "benchmarks.concurrency", "--backend", backend]
-    command += ["--url", url, "--pool", pool, "--channels", str(plan.channels)]
+    command += ["--url", url, "--channels", str(plan.channels)]
+    if cache_mb is not None:
+        command += ["--cache-mb", str(cache_mb)]
     command += ["--turns", str(plan.channel_turns), "--history", str(plan.channel_history)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
@@ -122,6 +124,9 @@ async def run(plan: Plan, command: str) -> Results:
             results.cells += await overhead.store_cells(
                 backend, server.url, plan.grid, conversation, progress
             )
+        results.two_processes = await overhead.two_processes_cell(
+            server.url, plan.grid, conversation, max(plan.grid.histories), progress
+        )
         compare_sessions, compare_history = plan.compare
         for backend in ("redis", "sqlite"):
             results.compared += await overhead.store_cells(
@@ -153,9 +158,9 @@ async def run(plan: Plan, command: str) -> Results:
                 await roundtrips.count(server.port, conversation, history, plan.round_trip_turns)
             )
 
-        for backend, pool in (("redis", "default"), ("redis", "blocking"), ("sqlite", "default")):
-            progress(f"{plan.channels} channels at once: {backend} ({pool} pool)")
-            results.concurrency.append(_concurrency(server.url, plan, backend, pool))
+        for backend, cache_mb in (("redis", None), ("redis", 0), ("sqlite", None)):
+            progress(f"{plan.channels} channels at once: {backend}")
+            results.concurrency.append(_concurrency(server.url, plan, backend, cache_mb))
 
         progress("the real SDK against the fake Dedalus API")
         await flush(server.url)

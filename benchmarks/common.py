@@ -184,31 +184,38 @@ async def run_turns(
     scopes: Sequence[str],
     rounds: int,
     warmup: int = 0,
+    *,
+    first: Phases | None = None,
 ) -> Phases:
     """`rounds` rounds of one turn in each scope, one turn at a time, through the real
-    engine with the instant model; the first `warmup` turns are not recorded."""
+    engine with the instant model; the first `warmup` turns are not recorded. With `first`,
+    the first round is recorded there instead (and is not warm-up): each scope's first
+    turn since its session was stored, which finds nothing of it cached."""
     timed = TimedStore(store)
     model = InstantModel(conversation.answer)
     engine = Engine(cast(SessionStore, timed), model, LIMITS)
     phases = Phases()
-    turn = 0
+    turn = made = 0
     with timed_build_context() as context_calls:
-        for _ in range(rounds):
+        for round_index in range(rounds):
+            into = first if round_index == 0 and first is not None else phases
             for scope in scopes:
                 timed.load_ns = timed.save_ns = model.model_ns = 0
                 context_calls.clear()
-                user = conversation.user(turn)
+                user = conversation.user(made)
+                made += 1
                 start = time.perf_counter_ns()
                 await engine.reply(scope, user)
                 elapsed = time.perf_counter_ns() - start
-                turn += 1
-                if turn <= warmup:
-                    continue
-                phases.total.append(elapsed - model.model_ns)
-                phases.load.append(timed.load_ns)
-                phases.context.append(sum(context_calls))
-                phases.save.append(timed.save_ns)
-                phases.sent_messages.append(model.sent_messages)
+                if into is phases:
+                    turn += 1
+                    if turn <= warmup:
+                        continue
+                into.total.append(elapsed - model.model_ns)
+                into.load.append(timed.load_ns)
+                into.context.append(sum(context_calls))
+                into.save.append(timed.save_ns)
+                into.sent_messages.append(model.sent_messages)
     return phases
 
 

@@ -2,16 +2,16 @@
 (`asyncio.gather`) through one engine and one store, with the instant model.
 
 Run in a child process (`python -m benchmarks.concurrency ...`, which prints one JSON
-object) so its peak memory (`ru_maxrss`) is its own and not the seeding's of the parent.
+object) so its peak memory is its own and not the seeding's of the parent.
 
-`--pool blocking` gives the Redis client a `BlockingConnectionPool` of the same size as
-redis-py's default pool (100), where a command waits for a free connection instead of
-failing; it is not what the bot does, and shows what such a change would give."""
+`--cache-mb` sets the Redis store's cache of recent messages (`HISTORY_CACHE_MB`), so a run
+with it off shows what the cache costs in memory and gives in speed."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import resource
 import sys
@@ -48,26 +48,23 @@ async def _redis_clients(url: str) -> int:
         await client.aclose()
 
 
-def _open(backend: str, url: str, pool: str, directory: str) -> SessionStore:
+def _open(backend: str, url: str, cache_mb: int | None, directory: str) -> SessionStore:
     if backend == "sqlite":
         return SqliteStore(Path(directory) / "sessions.sqlite3", POLICY)
-    if pool == "blocking":
-        blocking = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=100, timeout=30, decode_responses=True
-        )
-        client = aioredis.Redis(connection_pool=blocking)
-        return RedisStore(client, POLICY, owns_client=True)
-    return RedisStore.from_url(url, POLICY)
+    policy = POLICY
+    if cache_mb is not None:
+        policy = dataclasses.replace(POLICY, history_cache_bytes=cache_mb * 1024 * 1024)
+    return RedisStore.from_url(url, policy)
 
 
 async def run(
-    backend: str, url: str, channels: int, turns: int, history: int, pool: str
+    backend: str, url: str, channels: int, turns: int, history: int, cache_mb: int | None
 ) -> dict[str, Any]:
     conversation = Conversation()
     with tempfile.TemporaryDirectory(prefix="bench-conc-") as directory:
         if backend == "redis":
             await flush(url)
-        store = _open(backend, url, pool, directory)
+        store = _open(backend, url, cache_mb, directory)
         scopes = [f"discord:{300_000 + i}" for i in range(channels)]
         await seed(store, [(s, conversation.history(history)) for s in scopes])
         engine = Engine(store, InstantModel(conversation.answer), LIMITS)
@@ -94,7 +91,9 @@ async def run(
         await store.close()
     return {
         "backend": backend,
-        "pool": pool if backend == "redis" else "",
+        "cache_mb": (POLICY.history_cache_bytes >> 20 if cache_mb is None else cache_mb)
+        if backend == "redis"
+        else None,
         "channels": channels,
         "turns_each": turns,
         "history": history,
@@ -116,10 +115,10 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=1000)
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--history", type=int, default=20)
-    parser.add_argument("--pool", choices=("default", "blocking"), default="default")
+    parser.add_argument("--cache-mb", type=int, default=None, help="default: the bot's")
     args = parser.parse_args()
     result = asyncio.run(
-        run(args.backend, args.url, args.channels, args.turns, args.history, args.pool)
+        run(args.backend, args.url, args.channels, args.turns, args.history, args.cache_mb)
     )
     json.dump(result, sys.stdout)
 

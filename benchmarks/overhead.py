@@ -46,6 +46,10 @@ class Cell:
     grown_to: int = 0
     """The longest history a measured turn saw (turns add two messages each)."""
     phases: Phases = field(default_factory=Phases)
+    """Turns after a session's first in this process (steady state)."""
+    first: Phases = field(default_factory=Phases)
+    """Each session's first turn after it was stored: nothing of it cached in the process
+    (as after a restart, or when another process replaced the session)."""
     file_bytes: int = 0
     """For the JSON pattern: the size of the file rewritten on every save."""
 
@@ -53,9 +57,9 @@ class Cell:
     def turns(self) -> int:
         return len(self.phases.total)
 
-    def p(self, q: float, part: str = "total") -> float:
-        """Percentile `q` of a phase, in milliseconds."""
-        values: Sequence[int] = getattr(self.phases, part)
+    def p(self, q: float, part: str = "total", *, first: bool = False) -> float:
+        """Percentile `q` of a phase, in milliseconds (of first turns with `first`)."""
+        values: Sequence[int] = getattr(self.first if first else self.phases, part)
         return percentile(values, q) / 1e6
 
     @property
@@ -163,14 +167,48 @@ async def _interleaved(
     for block in range(blocks):
         order = range(len(stores)) if block % 2 == 0 else reversed(range(len(stores)))
         for i in order:
+            first: Phases | None = None
             if block == 0 or within_budget:
                 await seed(stores[i], [(s, conversation.history(history)) for s in scopes])
                 since_seed[i] = 0
+                first = cells[i].first
             warmup = grid.warmup if block == 0 else 0
-            cells[i].add(await run_turns(stores[i], conversation, scopes, rounds, warmup))
-            since_seed[i] += rounds
+            played = rounds + (first is not None)
+            cells[i].add(
+                await run_turns(stores[i], conversation, scopes, played, warmup, first=first)
+            )
+            since_seed[i] += played
             cells[i].grown_to = history + 2 * (since_seed[i] - 1)
     return cells
+
+
+async def two_processes_cell(
+    redis_url: str, grid: Grid, conversation: Conversation, history: int, progress: Progress
+) -> Cell:
+    """Two processes (two stores, each with its own cache) answer the same sessions by
+    turns, so each turn first fetches the two messages the other process added."""
+    scopes = measured_scopes(grid.sessions, grid)
+    await flush(redis_url)
+    processes = [RedisStore.from_url(redis_url, POLICY) for _ in range(2)]
+    cell = Cell("redis, 2 processes", len(scopes), history)
+    try:
+        await seed(processes[0], [(s, conversation.history(history)) for s in scopes])
+        for store in processes:  # each process's first turns
+            await run_turns(store, conversation, scopes, 1)
+        rounds = -(-(grid.turns + grid.warmup) // (2 * len(scopes)))
+        for round_index in range(rounds):
+            for store in processes:
+                warmup = grid.warmup if round_index == 0 and store is processes[0] else 0
+                cell.add(await run_turns(store, conversation, scopes, 1, warmup))
+        cell.grown_to = history + 2 * (2 + 2 * rounds - 1)
+        progress(
+            f"redis, 2 processes, {history} messages: p50 {cell.p(50):.3f} ms, "
+            f"p99 {cell.p(99):.3f} ms ({cell.turns} turns)"
+        )
+    finally:
+        for store in processes:
+            await store.close()
+    return cell
 
 
 async def json_cells(
