@@ -451,7 +451,7 @@ class RedisStore:
         if status == "busy":
             raise SessionBusy()
         name = reply[1]
-        generation, sequence, mode, _, loaded, sizes = reply[1 + _SUMMARY_FIELDS :]
+        generation, sequence, mode, _used, loaded, sizes = reply[1 + _SUMMARY_FIELDS :]
         try:
             session = session_info(reply[1 : 1 + _SUMMARY_FIELDS])
             messages = decode_message_array(name, loaded)
@@ -519,7 +519,11 @@ class RedisStore:
             self._recent.drop(scope)
             return
         texts = [str(item) for item in stored]
-        saved = decode_message_array(turn.session.name, "[" + ",".join(texts) + "]")
+        try:  # as a reload would see them (JSON has no tuples, no non-string keys)
+            saved = decode_message_array(turn.session.name, "[" + ",".join(texts) + "]")
+        except CorruptSession:  # saved all the same; the next load reports it
+            self._recent.drop(scope)
+            return
         sizes = [len(text.encode()) for text in texts]
         self._recent.put(scope, cached.extended(saved, sizes, sequence, count))
 
