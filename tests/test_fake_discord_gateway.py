@@ -16,6 +16,7 @@ from discord import app_commands
 from discord.http import Route
 
 from tests.fakes.discord_gateway import CommandRefused, FakeDiscord
+from tests.fakes.discord_world import Intent, Perm
 
 MODELS = ["openai/gpt-5.1", "openai/gpt-4o", "anthropic/claude-opus-4-5"]
 
@@ -161,6 +162,32 @@ async def test_threads_from_a_message_and_on_their_own(
     await fake.wait_for(lambda: bot.get_channel(user_thread), what="THREAD_CREATE to arrive")
 
 
+async def test_a_channel_overwrite_denying_threads_is_refused_like_discord(
+    fake: FakeDiscord, bot: ThrowawayBot
+) -> None:
+    message_id = fake.user_says(fake.general_id, fake.member, "thread me")
+    channel = bot.get_channel(fake.general_id)
+    assert isinstance(channel, discord.TextChannel)
+    fake.set_permission_overwrite(fake.general_id, fake.bot_id, deny=Perm.CREATE_PUBLIC_THREADS)
+    await fake.wait_for(
+        lambda: not channel.permissions_for(channel.guild.me).create_public_threads,
+        what="CHANNEL_UPDATE to carry the overwrite",
+    )
+
+    message = await channel.fetch_message(message_id)
+    with pytest.raises(discord.Forbidden) as from_message:
+        await message.create_thread(name="no")
+    with pytest.raises(discord.Forbidden) as on_its_own:
+        await channel.create_thread(name="no", type=discord.ChannelType.public_thread)
+    other = bot.get_channel(fake.random_id)
+    assert isinstance(other, discord.TextChannel)
+    await other.create_thread(name="yes", type=discord.ChannelType.public_thread)
+
+    for refused in (from_message.value, on_its_own.value):
+        assert (refused.status, refused.code, refused.text) == (403, 50013, "Missing Permissions")
+    assert fake.messages_in(message_id) == []
+
+
 async def test_command_syncs_with_its_permissions(fake: FakeDiscord, bot: ThrowawayBot) -> None:
     commands = {c["name"]: c for c in fake.commands()}
 
@@ -290,6 +317,25 @@ async def test_wrong_token_is_a_login_failure(fake: FakeDiscord) -> None:
             await client.login("not-the-token")
     finally:
         await client.close()
+
+
+async def test_a_privileged_intent_not_switched_on_closes_the_gateway_with_4014() -> None:
+    with FakeDiscord(portal_intents=Intent.GUILD_MEMBERS) as fake, fake.point_discord_py_here():
+        wanting_content = ThrowawayBot()
+        try:
+            with pytest.raises(discord.PrivilegedIntentsRequired):
+                await asyncio.wait_for(wanting_content.start(fake.token), 10)
+        finally:
+            await wanting_content.close()
+        assert fake.connected_sessions == 0
+
+        without_content = discord.Client(intents=discord.Intents.default())
+        running = asyncio.create_task(without_content.start(fake.token))
+        try:
+            await fake.wait_ready()
+        finally:
+            await without_content.close()
+            await running
 
 
 def test_ci_checks_requests_against_discords_spec() -> None:

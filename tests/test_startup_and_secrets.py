@@ -21,6 +21,7 @@ from tests.conftest import TEST_MODELS
 from tests.discord_harness import Harness
 from tests.fakes.dedalus_api import FakeDedalusAPI
 from tests.fakes.discord_gateway import FakeDiscord
+from tests.fakes.discord_world import Intent
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,6 +88,39 @@ async def test_a_refused_token_is_reported_as_such(redis_url: str) -> None:
         with pytest.raises(SettingsError, match="DISCORD_TOKEN was refused by Discord"):
             await run_discord(bot, "not-the-token")
         await store.close()
+
+
+def test_a_missing_message_content_intent_stops_with_one_line_saying_where_to_switch_it_on(
+    redis_url: str,
+) -> None:
+    without_content = Intent.PRIVILEGED & ~Intent.MESSAGE_CONTENT
+    with FakeDiscord(portal_intents=without_content) as fake, FakeDedalusAPI() as api:
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(ROOT),
+            "FAKE_DISCORD_API": fake.api_base,
+            "FAKE_DISCORD_GATEWAY": fake.gateway_url,
+            "DISCORD_TOKEN": fake.token,
+            "REDIS_URL": redis_url,
+            **api.env(),
+        }
+        result = subprocess.run(
+            [sys.executable, "-m", "tests.bot_process"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+            env=env,
+        )
+        identified = fake.identify_payload
+    assert identified is not None and identified["intents"] & Intent.MESSAGE_CONTENT
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output and fake.token not in output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Message Content intent" in last
+    assert "switch it on in the Developer Portal" in last
+    assert [line for line in output.splitlines() if "error" in line.lower()] == [last]
 
 
 async def test_no_secret_reaches_the_log(

@@ -4,8 +4,12 @@ mention when an admin says so, always in DMs and its own threads, never to itsel
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import pytest
 
 from tests.discord_harness import Harness
+from tests.fakes.discord_world import Perm
 
 
 async def quiet_for_a_moment(harness: Harness, channel_id: int) -> None:
@@ -56,6 +60,27 @@ async def test_thread_mode_opens_a_thread_per_mention_and_continues_there(
     await harness.answer(thread, 2)
     assert len(await harness.history(thread)) == 4
     assert await harness.history(fake.general_id) == []
+
+
+async def test_thread_mode_answers_in_the_channel_when_a_thread_cannot_be_opened(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = harness.discord
+    await harness.command("mode", {"mode": "threads"}, user=fake.admin, channel_id=fake.general_id)
+    fake.set_permission_overwrite(fake.general_id, fake.bot_id, deny=Perm.CREATE_PUBLIC_THREADS)
+    asked = await harness.say(fake.general_id, fake.member, "plan a trip", mentions_bot=True)
+
+    [reply] = await harness.answer(fake.general_id)
+    assert "plan a trip" in reply.content and reply.reply_to == asked
+    thread_requests = [r for r in fake.requests if r.path.endswith(f"/{asked}/threads")]
+    assert [r.status for r in thread_requests] == [403]  # Discord refused; no thread exists
+    assert harness.answers(asked) == []
+    history = await harness.history(fake.general_id)
+    assert [m["role"] for m in history] == ["user", "assistant"]  # stored once, in the channel
+    assert "plan a trip" in str(history[0]["content"])
+    assert harness.api.request_count == 1
+    [warning] = [r for r in caplog.records if "could not open a thread" in r.getMessage()]
+    assert warning.levelno == logging.WARNING and warning.exc_info is None
 
 
 async def test_the_bot_never_answers_itself(harness: Harness) -> None:

@@ -51,6 +51,7 @@ from tests.fakes.discord_world import (
     PRIVATE_THREAD,
     PUBLIC_THREAD,
     RANDOM_ID,
+    Intent,
     Message,
     World,
 )
@@ -82,6 +83,9 @@ class FakeDiscord:
     `rate_limit` requests per `rate_window` seconds per bucket is what the rate-limit headers
     announce (and enforce with 429). Discord's real message bucket is 5 per 5 s; the looser
     default keeps tests fast while discord.py's own throttling code still runs.
+
+    `portal_intents` are the privileged intents (`Intent.PRIVILEGED` bits) switched on for the
+    application in the Developer Portal; an IDENTIFY asking for any other is closed with 4014.
     """
 
     token = "test-token"
@@ -92,6 +96,7 @@ class FakeDiscord:
         rate_limit: int = 50,
         rate_window: float = 1.0,
         heartbeat_interval_ms: int = 41_250,
+        portal_intents: int = Intent.PRIVILEGED,
     ) -> None:
         self._lock = threading.Lock()
         # The port is reserved now, so the addresses below are valid before start().
@@ -125,6 +130,7 @@ class FakeDiscord:
             heartbeat_interval_ms=heartbeat_interval_ms,
             not_websocket=self._rest.unhandled,
         )
+        self._gateway.portal_intents = portal_intents
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -280,6 +286,19 @@ class FakeDiscord:
             owner_id = int(self._world.user(owner or MEMBER_ID)["id"])
             kind = PRIVATE_THREAD if private else PUBLIC_THREAD
             return self._world.create_thread(parent_id, name, owner_id, thread_type=kind).id
+
+    def set_permission_overwrite(
+        self, channel_id: int, target: dict[str, Any] | int, *, allow: int = 0, deny: int = 0
+    ) -> None:
+        """An admin sets a channel's permissions for a role (a role id) or a member (a user),
+        replacing any earlier overwrite for it (CHANNEL_UPDATE). Bits are `Perm`'s. The fake
+        checks them where the bot opens threads, answering 403 Missing Permissions (50013) as
+        Discord does; it does not check them for posting."""
+        with self._lock:
+            target_id = target if isinstance(target, int) else int(target["id"])
+            if target_id not in self._world.roles:
+                self._world.user(target_id)
+            self._world.set_overwrite(int(channel_id), target_id, allow=allow, deny=deny)
 
     def dm_channel(self, user: dict[str, Any] | int) -> int:
         """The id of the DM channel between the bot and `user` (created on first use)."""

@@ -224,14 +224,14 @@ class Interactions:
                 "context": BOT_DM_CONTEXT,
             }
         else:
-            member_perms = str(world.permissions(user_id))
+            member_perms = str(world.channel_permissions(user_id, channel))
             payload |= {
                 "guild_id": str(channel.guild_id),
                 "guild": {"id": str(channel.guild_id), "locale": "en-US", "features": []},
                 "guild_locale": "en-US",
-                "member": world.member_payload(user_id, with_permissions=True),
+                "member": world.member_payload(user_id) | {"permissions": member_perms},
                 "channel": channel_payload | {"permissions": member_perms},
-                "app_permissions": str(world.permissions(BOT_ID)),
+                "app_permissions": str(world.channel_permissions(BOT_ID, channel)),
                 "authorizing_integration_owners": {"0": str(channel.guild_id)},
                 "context": GUILD_CONTEXT,
             }

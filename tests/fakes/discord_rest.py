@@ -29,6 +29,7 @@ from tests.fakes.discord_world import (
     PUBLIC_THREAD,
     DiscordError,
     Message,
+    Perm,
     World,
 )
 
@@ -442,9 +443,11 @@ class RestApi:
     async def thread_from_message(self, request: web.Request) -> web.Response:
         with self.lock:
             info = request.match_info
-            msg = self.world.message(info["channel_id"], info["message_id"])
+            channel = self.world.channel(info["channel_id"])
+            msg = self.world.message(channel.id, info["message_id"])
+            self.world.require(BOT_ID, channel, Perm.CREATE_PUBLIC_THREADS)
             name = request[BODY]["name"]
-            thread = self.world.create_thread(msg.channel_id, name, BOT_ID, thread_id=msg.id)
+            thread = self.world.create_thread(channel.id, name, BOT_ID, thread_id=msg.id)
             return json_response(self.world.channel_payload(thread), 201)
 
     async def thread_without_message(self, request: web.Request) -> web.Response:
@@ -453,8 +456,12 @@ class RestApi:
         if thread_type not in (PUBLIC_THREAD, PRIVATE_THREAD):
             raise DiscordError(400, 50024, "Cannot execute action on this channel type")
         with self.lock:
+            parent = self.world.channel(request.match_info["channel_id"])
+            public = thread_type == PUBLIC_THREAD
+            needed = Perm.CREATE_PUBLIC_THREADS if public else Perm.CREATE_PRIVATE_THREADS
+            self.world.require(BOT_ID, parent, needed)
             thread = self.world.create_thread(
-                int(request.match_info["channel_id"]), body["name"], BOT_ID, thread_type=thread_type
+                parent.id, body["name"], BOT_ID, thread_type=thread_type
             )
             return json_response(self.world.channel_payload(thread), 201)
 

@@ -1,10 +1,11 @@
 """The fake's gateway: Discord's websocket protocol as discord.py 2.7.1 speaks it.
 
-HELLO, heartbeat ACKs, IDENTIFY -> READY + GUILD_CREATE, RESUME with replay of what a
-session missed, and REQUEST_MEMBERS. Events carry per-session sequence numbers and respect
-the intents the client identified with, including Discord's blanking of message content for
-a bot without the MESSAGE_CONTENT intent. Frames are plain text: discord.py asks for
-zlib-stream compression but only decompresses binary frames.
+HELLO, heartbeat ACKs, IDENTIFY -> READY + GUILD_CREATE (or close code 4004 for a wrong
+token, 4014 for a privileged intent not switched on in the Developer Portal), RESUME with
+replay of what a session missed, and REQUEST_MEMBERS. Events carry per-session sequence
+numbers and respect the intents the client identified with, including Discord's blanking of
+message content for a bot without the MESSAGE_CONTENT intent. Frames are plain text:
+discord.py asks for zlib-stream compression but only decompresses binary frames.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ _Frame = tuple[str, str | None]  # the JSON text sent, and its event name (None 
 RESUMABLE_HISTORY = 1000
 HELLO, HEARTBEAT, IDENTIFY, RESUME, RECONNECT, REQUEST_MEMBERS = 10, 1, 2, 6, 7, 8
 INVALID_SESSION, HEARTBEAT_ACK = 9, 11
-AUTHENTICATION_FAILED = 4004
+AUTHENTICATION_FAILED, DISALLOWED_INTENTS = 4004, 4014
 
 
 def _op(op: int, data: Any) -> str:
@@ -88,6 +89,7 @@ class Gateway:
         self.sessions: dict[str, _Session] = {}
         self.sockets: set[web.WebSocketResponse] = set()
         self.identify_payload: dict[str, Any] | None = None
+        self.portal_intents = Intent.PRIVILEGED  # the privileged intents switched on
         self.resumes = 0
         self.guild_creates_delivered = 0
         self.dispatched: list[tuple[str, dict[str, Any]]] = []
@@ -111,11 +113,11 @@ class Gateway:
                 if op == HEARTBEAT:
                     queue.put_nowait((_op(HEARTBEAT_ACK, None), None))
                 elif op == IDENTIFY:
-                    session = self._identify(data, queue)
-                    if session is None:
-                        await ws.close(
-                            code=AUTHENTICATION_FAILED, message=b"Authentication failed."
-                        )
+                    refusal = self._refusal(data)
+                    if refusal is not None:
+                        await ws.close(code=refusal[0], message=refusal[1])
+                    else:
+                        session = self._identify(data, queue)
                 elif op == RESUME:
                     session = self._resume(data, queue)
                     if session is None:
@@ -148,13 +150,18 @@ class Gateway:
                 with self.lock:
                     self.guild_creates_delivered += 1
 
-    def _identify(
-        self, data: dict[str, Any], queue: asyncio.Queue[_Frame | None]
-    ) -> _Session | None:
-        if data.get("token") != self.token:
-            return None
+    def _refusal(self, data: dict[str, Any]) -> tuple[int, bytes] | None:
+        """The close code and reason Discord ends the connection with instead of READY."""
         with self.lock:
             self.identify_payload = data
+            if data.get("token") != self.token:
+                return AUTHENTICATION_FAILED, b"Authentication failed."
+            if int(data.get("intents") or 0) & Intent.PRIVILEGED & ~self.portal_intents:
+                return DISALLOWED_INTENTS, b"Disallowed intent(s)."
+        return None
+
+    def _identify(self, data: dict[str, Any], queue: asyncio.Queue[_Frame | None]) -> _Session:
+        with self.lock:
             session = _Session(int(data.get("intents") or 0))
             session.queue = queue
             self.sessions[session.id] = session
@@ -230,7 +237,7 @@ class Gateway:
                 if event != "MESSAGE_DELETE" and not session.intents & Intent.MESSAGE_CONTENT:
                     self._send_locked(session, event, _without_content(data))
                     continue
-            elif event.startswith("THREAD_") and not session.intents & Intent.GUILDS:
+            elif event.startswith(("THREAD_", "CHANNEL_")) and not session.intents & Intent.GUILDS:
                 continue
             self._send_locked(session, event, data)
 

@@ -30,6 +30,8 @@ RANDOM_ID = 1_000_000_000_000_000_402
 TEXT_CHANNEL, DM_CHANNEL, PUBLIC_THREAD, PRIVATE_THREAD = 0, 1, 11, 12
 THREAD_TYPES = (10, PUBLIC_THREAD, PRIVATE_THREAD)
 
+ROLE, MEMBER = 0, 1  # the kinds of permission overwrite
+
 DEFAULT_MESSAGE, REPLY_MESSAGE, CHAT_INPUT_COMMAND_MESSAGE = 0, 19, 20
 EPHEMERAL, LOADING = 1 << 6, 1 << 7
 
@@ -75,9 +77,12 @@ class Perm:
 class Intent:
     GUILDS = 1 << 0
     GUILD_MEMBERS = 1 << 1
+    GUILD_PRESENCES = 1 << 8
     GUILD_MESSAGES = 1 << 9
     DIRECT_MESSAGES = 1 << 12
     MESSAGE_CONTENT = 1 << 15
+    PRIVILEGED = GUILD_MEMBERS | GUILD_PRESENCES | MESSAGE_CONTENT
+    """The ones an application must switch on in the Developer Portal before asking for them."""
 
 
 class DiscordError(Exception):
@@ -102,6 +107,10 @@ def unknown_channel() -> DiscordError:
 
 def unknown_message() -> DiscordError:
     return DiscordError(404, 10008, "Unknown Message")
+
+
+def missing_permissions() -> DiscordError:
+    return DiscordError(403, 50013, "Missing Permissions")
 
 
 def iso_time(snowflake: int) -> str:
@@ -139,6 +148,7 @@ class Channel:
     recipient_id: int | None = None
     last_message_id: int | None = None
     message_count: int = 0
+    overwrites: list[dict[str, Any]] = field(default_factory=list)  # as Discord sends them
 
 
 @dataclass
@@ -269,9 +279,48 @@ class World:
             perms |= int(self.roles[role_id]["permissions"])
         return Perm.ALL if perms & Perm.ADMINISTRATOR else perms
 
-    def member_payload(
-        self, user_id: int, *, with_user: bool = True, with_permissions: bool = False
-    ) -> dict[str, Any]:
+    def channel_permissions(self, user_id: int, channel: Channel) -> int:
+        """What the member may do in `channel` (a thread: in its parent): the guild-level
+        permissions with the channel's overwrites applied in Discord's order, @everyone's,
+        then the member's roles' together, then the member's own."""
+        perms = self.permissions(user_id)
+        if perms & Perm.ADMINISTRATOR:
+            return perms
+        if channel.parent_id is not None:
+            channel = self.channels[channel.parent_id]
+        roles = set(self.member_roles.get(user_id, []))
+        layers = (
+            [o for o in channel.overwrites if o["type"] == ROLE and int(o["id"]) == GUILD_ID],
+            [o for o in channel.overwrites if o["type"] == ROLE and int(o["id"]) in roles],
+            [o for o in channel.overwrites if o["type"] == MEMBER and int(o["id"]) == user_id],
+        )
+        for layer in layers:
+            deny = allow = 0
+            for overwrite in layer:
+                deny |= int(overwrite["deny"])
+                allow |= int(overwrite["allow"])
+            perms = (perms & ~deny) | allow
+        return perms
+
+    def require(self, user_id: int, channel: Channel, needed: int) -> None:
+        """Refuse, as Discord does, an action the member lacks a permission for here."""
+        if self.channel_permissions(user_id, channel) & needed != needed:
+            raise missing_permissions()
+
+    def set_overwrite(self, channel_id: int, target_id: int, *, allow: int, deny: int) -> None:
+        """Replace a role's (or, for any other id, a member's) overwrite on a guild channel,
+        as an admin editing the channel's permissions does; connected bots get CHANNEL_UPDATE."""
+        channel = self.channel(channel_id)
+        if channel.guild_id is None or channel.type in THREAD_TYPES:
+            raise DiscordError(400, 50024, "Cannot execute action on this channel type")
+        kind = ROLE if target_id in self.roles else MEMBER
+        channel.overwrites = [o for o in channel.overwrites if int(o["id"]) != target_id]
+        channel.overwrites.append(
+            {"id": str(target_id), "type": kind, "allow": str(allow), "deny": str(deny)}
+        )
+        self.dispatch("CHANNEL_UPDATE", self.channel_payload(channel))
+
+    def member_payload(self, user_id: int, *, with_user: bool = True) -> dict[str, Any]:
         member: dict[str, Any] = {
             "roles": [str(r) for r in self.member_roles[user_id]],
             "joined_at": self.joined_at,
@@ -286,8 +335,6 @@ class World:
         }
         if with_user:
             member["user"] = self.users[user_id]
-        if with_permissions:
-            member["permissions"] = str(self.permissions(user_id))
         return member
 
     # Guild and channels
@@ -378,7 +425,8 @@ class World:
                 },
             }
         else:
-            payload |= {"topic": None, "nsfw": False, "permission_overwrites": []}
+            overwrites = copy.deepcopy(channel.overwrites)
+            payload |= {"topic": None, "nsfw": False, "permission_overwrites": overwrites}
         return payload
 
     def create_thread(
