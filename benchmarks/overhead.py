@@ -233,7 +233,14 @@ async def json_cells(
                 result = await reference_json.measure(
                     path, conversation, stored, scopes, grid.json_turns, grid.json_seconds
                 )
-                cell = Cell("json", sessions, history, history, result.phases, result.file_bytes)
+                cell = Cell(
+                    "json",
+                    sessions,
+                    history,
+                    grown_to=history,
+                    phases=result.phases,
+                    file_bytes=result.file_bytes,
+                )
                 progress(
                     f"json: {sessions} sessions, {history} messages: "
                     f"p50 {cell.p(50):.1f} ms ({cell.turns} turns, "

@@ -48,13 +48,9 @@ def paired_tool_messages(messages: Sequence[Message]) -> list[Message]:
     return result
 
 
-def from_first_user(messages: Sequence[Message]) -> list[Message]:
-    """The window from its first user message on, without stored system messages (ours is
-    sent instead)."""
-    first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
-    if first_user is None:
-        return []
-    return [m for m in messages[first_user:] if m.get("role") != "system"]
+def _first_user(messages: Sequence[Message]) -> int:
+    """Where the window may start: its first user message (its length when it has none)."""
+    return next((i for i, m in enumerate(messages) if m.get("role") == "user"), len(messages))
 
 
 IMAGE_NOTE = "[an image was shared here; it was shown to you when it was sent]"
@@ -94,11 +90,16 @@ def build_context(
     then the new message. `recent_bytes`, when the store already measured `recent`, spares
     measuring it again whenever it fits whole (the common case)."""
     fits = recent_bytes is not None and recent_bytes <= room
-    history = from_first_user(recent if fits else newest_within(recent, room))
+    window = recent if fits else newest_within(recent, room)
     system: Message = {"role": "system", "content": system_prompt}
-    # Plain text needs no rewriting; checking that first keeps this pass cheap.
+    # One pass: stored system messages are dropped (ours is sent instead), and plain text
+    # needs no rewriting, which is checked first to keep the pass cheap.
     return [
         system,
-        *(m if type(m.get("content")) is str else with_images_as_notes(m) for m in history),
+        *(
+            m if type(m.get("content")) is str else with_images_as_notes(m)
+            for m in window[_first_user(window) :]
+            if m.get("role") != "system"
+        ),
         user,
     ]

@@ -87,6 +87,7 @@ def test_the_json_pattern_and_the_ratio_are_reported(report: str) -> None:
     rows = tables(report)["Against the reference pattern (one JSON file)"]
     assert len(rows) == 1 + 2 * 4
     for row in rows:
+        assert number(row["JSON file MB"]) > 0
         assert number(row["JSON p50 ms"]) > 0
         assert number(row["JSON / Redis"]) > 0
         assert number(row["JSON / Redis first turn"]) > 0
