@@ -16,6 +16,7 @@ import pytest
 from bot.discord_bot.scopes import scope_for
 from bot.store.base import StorePolicy
 from bot.store.redis import RedisStore
+from tests.bot_process import bot_environment
 from tests.conftest import TEST_MODELS, RedisServer
 from tests.discord_harness import Harness
 from tests.fakes.dedalus_api import FakeDedalusAPI
@@ -39,16 +40,7 @@ def two_bot_processes(
     fakes: tuple[FakeDiscord, FakeDedalusAPI], redis_url: str, tmp_path: Path
 ) -> Iterator[list[Path]]:
     fake, api = fakes
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "PYTHONPATH": str(ROOT),
-        "FAKE_DISCORD_API": fake.api_base,
-        "FAKE_DISCORD_GATEWAY": fake.gateway_url,
-        "DISCORD_TOKEN": fake.token,
-        "REDIS_URL": redis_url,
-        "MODEL_MAX_RETRIES": "0",
-        **api.env(),
-    }
+    env = bot_environment(fake, api, redis_url, MODEL_MAX_RETRIES="0")
     logs = [tmp_path / f"bot{i}.log" for i in range(2)]
     processes = [
         subprocess.Popen(

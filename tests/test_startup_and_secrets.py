@@ -17,6 +17,7 @@ from bot.errors import SettingsError
 from bot.model import DedalusModel
 from bot.store.base import StorePolicy
 from bot.store.redis import RedisStore
+from tests.bot_process import bot_environment
 from tests.conftest import TEST_MODELS
 from tests.discord_harness import Harness
 from tests.fakes.dedalus_api import FakeDedalusAPI
@@ -95,22 +96,13 @@ def test_a_missing_message_content_intent_stops_with_one_line_saying_where_to_sw
 ) -> None:
     without_content = Intent.PRIVILEGED & ~Intent.MESSAGE_CONTENT
     with FakeDiscord(portal_intents=without_content) as fake, FakeDedalusAPI() as api:
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "PYTHONPATH": str(ROOT),
-            "FAKE_DISCORD_API": fake.api_base,
-            "FAKE_DISCORD_GATEWAY": fake.gateway_url,
-            "DISCORD_TOKEN": fake.token,
-            "REDIS_URL": redis_url,
-            **api.env(),
-        }
         result = subprocess.run(
             [sys.executable, "-m", "tests.bot_process"],
             capture_output=True,
             text=True,
             timeout=30,
             cwd=ROOT,
-            env=env,
+            env=bot_environment(fake, api, redis_url),
         )
         identified = fake.identify_payload
     assert identified is not None and identified["intents"] & Intent.MESSAGE_CONTENT
