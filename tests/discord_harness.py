@@ -44,10 +44,10 @@ class Harness:
             guild_ready_timeout=0.1,
         )
         self.bot = bot
-        self._running = asyncio.create_task(bot.start(self.discord.token))
-        await self.discord.wait_for(lambda: bot.is_ready() or self._running.done(), what="ready")
-        if self._running.done():
-            self._running.result()
+        self._running = running = asyncio.create_task(bot.start(self.discord.token))
+        await self.discord.wait_for(lambda: bot.is_ready() or running.done(), what="ready")
+        if running.done():
+            running.result()
         return bot
 
     async def stop(self) -> None:

@@ -111,7 +111,8 @@ async def test_streamed_tool_call_arrives_as_argument_deltas(
 ) -> None:
     call_id = api.reply_tool_call("lookup", {"q": "weather", "units": "metric"})
     api.reply_text("done")
-    deltas, finishes = [], []
+    deltas: list[Any] = []
+    finishes: list[str | None] = []
     async for chunk in DedalusRunner(client).run(input="hi", model=MODEL, stream=True):
         deltas += chunk.choices[0].delta.tool_calls or []
         finishes.append(chunk.choices[0].finish_reason)
@@ -181,7 +182,7 @@ async def test_models_list(api: FakeDedalusAPI, client: AsyncDedalus) -> None:
 async def test_unscripted_requests_echo_the_last_user_message(
     api: FakeDedalusAPI, client: AsyncDedalus
 ) -> None:
-    messages = [
+    messages: list[Any] = [
         {"role": "user", "content": "first"},
         {"role": "assistant", "content": "ok"},
         {"role": "user", "content": "second"},
@@ -189,9 +190,8 @@ async def test_unscripted_requests_echo_the_last_user_message(
     result = await DedalusRunner(client).run(messages=messages, model=MODEL)
     assert result.final_output == "echo: second"
     parts = [{"type": "text", "text": "part one"}, {"type": "text", "text": "part two"}]
-    response = await client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": parts}]
-    )
+    with_parts: Any = {"role": "user", "content": parts}
+    response = await client.chat.completions.create(model=MODEL, messages=[with_parts])
     assert response.object == "chat.completion"
     assert response.model == MODEL
     assert response.choices[0].message.content == "echo: part one part two"

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from typing import Any
 
 import discord
 import pytest
@@ -303,7 +304,9 @@ async def test_without_the_content_intent_only_mentions_carry_content(
     assert [m.content for m in seen] == ["", f"<@{fake.bot_id}> hey bot"]
 
 
-def _recorder(seen: list[discord.Message]) -> Callable[[discord.Message], Awaitable[None]]:
+def _recorder(
+    seen: list[discord.Message],
+) -> Callable[[discord.Message], Coroutine[Any, Any, None]]:
     async def on_message(message: discord.Message) -> None:
         seen.append(message)
 

@@ -57,7 +57,9 @@ class Import:
     messages: int
 
 
-operations = st.one_of(
+Step = Turn | Clear | Forget | Switch | Import
+
+operations: st.SearchStrategy[Step] = st.one_of(
     st.builds(
         Turn,
         process=st.integers(0, 2),
@@ -77,7 +79,7 @@ def text(size: int, tag: int) -> str:
     return f"#{tag} " + "x" * size
 
 
-async def scenario(redis_url: str, steps: list[object]) -> None:
+async def scenario(redis_url: str, steps: list[Step]) -> None:
     """Run `steps` through three processes (three stores, each with its own cache: the
     default, a tiny one that evicts almost everything, none) and check every turn's history
     against what Redis holds."""
@@ -92,7 +94,7 @@ async def scenario(redis_url: str, steps: list[object]) -> None:
     refs: list[str] = []
     try:
         for tag, step in enumerate(steps):
-            store = stores[step.process]  # type: ignore[attr-defined]
+            store = stores[step.process]
             if isinstance(step, Turn):
                 turn = await store.begin_turn(SCOPE, Ticket.now(), step.room, 10_000)
                 stored = await stores[2].read_history(SCOPE, turn.session.name)
@@ -137,7 +139,7 @@ def test_every_turn_sees_the_stored_history_whatever_other_processes_did(
 ) -> None:
     @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.lists(operations, min_size=1, max_size=30))
-    def check(steps: list[object]) -> None:
+    def check(steps: list[Step]) -> None:
         asyncio.run(scenario(redis_url, steps))
 
     check()
@@ -150,15 +152,16 @@ async def test_what_another_process_did_at_the_history_cap_is_seen(
 ) -> None:
     """At the cap the stored length no longer grows, so only the generation tells a
     process that its cached messages were replaced: each way of replacing them, checked."""
-    steps: list[object] = [Turn(0, 10_000, 10, 1, False)]  # process 0 caches the session
+    steps: list[Step] = [Turn(0, 10_000, 10, 1, False)]  # process 0 caches the session
     steps += [Turn(1, 10_000, 10, 1, False) for _ in range(CAP)]  # process 1 fills it
-    steps += {
+    replacements: dict[str, list[Step]] = {
         "clear": [Clear(1)],
         "forget": [Forget(1, 2)],
         "import": [Import(1, CAP)],
         "switch-and-back": [Switch(1, "other"), Turn(1, 10_000, 5, 1, False), Switch(1, "default")],
         "turns": [Turn(1, 10_000, 10, 3, False)],
-    }[change]
+    }
+    steps += replacements[change]
     if then_a_turn:
         steps.append(Turn(1, 10_000, 10, 1, False))
     steps.append(Turn(0, 10_000, 10, 1, False))  # checked against what Redis holds

@@ -14,6 +14,7 @@ from bot.store.base import (
     SessionStore,
     StorePolicy,
     Ticket,
+    Turn,
     encode_message,
 )
 
@@ -31,7 +32,9 @@ TOOL_ROUND: list[Message] = [
 ]
 
 
-async def save_turn(store: SessionStore, scope: str, *messages: Message, ref: str | None = None):
+async def save_turn(
+    store: SessionStore, scope: str, *messages: Message, ref: str | None = None
+) -> Turn:
     turn = await store.begin_turn(scope, Ticket.now(), BIG, 10_000)
     assert await store.finish_turn(turn, list(messages), ref)
     return turn
