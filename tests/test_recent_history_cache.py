@@ -114,7 +114,15 @@ async def scenario(redis_url: str, steps: list[Step]) -> None:
                 await store.clear_session(SCOPE)
             elif isinstance(step, Forget):
                 if len(refs) >= step.back:
-                    await store.forget_message(SCOPE, refs[-step.back])
+                    ref = refs[-step.back]
+                    stored_anywhere = [
+                        m
+                        for name in ("default", "other")
+                        for m in await stores[2].read_history(SCOPE, name)
+                        if m["role"] == "user" and str(m["content"]).startswith(f"#{ref[1:]} ")
+                    ]
+                    forgotten = await store.forget_message(SCOPE, ref)
+                    assert forgotten == bool(stored_anywhere), f"step {tag}: {step}"
             elif isinstance(step, Switch):
                 try:
                     await store.switch_session(SCOPE, step.name)

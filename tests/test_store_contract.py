@@ -17,6 +17,7 @@ from bot.store.base import (
     Turn,
     encode_message,
 )
+from bot.store.redis import RedisStore, session_key
 
 BIG = 1_000_000
 TOOL_ROUND: list[Message] = [
@@ -160,6 +161,41 @@ async def test_forget_message_removes_that_user_message(store: SessionStore) -> 
         answer,
         answer,
     ]
+
+
+@pytest.mark.parametrize("policy", [StorePolicy("openai/gpt-5.1", history_cap=6)])
+async def test_a_message_still_in_history_can_be_forgotten_however_long_the_session(
+    store: SessionStore,
+) -> None:
+    """Deleting a Discord message removes it from history for as long as it is stored;
+    what the cap already dropped is simply not found, and the store keeps no more of
+    these references than the history holds messages."""
+    answer = {"role": "assistant", "content": "noted"}
+    for i in range(43):
+        await save_turn(store, "s1", {"role": "user", "content": f"q{i}"}, answer, ref=f"m{i}")
+    if isinstance(store, RedisStore):
+        kept = await store._redis.hlen(session_key("s1", "default", "refs"))
+        assert kept <= 6
+    assert not await store.forget_message("s1", "m39")  # the cap dropped it already
+    for i in (40, 41, 42):
+        assert await store.forget_message("s1", f"m{i}")
+    assert await store.read_history("s1", "default") == [answer] * 3
+
+
+@pytest.mark.parametrize("policy", [StorePolicy("openai/gpt-5.1", history_cap=5)])
+async def test_after_a_forget_at_the_cap_older_messages_can_still_be_forgotten(
+    store: SessionStore,
+) -> None:
+    """A forgotten message frees its place, so an older one stays stored longer than the
+    cap alone would allow; it must stay forgettable too."""
+    answer = {"role": "assistant", "content": "noted"}
+    for i in range(11):
+        await save_turn(store, "s1", {"role": "user", "content": f"q{i}"}, answer, ref=f"m{i}")
+    assert await store.forget_message("s1", "m10")
+    await save_turn(store, "s1", {"role": "user", "content": "q11"}, answer, ref="m11")
+    assert {"role": "user", "content": "q9"} in await store.read_history("s1", "default")
+    assert await store.forget_message("s1", "m9")
+    assert {"role": "user", "content": "q9"} not in await store.read_history("s1", "default")
 
 
 async def test_import_replaces_named_sessions_whole(store: SessionStore) -> None:

@@ -10,9 +10,12 @@ scope and any of its sessions even on Redis Cluster):
     {prefix}:{scope}:claim:{id}         string  a claimed message id, expiring after a day
     {prefix}:{scope}:s:{name}:meta      hash    model, mcp (JSON list), created, updated, format,
                                                 last_turn (the last saved turn's token),
-                                                gen and seq (see below)
+                                                gen and seq (see below), forgotten (messages
+                                                removed by forget_message since the last clear)
     {prefix}:{scope}:s:{name}:messages  list    one JSON message per element, oldest first
     {prefix}:{scope}:s:{name}:refs      hash    user ref (Discord message id) -> stored JSON
+    {prefix}:{scope}:s:{name}:refseq    zset    user ref -> seq of its message (drops the refs
+                                                of messages the history cap trimmed)
     {prefix}:{scope}:s:{name}:lock      string  token of the turn in progress, with expiry
 
 A session's `gen` (generation) is replaced whenever its history changes other than by
@@ -79,7 +82,7 @@ def scope_key(scope: str, part: str) -> str:
 
 
 def session_key(scope: str, name: str, part: str) -> str:
-    """A session-level key (`meta`, `messages`, `refs` or `lock`)."""
+    """A session-level key (`meta`, `messages`, `refs`, `refseq` or `lock`)."""
     return scope_key(scope, f"s:{name}:{part}")
 
 
@@ -233,21 +236,29 @@ if #ARGV > 7 then
   local messages = key(name, 'messages')
   redis.call('RPUSH', messages, unpack(ARGV, 8))
   redis.call('LTRIM', messages, -cap, -1)
+  local seq = redis.call('HINCRBY', meta, 'seq', #ARGV - 7)
   if ARGV[7] ~= '' then
-    local refs = key(name, 'refs')
-    if redis.call('HLEN', refs) >= cap then redis.call('DEL', refs) end
+    local refs, order = key(name, 'refs'), key(name, 'refseq')
     redis.call('HSET', refs, ARGV[7], ARGV[8])
+    redis.call('ZADD', order, seq - (#ARGV - 8), ARGV[7])
+    -- A message is surely trimmed once `cap` messages came after it that are still
+    -- stored: even if every forgotten message was among them, those with seq up to here.
+    local trimmed = seq - cap - (tonumber(redis.call('HGET', meta, 'forgotten')) or 0)
+    local old = redis.call('ZRANGEBYSCORE', order, '-inf', trimmed)
+    if #old > 0 then
+      redis.call('HDEL', refs, unpack(old))
+      redis.call('ZREMRANGEBYSCORE', order, '-inf', trimmed)
+    end
   end
   redis.call('HSET', meta, 'updated', ARGV[5], 'last_turn', ARGV[3])
-  out = {1, redis.call('HGET', meta, 'gen') or '', redis.call('HINCRBY', meta, 'seq', #ARGV - 7),
-         redis.call('LLEN', messages)}
+  out = {1, redis.call('HGET', meta, 'gen') or '', seq, redis.call('LLEN', messages)}
   redis.call('ZADD', KEYS[2], ARGV[5], name)
 end
 if holder then redis.call('DEL', lock) end
 local ttl = tonumber(ARGV[6])
 if ttl > 0 then
   for _, k in ipairs({KEYS[1], KEYS[2], key(name, 'meta'), key(name, 'messages'),
-                      key(name, 'refs')}) do
+                      key(name, 'refs'), key(name, 'refseq')}) do
     redis.call('EXPIRE', k, ttl)
   end
 end
@@ -312,14 +323,14 @@ return describe(ARGV[2])
 _CLEAR = _lua(
     """
 local name = current_or_create(ARGV[2], ARGV[3])
-redis.call('DEL', key(name, 'messages'), key(name, 'refs'))
+redis.call('DEL', key(name, 'messages'), key(name, 'refs'), key(name, 'refseq'))
 local meta = key(name, 'meta')
 local readable, servers = pcall(cjson.decode, redis.call('HGET', meta, 'mcp') or '')
 if redis.call('HGET', meta, 'format') ~= '$FORMAT' or not readable or type(servers) ~= 'table' then
   redis.call('DEL', meta)
   create(name, ARGV[2], '[]', ARGV[3])
 end
-redis.call('HSET', meta, 'updated', ARGV[3], 'gen', new_generation(), 'seq', 0)
+redis.call('HSET', meta, 'updated', ARGV[3], 'gen', new_generation(), 'seq', 0, 'forgotten', 0)
 return describe(name)
 """
 )
@@ -343,8 +354,13 @@ for _, name in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   local stored = redis.call('HGET', refs, ARGV[2])
   if stored then
     redis.call('HDEL', refs, ARGV[2])
+    redis.call('ZREM', key(name, 'refseq'), ARGV[2])
     local removed = redis.call('LREM', key(name, 'messages'), -1, stored)
-    if removed > 0 then redis.call('HSET', key(name, 'meta'), 'gen', new_generation()) end
+    if removed > 0 then
+      local meta = key(name, 'meta')
+      redis.call('HSET', meta, 'gen', new_generation())
+      redis.call('HINCRBY', meta, 'forgotten', removed)
+    end
     return removed
   end
 end
@@ -625,7 +641,8 @@ class RedisStore:
             for name, messages in sessions.items():
                 meta = session_key(scope, name, "meta")
                 stored = session_key(scope, name, "messages")
-                tx.delete(meta, stored, session_key(scope, name, "refs"))
+                refs, order = session_key(scope, name, "refs"), session_key(scope, name, "refseq")
+                tx.delete(meta, stored, refs, order)
                 tx.hset(
                     meta,
                     mapping={
