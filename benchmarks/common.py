@@ -188,9 +188,10 @@ async def run_turns(
     first: Phases | None = None,
 ) -> Phases:
     """`rounds` rounds of one turn in each scope, one turn at a time, through the real
-    engine with the instant model; the first `warmup` turns are not recorded. With `first`,
-    the first round is recorded there instead (and is not warm-up): each scope's first
-    turn since its session was stored, which finds nothing of it cached."""
+    engine with the instant model, each turn a Discord message (claimed, ordered, and
+    remembered for deletion, as the bot does); the first `warmup` turns are not recorded.
+    With `first`, the first round is recorded there instead (and is not warm-up): each
+    scope's first turn since its session was stored, which finds nothing of it cached."""
     timed = TimedStore(store)
     model = InstantModel(conversation.answer)
     engine = Engine(cast(SessionStore, timed), model, LIMITS)
@@ -204,8 +205,15 @@ async def run_turns(
                 context_calls.clear()
                 user = conversation.user(made)
                 made += 1
+                message_id = time.time_ns()  # grows like a Discord message id
                 start = time.perf_counter_ns()
-                await engine.reply(scope, user)
+                await engine.reply(  # as the Discord glue calls it
+                    scope,
+                    user,
+                    user_ref=str(message_id),
+                    order=message_id,
+                    claim=str(message_id),
+                )
                 elapsed = time.perf_counter_ns() - start
                 if into is phases:
                     turn += 1
