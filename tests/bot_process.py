@@ -24,17 +24,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def bot_environment(
-    fake: FakeDiscord, api: FakeDedalusAPI, redis_url: str, **settings: str
+    fake: FakeDiscord, api: FakeDedalusAPI, redis_url: str | None, **settings: str
 ) -> dict[str, str]:
     """The whole environment of `python -m tests.bot_process` against these fakes (nothing
-    inherited, so no setting of the machine leaks in), plus `settings`."""
+    inherited, so no setting of the machine leaks in), plus `settings`. Without a Redis URL
+    the bot uses its SQLite file (`SQLITE_PATH` in `settings`)."""
     return {
         "PATH": "/usr/bin:/bin",
         "PYTHONPATH": str(ROOT),
         "FAKE_DISCORD_API": fake.api_base,
         "FAKE_DISCORD_GATEWAY": fake.gateway_url,
         "DISCORD_TOKEN": fake.token,
-        "REDIS_URL": redis_url,
+        **({"REDIS_URL": redis_url} if redis_url else {}),
         **api.env(),
         **settings,
     }

@@ -8,14 +8,15 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from bot.discord_bot.scopes import scope_for
-from bot.store.base import StorePolicy
+from bot.store.base import SessionStore, StorePolicy
 from bot.store.redis import RedisStore
+from bot.store.sqlite import SqliteStore
 from tests.bot_process import bot_environment
 from tests.conftest import TEST_MODELS, RedisServer
 from tests.discord_harness import Harness
@@ -35,12 +36,33 @@ def fakes() -> Iterator[tuple[FakeDiscord, FakeDedalusAPI]]:
         yield discord_fake, api
 
 
+@pytest.fixture(params=["redis", "sqlite"])
+async def shared_store(
+    request: pytest.FixtureRequest, redis_url: str, tmp_path: Path
+) -> AsyncIterator[SessionStore]:
+    """The store two bot processes share (one Redis, or one SQLite file), for reading it."""
+    store: SessionStore
+    if request.param == "redis":
+        store = RedisStore.from_url(redis_url, StorePolicy(TEST_MODELS[0]))
+    else:
+        store = SqliteStore(tmp_path / "shared.sqlite3", StorePolicy(TEST_MODELS[0]))
+    yield store
+    await store.close()
+
+
 @pytest.fixture
 def two_bot_processes(
-    fakes: tuple[FakeDiscord, FakeDedalusAPI], redis_url: str, tmp_path: Path
+    fakes: tuple[FakeDiscord, FakeDedalusAPI],
+    shared_store: SessionStore,
+    redis_url: str,
+    tmp_path: Path,
 ) -> Iterator[list[Path]]:
     fake, api = fakes
-    env = bot_environment(fake, api, redis_url, MODEL_MAX_RETRIES="0")
+    if isinstance(shared_store, RedisStore):
+        env = bot_environment(fake, api, redis_url, MODEL_MAX_RETRIES="0")
+    else:
+        sqlite_path = str(tmp_path / "shared.sqlite3")
+        env = bot_environment(fake, api, None, MODEL_MAX_RETRIES="0", SQLITE_PATH=sqlite_path)
     logs = [tmp_path / f"bot{i}.log" for i in range(2)]
     processes = [
         subprocess.Popen(
@@ -66,7 +88,9 @@ def two_bot_processes(
 
 
 async def test_fifty_overlapping_messages_across_two_processes(
-    fakes: tuple[FakeDiscord, FakeDedalusAPI], two_bot_processes: list[Path], redis_url: str
+    fakes: tuple[FakeDiscord, FakeDedalusAPI],
+    two_bot_processes: list[Path],
+    shared_store: SessionStore,
 ) -> None:
     fake, api = fakes
     for i in range(50):
@@ -77,9 +101,7 @@ async def test_fifty_overlapping_messages_across_two_processes(
     await asyncio.sleep(1)  # a duplicate answer, if any, would show up now
     answers = fake.bot_messages(fake.general_id)
     assert len(answers) == 50
-    store = RedisStore.from_url(redis_url, StorePolicy(TEST_MODELS[0]))
-    history = await store.read_history(scope_for(fake.general_id), "default")
-    await store.close()
+    history = await shared_store.read_history(scope_for(fake.general_id), "default")
     assert len(history) == 100
     questions = history[0::2]
     assert [q["content"].rsplit(": ", 1)[1] for q in questions] == [f"m{i:02}" for i in range(50)]
