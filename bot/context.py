@@ -85,13 +85,17 @@ def build_context(
     user: Message,
     room: int,
     recent_bytes: int | None = None,
+    as_stored: bool = False,
 ) -> list[Message]:
     """System prompt, then as much recent history as fits in `room` (see `history_room`),
     then the new message. `recent_bytes`, when the store already measured `recent`, spares
-    measuring it again whenever it fits whole (the common case)."""
+    measuring it again whenever it fits whole (the common case); `as_stored`, when the
+    store knows that no message of `recent` needs rewriting, spares looking at each."""
     fits = recent_bytes is not None and recent_bytes <= room
     window = recent if fits else newest_within(recent, room)
     system: Message = {"role": "system", "content": system_prompt}
+    if as_stored:
+        return [system, *window[_first_user(window) :], user]
     # One pass: stored system messages are dropped (ours is sent instead), and plain text
     # needs no rewriting, which is checked first to keep the pass cheap.
     return [

@@ -141,7 +141,9 @@ class Engine:
         half of the history that was sent."""
         measured: int | None = turn.recent_bytes
         for shortened in (False, True):
-            context = build_context(self._limits.system_prompt, turn.recent, user, room, measured)
+            context = build_context(
+                self._limits.system_prompt, turn.recent, user, room, measured, turn.as_stored
+            )
             try:
                 added, text = await self._call_model(context, turn.session.settings, on_text)
                 return added, text, shortened

@@ -13,8 +13,15 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot.context import newest_within
-from bot.store.base import Message, SessionSettings, StorePolicy, Ticket, message_size
+from bot.context import build_context, newest_within
+from bot.store.base import (
+    Message,
+    SessionSettings,
+    StorePolicy,
+    Ticket,
+    message_size,
+    sendable_as_stored,
+)
 from bot.store.recent import RecentCache, RecentWindow
 from bot.store.redis import RedisStore
 from tests.conftest import TEST_MODELS
@@ -31,6 +38,8 @@ class Turn:
     user_size: int
     answers: int
     fails: bool
+    image: bool = False
+    """The user message has content parts (text and an image)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,8 @@ class Switch:
 class Import:
     process: int
     messages: int
+    system: bool = False
+    """The imported history starts with a system message."""
 
 
 Step = Turn | Clear | Forget | Switch | Import
@@ -67,16 +78,22 @@ operations: st.SearchStrategy[Step] = st.one_of(
         user_size=st.integers(0, 120),
         answers=st.integers(1, 4),
         fails=st.booleans(),
+        image=st.booleans(),
     ),
     st.builds(Clear, process=st.integers(0, 2)),
     st.builds(Forget, process=st.integers(0, 2), back=st.integers(1, 4)),
     st.builds(Switch, process=st.integers(0, 2), name=st.sampled_from(["default", "other"])),
-    st.builds(Import, process=st.integers(0, 2), messages=st.integers(0, 12)),
+    st.builds(Import, process=st.integers(0, 2), messages=st.integers(0, 12), system=st.booleans()),
 )
 
 
 def text(size: int, tag: int) -> str:
     return f"#{tag} " + "x" * size
+
+
+def text_of(message: Message) -> str:
+    content = message.get("content")
+    return str(content[0]["text"]) if isinstance(content, list) else str(content)
 
 
 async def scenario(redis_url: str, steps: list[Step]) -> None:
@@ -101,7 +118,15 @@ async def scenario(redis_url: str, steps: list[Step]) -> None:
                 expected = newest_within(stored, step.room)
                 assert turn.recent == expected, f"step {tag}: {step}"
                 assert turn.recent_bytes == sum(message_size(m) for m in expected)
+                assert turn.as_stored == all(sendable_as_stored(m) for m in expected)
                 user: Message = {"role": "user", "content": text(step.user_size, tag)}
+                if step.image:
+                    image = {"type": "image_url", "image_url": {"url": "https://cdn/x.png"}}
+                    user["content"] = [{"type": "text", "text": user["content"]}, image]
+                context = build_context("system", turn.recent, user, step.room, turn.recent_bytes)
+                assert context == build_context(
+                    "system", turn.recent, user, step.room, turn.recent_bytes, turn.as_stored
+                )
                 answers: list[Message] = [
                     {"role": "assistant", "content": text(30 * i, tag)} for i in range(step.answers)
                 ]
@@ -119,7 +144,7 @@ async def scenario(redis_url: str, steps: list[Step]) -> None:
                         m
                         for name in ("default", "other")
                         for m in await stores[2].read_history(SCOPE, name)
-                        if m["role"] == "user" and str(m["content"]).startswith(f"#{ref[1:]} ")
+                        if m["role"] == "user" and text_of(m).startswith(f"#{ref[1:]} ")
                     ]
                     forgotten = await store.forget_message(SCOPE, ref)
                     assert forgotten == bool(stored_anywhere), f"step {tag}: {step}"
@@ -133,6 +158,8 @@ async def scenario(redis_url: str, steps: list[Step]) -> None:
                     {"role": "user" if i % 2 == 0 else "assistant", "content": text(i * 7, tag)}
                     for i in range(step.messages)
                 ]
+                if step.system:
+                    history.insert(0, {"role": "system", "content": text(5, tag)})
                 await store.import_sessions(
                     SCOPE, {"default": history}, SessionSettings(TEST_MODELS[0])
                 )
@@ -221,3 +248,18 @@ def test_the_cache_keeps_to_its_size_dropping_the_least_recently_used() -> None:
     off = RecentCache(max_bytes=0)
     off.put("a", window("a", 0))
     assert len(off) == 0
+
+
+def test_a_window_knows_when_its_messages_can_be_sent_as_stored() -> None:
+    """Context assembly skips rewriting only when no message in the part sent needs it: an
+    image message (its parts become a note) or a stored system message, until the cap or
+    the budget moves it out."""
+    plain: Message = {"role": "user", "content": "hi"}
+    image: Message = {"role": "user", "content": [{"type": "text", "text": "look"}]}
+    start = RecentWindow("default", "g", 0, 0, 10_000, True)
+    window = start.extended([plain, image, plain], [10, 10, 10], 3, 3)
+    assert window.newest_within(10_000)[2] is False
+    assert window.newest_within(10)[2] is True  # only the newest message fits
+    window = window.extended([plain, plain], [10, 10], 5, 3)  # the cap keeps three
+    assert window.messages == (plain, plain, plain)
+    assert window.newest_within(10_000)[2] is True

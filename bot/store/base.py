@@ -47,6 +47,12 @@ def message_size(message: Message) -> int:
     return len(encode_message(message).encode())
 
 
+def sendable_as_stored(message: Message) -> bool:
+    """Neither a stored system message nor one with content parts (images): the model may
+    be sent it exactly as stored, with no rewriting (see `bot.context`)."""
+    return message.get("role") != "system" and type(message.get("content")) is not list
+
+
 def checked_session_name(raw: str) -> str:
     """Session names become part of storage keys, so only a safe alphabet is accepted."""
     name = raw.strip()
@@ -116,6 +122,9 @@ class Turn:
     recent_bytes: int
     """The stored size of `recent`, which the store already kept within the budget."""
     lock_token: str
+    as_stored: bool = False
+    """Every message of `recent` is `sendable_as_stored`, so context assembly may skip
+    looking at each (a store that keeps recent messages knows this without a pass)."""
 
 
 HISTORY_CACHE_MB = 32

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from bot.store.base import Message
+from bot.store.base import Message, sendable_as_stored
 
 
 @dataclass(frozen=True)
@@ -47,20 +47,24 @@ class RecentWindow:
     messages: tuple[Message, ...] = ()
     sizes: tuple[int, ...] = ()
     size: int = 0
+    rewritten: tuple[int, ...] = ()
+    """Positions of the messages that are not `sendable_as_stored` (usually none)."""
 
     def can_serve(self, room: int) -> bool:
         return self.complete or room <= self.bound
 
-    def newest_within(self, room: int) -> tuple[list[Message], int]:
-        """The longest tail whose stored size fits `room`, and that size."""
-        if self.size <= room:
-            return list(self.messages), self.size
-        used = 0
-        start = len(self.sizes)
-        while start > 0 and used + self.sizes[start - 1] <= room:
-            start -= 1
-            used += self.sizes[start]
-        return list(self.messages[start:]), used
+    def newest_within(self, room: int) -> tuple[list[Message], int, bool]:
+        """The longest tail whose stored size fits `room`, its size, and whether all of its
+        messages are `sendable_as_stored`."""
+        start, used = 0, self.size
+        if self.size > room:
+            used = 0
+            start = len(self.sizes)
+            while start > 0 and used + self.sizes[start - 1] <= room:
+                start -= 1
+                used += self.sizes[start]
+        as_stored = not self.rewritten or self.rewritten[-1] < start
+        return list(self.messages[start:]), used, as_stored
 
     def extended(
         self, messages: Sequence[Message], sizes: Sequence[int], sequence: int, count: int
@@ -68,6 +72,10 @@ class RecentWindow:
         """This window with messages appended after it (now at `sequence`, with `count`
         stored), the oldest
         dropped beyond the bound, so it can still serve any room up to the bound."""
+        rewritten = (
+            *self.rewritten,
+            *(len(self.messages) + i for i, m in enumerate(messages) if not sendable_as_stored(m)),
+        )
         all_messages = (*self.messages, *messages)
         all_sizes = (*self.sizes, *sizes)
         size = self.size + sum(sizes)
@@ -84,6 +92,7 @@ class RecentWindow:
             messages=all_messages[start:],
             sizes=all_sizes[start:],
             size=size,
+            rewritten=tuple(i - start for i in rewritten if i >= start),
         )
 
 

@@ -489,8 +489,8 @@ class RedisStore:
             session.message_count,
         )
         self._recent.put(scope, window)
-        recent, used = window.newest_within(budget_bytes)
-        return Turn(scope, session, recent, used, ticket.token)
+        recent, used, as_stored = window.newest_within(budget_bytes)
+        return Turn(scope, session, recent, used, ticket.token, as_stored)
 
     async def claim(self, scope: str, claim: str) -> bool:
         async with self._available():
