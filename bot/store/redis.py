@@ -130,8 +130,8 @@ def _lua(body: str) -> str:
 # fit the budget: only those after the cached seq ('delta') when the caller's cache of this
 # session is still a prefix of it (same gen, and below the cap the length grew by exactly the
 # messages appended since, which also catches writes that bypassed these scripts), else the
-# window ('window', or 'all' when it holds the whole history). Messages come as
-# one JSON array, with their sizes as one comma-separated string.
+# window ('window', or 'all' when it holds the whole history). Messages come last, newest
+# first, after their sizes as one comma-separated string.
 _BEGIN_TURN = _lua(
     """
 local token, claim = ARGV[2], ARGV[8]
@@ -181,33 +181,27 @@ if ARGV[12] == gen and ARGV[11] == name then
   local grown = count - tonumber(ARGV[14]) == since or count >= tonumber(ARGV[15])
   if since >= 0 and since <= count and grown then wanted, mode = since, 'delta' end
 end
+local head = #out
+out[head + 1], out[head + 2], out[head + 3], out[head + 4], out[head + 5] = gen, seq, '', 0, ''
+-- (mode, used and sizes are set below)
 local messages, budget, used = key(name, 'messages'), tonumber(ARGV[4]), 0
 local stop, first, full = count, count - wanted, false
-local newest_first, sizes = {}, {}
+local sizes = {}
+-- The messages follow, newest first, one reply element each: joining them here
+-- (table.concat) would cost Redis several times what the client's parser spends on them.
 while stop > first and not full do
   local start = math.max(stop - 64, first)
   local page = redis.call('LRANGE', messages, start, stop - 1)
   for j = #page, 1, -1 do
     if used + #page[j] > budget then full = true break end
     used = used + #page[j]
-    newest_first[#newest_first + 1] = page[j]
+    out[#out + 1] = page[j]
+    sizes[#sizes + 1] = #page[j]
   end
   stop = start
 end
 if full then mode = 'window' elseif mode == 'window' then mode = 'all' end
-local oldest_first = {}
-for i = #newest_first, 1, -1 do
-  oldest_first[#oldest_first + 1] = newest_first[i]
-  sizes[#sizes + 1] = #newest_first[i]
-end
-out[#out + 1] = gen
-out[#out + 1] = seq
-out[#out + 1] = mode
-out[#out + 1] = used
--- One JSON array, not one reply element per message: parsing a long reply element by
--- element costs the client far more than one json.loads.
-out[#out + 1] = '[' .. table.concat(oldest_first, ',') .. ']'
-out[#out + 1] = table.concat(sizes, ',')
+out[head + 3], out[head + 4], out[head + 5] = mode, used, table.concat(sizes, ',')
 return out
 """
 )
@@ -467,10 +461,12 @@ class RedisStore:
         if status == "busy":
             raise SessionBusy()
         name = reply[1]
-        generation, sequence, mode, _used, loaded, sizes = reply[1 + _SUMMARY_FIELDS :]
+        generation, sequence, mode, _used, sizes = reply[1 + _SUMMARY_FIELDS : 6 + _SUMMARY_FIELDS]
+        loaded = reply[6 + _SUMMARY_FIELDS :]
+        loaded.reverse()
         try:
             session = session_info(reply[1 : 1 + _SUMMARY_FIELDS])
-            messages = decode_message_array(name, loaded)
+            messages = decode_message_array(name, "[" + ",".join(loaded) + "]")
         except CorruptSession:
             self._recent.drop(scope)
             placeholder = SessionInfo(name, SessionSettings(self._policy.default_model), 0, 0, 0)
@@ -484,7 +480,7 @@ class RedisStore:
             base = cached
         window = base.extended(
             messages,
-            [int(size) for size in sizes.split(",") if size],
+            [int(size) for size in reversed(sizes.split(",")) if size],
             int(sequence),
             session.message_count,
         )
