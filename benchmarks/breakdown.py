@@ -29,26 +29,23 @@ async def ping_ns(url: str, samples: int) -> list[int]:
         await client.aclose()
 
 
-def _as_array(conversation: Conversation, messages: int) -> str:
-    """The loaded messages as `begin_turn` returns them: one JSON array."""
-    return "[" + ",".join(encode_message(m) for m in conversation.history(messages)) + "]"
-
-
 async def bulk_reply_ns(
     url: str, conversation: Conversation, messages: int, samples: int
 ) -> list[int]:
-    """One GET of a string as large as `begin_turn`'s reply, with the same client: a round
-    trip plus moving and parsing that reply, with next to no server work."""
+    """One LRANGE of as many messages as a first turn's `begin_turn` returns, one reply
+    element each as it returns them, with the same client: a round trip plus moving and
+    parsing that reply, with little server work."""
     client = aioredis.Redis.from_url(url, decode_responses=True)
     key = "bench:reply"
     try:
-        await client.set(key, _as_array(conversation, messages))
+        await client.delete(key)
+        await client.rpush(key, *(encode_message(m) for m in conversation.history(messages)))
         for _ in range(20):
-            await client.get(key)
+            await client.lrange(key, 0, -1)
         out: list[int] = []
         for _ in range(samples):
             start = time.perf_counter_ns()
-            await client.get(key)
+            await client.lrange(key, 0, -1)
             out.append(time.perf_counter_ns() - start)
         await client.delete(key)
         return out
@@ -57,12 +54,12 @@ async def bulk_reply_ns(
 
 
 def decode_ns(conversation: Conversation, messages: int, samples: int = 200) -> float:
-    """p50 time of `decode_message_array` on `messages` messages (what `begin_turn` does
-    with the array Redis returns)."""
-    stored = _as_array(conversation, messages)
+    """p50 time of joining `messages` stored messages and `decode_message_array` on them
+    (what `begin_turn` does with the elements Redis returns)."""
+    stored = [encode_message(m) for m in conversation.history(messages)]
     out: list[int] = []
     for _ in range(samples):
         start = time.perf_counter_ns()
-        decode_message_array("bench", stored)
+        decode_message_array("bench", "[" + ",".join(stored) + "]")
         out.append(time.perf_counter_ns() - start)
     return percentile(out, 50)
