@@ -7,10 +7,12 @@ each process keeps it, and a turn asks Redis only for what was added since.
 
 What makes the copy safe to reuse: every session's meta holds a *generation*, replaced
 whenever its history changes other than by appending (created, cleared, a message
-forgotten, imported), and a *sequence*, the number of messages ever appended. A copy taken
-at (generation, sequence) is still a prefix of the stored history exactly when the
-generation is unchanged; the messages after its sequence are then all that is new. The
-store checks both inside the same script that takes the lock, so the answer cannot go
+forgotten, imported), and a *sequence*, raised by every append by the number of messages
+appended. A copy taken at (generation, sequence) is still a prefix of the stored history
+when the generation is unchanged; the messages after its sequence are then all that is
+new. Below the history cap the stored length must also have grown by exactly those, which
+catches writes that bypassed the store (an older bot version, a hand edit). The store
+checks all of this inside the same script that takes the lock, so the answer cannot go
 stale before the turn uses it.
 
 Memory is bounded: the least recently used sessions are dropped beyond `max_bytes` of
@@ -69,9 +71,9 @@ class RecentWindow:
     def extended(
         self, messages: Sequence[Message], sizes: Sequence[int], sequence: int, count: int
     ) -> RecentWindow:
-        """This window with messages appended after it (now at `sequence`, with `count`
-        stored), the oldest
-        dropped beyond the bound, so it can still serve any room up to the bound."""
+        """This window with messages appended after it (the session now at `sequence`,
+        with `count` stored). The oldest are dropped where the history cap dropped them,
+        and beyond the bound, so the window can still serve any room up to the bound."""
         rewritten = (
             *self.rewritten,
             *(len(self.messages) + i for i, m in enumerate(messages) if not sendable_as_stored(m)),

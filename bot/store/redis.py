@@ -235,8 +235,8 @@ if #ARGV > 7 then
     local refs, order = key(name, 'refs'), key(name, 'refseq')
     redis.call('HSET', refs, ARGV[7], ARGV[8])
     redis.call('ZADD', order, seq - (#ARGV - 8), ARGV[7])
-    -- A message is surely trimmed once `cap` messages came after it that are still
-    -- stored: even if every forgotten message was among them, those with seq up to here.
+    -- Drop the refs of messages the cap has surely trimmed: a message is gone once `cap`
+    -- messages came after it, not counting the `forgotten` ones that may have been among them.
     local trimmed = seq - cap - (tonumber(redis.call('HGET', meta, 'forgotten')) or 0)
     local old = redis.call('ZRANGEBYSCORE', order, '-inf', trimmed)
     if #old > 0 then
