@@ -72,6 +72,8 @@ CALL_TIMEOUT_SECONDS = 5.0
 """A store call not done by then (waiting for a connection included) fails as storage
 unavailable: Redis stopped answering. One deadline per call, not redis-py's per-read
 `socket_timeout`, which wraps every command in a task and costs a tenth of a turn."""
+IMPORT_TIMEOUT_SECONDS = 120.0
+"""An import sends whole sessions in one transaction, possibly many megabytes."""
 
 
 def scope_key(scope: str, part: str) -> str:
@@ -420,12 +422,12 @@ class RedisStore:
             await self._redis.aclose()
 
     @asynccontextmanager
-    async def _available(self) -> AsyncIterator[None]:
+    async def _available(self, seconds: float | None = None) -> AsyncIterator[None]:
         """Turn a lost or silent connection into the one error users are shown for it. A
         call cut off mid-reply closes its connection (redis-py drops it), so no later call
         reads a stale reply."""
         try:
-            async with asyncio.timeout(self._call_timeout):
+            async with asyncio.timeout(seconds or self._call_timeout):
                 yield
         except (RedisConnectionError, RedisTimeoutError, OSError) as error:
             raise StoreUnavailable() from error
@@ -633,7 +635,8 @@ class RedisStore:
     ) -> None:
         now = time.time()
         self._recent.drop(scope)  # the window would not be reused after this
-        async with self._available(), self._redis.pipeline(transaction=True) as tx:
+        deadline = max(IMPORT_TIMEOUT_SECONDS, self._call_timeout)
+        async with self._available(deadline), self._redis.pipeline(transaction=True) as tx:
             for name, messages in sessions.items():
                 meta = session_key(scope, name, "meta")
                 stored = session_key(scope, name, "messages")
