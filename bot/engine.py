@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from bot.context import build_context, history_room, paired_tool_messages
@@ -76,9 +76,12 @@ class Engine:
         order: int | None = None,
         claim: str | None = None,
         on_text: TextSink | None = None,
+        on_begin: Callable[[], Awaitable[None]] | None = None,
     ) -> Reply:
         """Answer `user` in the scope's current session. With `on_text`, the answer streams:
         each text delta is handed to it as it arrives, and the full text is saved at the end.
+        `on_begin` runs once the turn holds the session, before the model: only the process
+        that answers gets there (a typing indicator starts there, not in every process).
         `user_ref` names the stored user message so it can be forgotten later. Turns of a
         scope go in increasing `order` (default: now) across processes; a `claim` (a message
         id) is answered once, later tries raising `AlreadyClaimed`."""
@@ -89,6 +92,8 @@ class Engine:
             turn = await self._begin(scope, ticket, room)
             saved = False
             try:
+                if on_begin is not None:
+                    await on_begin()
                 async with self._lock_kept_alive(turn):
                     added, text, shortened = await self._run(turn, user, room, on_text)
                 saved = await self._save(turn, [user, *added], user_ref)

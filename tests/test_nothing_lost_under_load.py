@@ -107,6 +107,8 @@ async def test_fifty_overlapping_messages_across_two_processes(
     assert [q["content"].rsplit(": ", 1)[1] for q in questions] == [f"m{i:02}" for i in range(50)]
     assert history[1::2] == [echo_of(q) for q in questions]
     assert api.request_count == 50
+    # Both processes saw every message; only the one answering showed the bot typing.
+    assert fake.typing_calls.count(fake.general_id) == 50
     logs = "".join(log.read_text() for log in two_bot_processes)
     assert "Traceback" not in logs
 

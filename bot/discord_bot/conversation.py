@@ -5,6 +5,7 @@ engine's answer back. Everything else about a turn happens in the core."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -232,7 +233,16 @@ class Conversation(commands.Cog):
         live = LiveReply(channel, reference)
         scope = scope_for(channel.id)  # type: ignore[attr-defined]
         try:
-            async with channel.typing():
+            async with contextlib.AsyncExitStack() as typing:
+
+                async def show_typing() -> None:
+                    """Once this process has the turn: another process that saw the same
+                    message gives it up before this point, and shows nothing."""
+                    try:
+                        await typing.enter_async_context(channel.typing())
+                    except discord.HTTPException as error:  # no reason to fail the answer
+                        log.debug("no typing indicator in %s: HTTP %s", scope, error.status)
+
                 user = await user_message(message, me.id)
                 reply = await self.bot.engine.reply(
                     scope,
@@ -241,6 +251,7 @@ class Conversation(commands.Cog):
                     order=message.id,
                     claim=None if claimed else str(message.id),
                     on_text=live.feed,
+                    on_begin=show_typing,
                 )
             await live.finish(reply.text + (SHORTENED_NOTE if reply.shortened else ""))
         except AlreadyClaimed:
