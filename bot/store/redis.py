@@ -184,8 +184,8 @@ if ARGV[12] == gen and ARGV[11] == name then
   if since >= 0 and since <= count and grown then wanted, mode = since, 'delta' end
 end
 local head = #out
-out[head + 1], out[head + 2], out[head + 3], out[head + 4], out[head + 5] = gen, seq, '', 0, ''
--- (mode, used and sizes are set below)
+out[head + 1], out[head + 2], out[head + 3], out[head + 4] = gen, seq, '', ''
+-- (mode and sizes are set below)
 local messages, budget, used = key(name, 'messages'), tonumber(ARGV[4]), 0
 local stop, first, full = count, count - wanted, false
 local sizes = {}
@@ -203,7 +203,7 @@ while stop > first and not full do
   stop = start
 end
 if full then mode = 'window' elseif mode == 'window' then mode = 'all' end
-out[head + 3], out[head + 4], out[head + 5] = mode, used, table.concat(sizes, ',')
+out[head + 3], out[head + 4] = mode, table.concat(sizes, ',')
 return out
 """
 )
@@ -224,7 +224,8 @@ _FINISH_TURN = _lua(
 local name = ARGV[2]
 local lock, meta = key(name, 'lock'), key(name, 'meta')
 local holder = redis.call('GET', lock)
-if redis.call('HGET', meta, 'last_turn') == ARGV[3] then return {1} end
+local last_turn, gen, forgotten = unpack(redis.call('HMGET', meta, 'last_turn', 'gen', 'forgotten'))
+if last_turn == ARGV[3] then return {1} end
 if holder and holder ~= ARGV[3] then return {0} end
 local cap = tonumber(ARGV[4])
 local out = {1}
@@ -239,7 +240,7 @@ if #ARGV > 7 then
     redis.call('ZADD', order, seq - (#ARGV - 8), ARGV[7])
     -- Drop the refs of messages the cap has surely trimmed: a message is gone once `cap`
     -- messages came after it, not counting the `forgotten` ones that may have been among them.
-    local trimmed = seq - cap - (tonumber(redis.call('HGET', meta, 'forgotten')) or 0)
+    local trimmed = seq - cap - (tonumber(forgotten) or 0)
     local old = redis.call('ZRANGEBYSCORE', order, '-inf', trimmed)
     if #old > 0 then
       redis.call('HDEL', refs, unpack(old))
@@ -247,7 +248,7 @@ if #ARGV > 7 then
     end
   end
   redis.call('HSET', meta, 'updated', ARGV[5], 'last_turn', ARGV[3])
-  out = {1, redis.call('HGET', meta, 'gen') or '', seq, redis.call('LLEN', messages)}
+  out = {1, gen or '', seq, redis.call('LLEN', messages)}
   redis.call('ZADD', KEYS[2], ARGV[5], name)
 end
 if holder then redis.call('DEL', lock) end
@@ -463,8 +464,8 @@ class RedisStore:
         if status == "busy":
             raise SessionBusy()
         name = reply[1]
-        generation, sequence, mode, _used, sizes = reply[1 + _SUMMARY_FIELDS : 6 + _SUMMARY_FIELDS]
-        loaded = reply[6 + _SUMMARY_FIELDS :]
+        generation, sequence, mode, sizes = reply[1 + _SUMMARY_FIELDS : 5 + _SUMMARY_FIELDS]
+        loaded = reply[5 + _SUMMARY_FIELDS :]
         loaded.reverse()
         try:
             session = session_info(reply[1 : 1 + _SUMMARY_FIELDS])
