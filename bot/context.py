@@ -12,19 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bot.store.base import Message, message_size
+from bot.store.base import Message, message_size, newest_fitting
 
 
 def newest_within(messages: Sequence[Message], budget_bytes: int) -> list[Message]:
     """The longest tail of `messages` whose stored size fits the budget."""
-    used = 0
-    start = len(messages)
-    while start > 0:
-        used += message_size(messages[start - 1])
-        if used > budget_bytes:
-            break
-        start -= 1
-    return list(messages[start:])
+    count, _ = newest_fitting(map(message_size, reversed(messages)), budget_bytes)
+    return list(messages[len(messages) - count :])
 
 
 def paired_tool_messages(messages: Sequence[Message]) -> list[Message]:

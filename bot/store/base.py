@@ -22,7 +22,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -45,6 +45,18 @@ def encode_message(message: Message) -> str:
 
 def message_size(message: Message) -> int:
     return len(encode_message(message).encode())
+
+
+def newest_fitting(sizes_newest_first: Iterable[int], budget_bytes: int) -> tuple[int, int]:
+    """How many of the newest messages fit the budget, and their stored size: the one cut
+    that the context and the stores make (the Redis scripts make it in Lua)."""
+    count = used = 0
+    for size in sizes_newest_first:
+        if used + size > budget_bytes:
+            break
+        used += size
+        count += 1
+    return count, used
 
 
 def sendable_as_stored(message: Message) -> bool:

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from bot.store.base import Message, sendable_as_stored
+from bot.store.base import Message, newest_fitting, sendable_as_stored
 
 
 @dataclass(frozen=True)
@@ -60,11 +60,8 @@ class RecentWindow:
         messages are `sendable_as_stored`."""
         start, used = 0, self.size
         if self.size > room:
-            used = 0
-            start = len(self.sizes)
-            while start > 0 and used + self.sizes[start - 1] <= room:
-                start -= 1
-                used += self.sizes[start]
+            count, used = newest_fitting(reversed(self.sizes), room)
+            start = len(self.sizes) - count
         as_stored = not self.rewritten or self.rewritten[-1] < start
         return list(self.messages[start:]), used, as_stored
 
