@@ -63,6 +63,14 @@ class Cell:
         return percentile(values, q) / 1e6
 
     @property
+    def summary(self) -> str:
+        """The progress line of a finished cell."""
+        return (
+            f"{self.backend}: {self.sessions} sessions, {self.history} messages: "
+            f"p50 {self.p(50):.3f} ms, p99 {self.p(99):.3f} ms ({self.turns} turns)"
+        )
+
+    @property
     def sent(self) -> float:
         return percentile(self.phases.sent_messages, 50)
 
@@ -156,13 +164,10 @@ async def store_cells(
                             cell.add(more.phases)
                             cell.first_add(more.first)
                             cell.grown_to = max(cell.grown_to, more.grown_to)
-            for history, history_cells in by_history.items():
+            for history_cells in by_history.values():
                 cells += history_cells
                 for cell in history_cells:
-                    progress(
-                        f"{backend}: {cell.sessions} sessions, {history} messages: "
-                        f"p50 {cell.p(50):.3f} ms, p99 {cell.p(99):.3f} ms ({cell.turns} turns)"
-                    )
+                    progress(cell.summary)
         finally:
             for store in stores:
                 await store.close()
@@ -222,10 +227,7 @@ async def two_processes_cell(
                 warmup = grid.warmup if round_index == 0 and store is processes[0] else 0
                 cell.add(await run_turns(store, conversation, scopes, 1, warmup))
         cell.grown_to = history + 2 * (2 + 2 * rounds - 1)
-        progress(
-            f"redis, 2 processes, {history} messages: p50 {cell.p(50):.3f} ms, "
-            f"p99 {cell.p(99):.3f} ms ({cell.turns} turns)"
-        )
+        progress(cell.summary)
     finally:
         for store in processes:
             await store.close()
