@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections import deque
 
@@ -23,48 +24,84 @@ EDIT_WINDOW_SECONDS = 5.0
 NO_PINGS = discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=True)
 """The model's text can never ping @everyone, @here, roles or users; the asker is notified."""
 _FENCE = "```"
+_CLOSE = f"\n{_FENCE}"
+LANGUAGE_MAX_CHARS = 32
+"""A reopened code block keeps its language only up to this length, so the prefix carried
+into every piece stays small whatever the model writes after a fence."""
+_LANGUAGE = re.compile(r"([A-Za-z0-9_+\-.#]+?)(?:\n|$)")
+"""Discord's own rule: a fence's language is the word right after it, ended by a newline."""
+_NOTHING_TO_SHOW = re.compile(r"[A-Za-z0-9_+\-.#]*\n*")
+"""What may follow an opening fence for its block to show nothing yet: a language at most."""
 
 log = logging.getLogger(__name__)
 
 
-def _fence_after(text: str, open_fence: str | None) -> str | None:
-    """The code fence still open at the end of `text`, given the one open at its start."""
-    for line in text.split("\n"):
-        stripped = line.strip()
-        if stripped.startswith(_FENCE):
-            open_fence = None if open_fence is not None else stripped
-    return open_fence
+def _fence_after(text: str, open_language: str | None) -> str | None:
+    """The code block still open at the end of `text` (its language, "" for none), given the
+    one open at its start. Discord opens and closes a block at every ``` wherever it stands
+    on a line, so this does the same."""
+    at = text.find(_FENCE)
+    while at >= 0:
+        if open_language is None:
+            language = _LANGUAGE.match(text, at + len(_FENCE))
+            named = language[1] if language else ""
+            open_language = named if len(named) <= LANGUAGE_MAX_CHARS else ""
+        else:
+            open_language = None
+        at = text.find(_FENCE, at + len(_FENCE))
+    return open_language
 
 
 def _cut_point(window: str) -> int:
     """Where to cut: the last paragraph break, else line break, else space, in the back
-    half of the window; else the hard limit."""
+    half of the window; else the hard limit, moved off a run of backticks when it can be."""
     half = len(window) // 2
     for separator in ("\n\n", "\n", " "):
         at = window.rfind(separator)
         if at > half:
             return at
-    return len(window)
+    cut = len(window)
+    while cut > half and window[cut - 1] == "`":
+        cut -= 1
+    return cut if cut > half else len(window)
 
 
 def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
     """Pieces of at most `limit` characters that read as the whole text. A code block cut
-    in two is closed at the end of one piece and reopened (same language) in the next."""
+    in two is closed at the end of one piece and reopened (same language) in the next.
+
+    Every piece but the last carries at least half of what fits, so the number of pieces
+    stays proportional to the text whatever it holds (a fence followed by a line longer
+    than a message once made this loop run forever)."""
     pieces: list[str] = []
-    open_fence: str | None = None
+    open_language: str | None = None
     rest = text
     while rest:
-        prefix = f"{open_fence}\n" if open_fence else ""
+        prefix = f"{_FENCE}{open_language}\n" if open_language is not None else ""
         if len(prefix) + len(rest) <= limit:
             pieces.append(prefix + rest)
             break
-        window = rest[: limit - len(prefix) - len(_FENCE) - 1]
+        window = rest[: limit - len(prefix) - len(_CLOSE)]
         cut = _cut_point(window)
+        after = _fence_after(rest[:cut], open_language)
+        opening = rest.rfind(_FENCE, 0, cut)
+        if (
+            after is not None
+            and opening > len(window) // 2
+            and _NOTHING_TO_SHOW.fullmatch(rest, opening + len(_FENCE), cut)
+        ):
+            # The block opens at the very end of this piece: start the next piece with its
+            # fence instead of leaving an empty block behind.
+            cut = opening
+            after = _fence_after(rest[:cut], open_language)
         piece = rest[:cut]
-        open_fence = _fence_after(piece, open_fence)
-        pieces.append(prefix + piece + (f"\n{_FENCE}" if open_fence else ""))
+        pieces.append(prefix + piece + (_CLOSE if after is not None else ""))
         rest = rest[cut:]
         rest = rest[1:] if rest.startswith(" ") else rest.lstrip("\n")
+        if after is not None and rest.startswith(_FENCE):
+            rest = rest[len(_FENCE) :].lstrip("\n")  # the block ended here: it is closed
+            after = None
+        open_language = after
     return [p for p in pieces if p.strip()]
 
 
