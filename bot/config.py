@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from bot.errors import SettingsError
 from bot.store.base import HISTORY_CACHE_MB
@@ -68,15 +69,24 @@ def _text(env: Mapping[str, str], name: str, default: str | None) -> str | None:
 
 
 def _parsed(
-    env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T], expected: str
+    env: Mapping[str, str],
+    name: str,
+    default: T,
+    parse: Callable[[str], T],
+    expected: str,
+    *,
+    secret: bool = False,
 ) -> T:
+    """The parsed value, or `default` when unset. A `secret` value (a URL may carry a
+    password) is never repeated in the error, which is printed and may reach a log."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
         return parse(raw)
     except ValueError:
-        raise SettingsError(name, f"must be {expected}, got {raw[:40]!r}") from None
+        shown = "" if secret else f", got {raw[:40]!r}"
+        raise SettingsError(name, f"must be {expected}{shown}") from None
 
 
 def _positive_int(raw: str) -> int:
@@ -108,14 +118,21 @@ def _model_list(raw: str) -> tuple[str, ...]:
 
 
 def _redis_url(raw: str) -> str:
+    """Checked with redis-py's own parser, so a URL it would refuse at connection time (a bad
+    port, an unclosed IPv6 bracket) stops start-up here with one line, not a traceback."""
+    from redis.connection import parse_url
+
     if not raw.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(raw)
+        raise ValueError("scheme")
+    parse_url(raw)  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
     return raw
 
 
 def _http_url(raw: str) -> str:
-    if not raw.startswith(("http://", "https://")):
-        raise ValueError(raw)
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("scheme or host")
+    _ = parts.port  # raises ValueError for a port that is not a number in range
     return raw
 
 
@@ -141,9 +158,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError("DEFAULT_MODEL", f"{default_model!r} is not in ALLOWED_MODELS")
     return Settings(
         dedalus_api_key=_text(env, "DEDALUS_API_KEY", None),
-        dedalus_base_url=_parsed(env, "DEDALUS_BASE_URL", None, _http_url, "an http(s) URL"),
+        dedalus_base_url=_parsed(
+            env, "DEDALUS_BASE_URL", None, _http_url, "an http(s) URL", secret=True
+        ),
         discord_token=_text(env, "DISCORD_TOKEN", None),
-        redis_url=_parsed(env, "REDIS_URL", None, _redis_url, "a redis:// URL"),
+        redis_url=_parsed(env, "REDIS_URL", None, _redis_url, "a redis:// URL", secret=True),
         sqlite_path=Path(_text(env, "SQLITE_PATH", "sessions.sqlite3") or "sessions.sqlite3"),
         default_model=default_model,
         allowed_models=allowed,

@@ -80,6 +80,44 @@ def test_settings_come_from_the_env_file_of_the_working_directory(tmp_path: Path
     assert result.stderr.startswith("error: MODEL_TIMEOUT_SECONDS must be a positive number")
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("REDIS_URL", "redis//:hunter2-redis-password@db.example.com:6379/0"),
+        ("REDIS_URL", "redis://:hunter2-redis-password@db.example.com:63x79/0"),
+        ("REDIS_URL", "rediss://:hunter2-redis-password@[::1/0"),
+        ("REDIS_URL", "redis://:hunter2-redis-password@db.example.com/0?socket_timeout=x"),
+        ("DEDALUS_BASE_URL", "https//user:hunter2-api-password@api.example.com"),
+        ("DEDALUS_BASE_URL", "https://user:hunter2-api-password@api.example.com:99999/"),
+    ],
+)
+def test_a_malformed_url_is_named_but_never_shown(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    """A URL may carry a password: the start-up error names the variable and the problem,
+    and no part of the value reaches the output (it was echoed, up to 40 characters, or a
+    traceback showed it)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bot"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(ROOT),
+            "DISCORD_TOKEN": "t",
+            "DEDALUS_API_KEY": "k",
+            variable: value,
+        },
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(f"error: {variable} must be a")
+    assert "hunter2" not in output and "example.com" not in output
+
+
 async def test_a_refused_token_is_reported_as_such(redis_url: str) -> None:
     with FakeDiscord() as fake, fake.point_discord_py_here(), FakeDedalusAPI() as api:
         store = RedisStore.from_url(redis_url, StorePolicy(TEST_MODELS[0]))
