@@ -1,7 +1,8 @@
 """The production store: sessions in Redis, each operation one Lua script (one round trip).
 
-Layout (every key of a scope shares the hash tag `{scope}`, so one script may touch the
-scope and any of its sessions even on Redis Cluster):
+Layout (every key of a scope shares the hash tag `{scope}`, so all of them hash to one slot
+and a script touches a single slot, as Redis Cluster requires; running on a Cluster is issue
+14 and not tested yet: the scripts also build session keys not passed to them in KEYS):
 
     {prefix}:{scope}:state              hash    current -> session name; opt:{option} -> value
     {prefix}:{scope}:names              zset    session name -> last use (unix seconds)
