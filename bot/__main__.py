@@ -33,7 +33,9 @@ def build_engine(settings: Settings, store: SessionStore) -> Engine:
         settings.model_max_retries,
     )
     limits = EngineLimits(
-        system_prompt=settings.system_prompt, budget_bytes=settings.context_budget_chars
+        system_prompt=settings.system_prompt,
+        budget_bytes=settings.context_budget_chars,
+        lock_ms=int(settings.turn_lease_seconds * 1000),
     )
     return Engine(store, model, limits)
 

@@ -48,6 +48,7 @@ class Settings:
     history_cache_mb: int  # HISTORY_CACHE_MB; 0 turns the cache off
     model_timeout_seconds: float  # MODEL_TIMEOUT_SECONDS
     model_max_retries: int  # MODEL_MAX_RETRIES
+    turn_lease_seconds: float  # TURN_LEASE_SECONDS
     dev_guild_id: int | None  # DISCORD_DEV_GUILD_ID
     log_level: str  # LOG_LEVEL
 
@@ -106,6 +107,13 @@ def _non_negative_int(raw: str) -> int:
 def _positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0:
+        raise ValueError(raw)
+    return value
+
+
+def _lease_seconds(raw: str) -> float:
+    value = float(raw)
+    if not 1 <= value <= 600:
         raise ValueError(raw)
     return value
 
@@ -184,6 +192,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         model_max_retries=_parsed(
             env, "MODEL_MAX_RETRIES", 2, _non_negative_int, "a whole number >= 0"
+        ),
+        turn_lease_seconds=_parsed(
+            env, "TURN_LEASE_SECONDS", 15.0, _lease_seconds, "a number of seconds from 1 to 600"
         ),
         dev_guild_id=_parsed(env, "DISCORD_DEV_GUILD_ID", None, _positive_int, "a guild ID"),
         log_level=_parsed(env, "LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),

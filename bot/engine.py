@@ -4,6 +4,11 @@ The turn is saved only when the model answered: a failed call stores nothing (no
 user's message), so history never holds a question without its answer or a dangling tool
 call, and the user is told to send it again. Turns in one session are serialized: in this
 process by a lock per scope (which keeps arrival order), across processes by the store's lock.
+
+A turn holds its message's claim as a lease, renewed with the lock: when another process has
+the message in progress, this one keeps it and asks again at the lease's pace, until it was
+answered (then it gives up) or the lease lapsed (its holder died: then it answers). A turn
+cancelled by a shutdown hands its claim back, so another process or the next start answers.
 """
 
 from __future__ import annotations
@@ -12,16 +17,28 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from bot.context import build_context, history_room, paired_tool_messages
 from bot.errors import BotError, ModelError, SessionBusy, StoreUnavailable
 from bot.model import ContextTooLong, ModelClient, TextSink
-from bot.store.base import Message, SessionSettings, SessionStore, Ticket, Turn, message_size
+from bot.store.base import (
+    AlreadyClaimed,
+    Message,
+    SessionSettings,
+    SessionStore,
+    Ticket,
+    Turn,
+    message_size,
+)
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 BUSY_POLL_MAX_SECONDS = 0.1
@@ -35,9 +52,15 @@ class EngineLimits:
     system_prompt: str
     budget_bytes: int
     lock_ms: int = 15_000
-    """A crashed process blocks its session at most this long; live turns renew it."""
+    """A crashed process blocks its session, and the message it was answering, at most this
+    long (the lease); live turns renew it."""
     wait_seconds: float = 300.0
     """How long a turn waits for the session while other turns run before giving up."""
+
+    @property
+    def claim_poll_seconds(self) -> float:
+        """How often a message in progress in another process is looked at again."""
+        return self.lock_ms / 5000
 
 
 @dataclass(frozen=True)
@@ -89,7 +112,12 @@ class Engine:
         lock = self._scope_locks.setdefault(scope, asyncio.Lock())
         async with lock:
             room = history_room(self._limits.system_prompt, user, self._limits.budget_bytes)
-            turn = await self._begin(scope, ticket, room)
+            try:
+                turn = await self._begin(scope, ticket, room)
+            except asyncio.CancelledError:
+                if claim is not None:
+                    await self._settle(scope, claim, ticket.token, answered=False)
+                raise
             saved = False
             try:
                 if on_begin is not None:
@@ -97,6 +125,10 @@ class Engine:
                 async with self._lock_kept_alive(turn):
                     added, text, shortened = await self._run(turn, user, room, on_text)
                 saved = await self._save(turn, [user, *added], user_ref)
+            except asyncio.CancelledError:
+                if claim is not None:
+                    await self._settle(scope, claim, ticket.token, answered=False)
+                raise
             finally:
                 if not saved:
                     await self._release(turn)
@@ -120,21 +152,77 @@ class Engine:
         """Remove a stored user message (its author deleted it); False if none was stored."""
         return await self._store.forget_message(scope, user_ref)
 
-    async def claim(self, scope: str, claim: str) -> bool:
-        """Claim a message before acting on it outside a turn (opening a thread for it)."""
-        return await self._store.claim(scope, claim)
+    @contextlib.asynccontextmanager
+    async def claimed(self, scope: str, claim: str) -> AsyncIterator[None]:
+        """Hold a message while acting on it outside a turn (the threads mode opens a thread,
+        then answers there): a lease renewed while the body runs, settled as answered when
+        it ends, handed back when it is cancelled. While another process has the message in
+        progress this waits, as a turn does; `AlreadyClaimed` once it was answered."""
+        token, lease_ms = uuid.uuid4().hex, self._limits.lock_ms
+        await self._until_claimed(lambda: self._store.claim(scope, claim, token, lease_ms))
 
-    async def _begin(self, scope: str, ticket: Ticket, room: int) -> Turn:
-        """Wait for the scope's earlier turns, polling with a short backoff. The store loads
-        only the history that fits `room`, which is all that will be sent."""
-        limits = self._limits
-        deadline = time.monotonic() + limits.wait_seconds
-        pause = 0.005
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(lease_ms / 3000)
+                try:
+                    await self._store.claim(scope, claim, token, lease_ms)
+                except AlreadyClaimed:
+                    return
+                except StoreUnavailable:
+                    log.warning("could not renew the claim on a message: storage unavailable")
+
+        renewer = asyncio.create_task(renew())
+        answered = True
+        try:
+            yield
+        except asyncio.CancelledError:
+            answered = False
+            raise
+        finally:
+            renewer.cancel()
+            await self._settle(scope, claim, token, answered=answered)
+
+    async def _until_claimed(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Call `attempt` until it gets past a claim in progress elsewhere: that holder
+        either answers (`AlreadyClaimed(answered=True)` is raised then) or dies, and its
+        lease lapses."""
+        waiting = False
         while True:
             try:
-                return await self._store.begin_turn(scope, ticket, room, limits.lock_ms)
+                return await attempt()
+            except AlreadyClaimed as claimed:
+                if claimed.answered:
+                    raise
+                if not waiting:
+                    log.debug("a message here is being answered by another process; waiting")
+                    waiting = True
+                await asyncio.sleep(self._limits.claim_poll_seconds)
+
+    async def _settle(self, scope: str, claim: str, token: str, *, answered: bool) -> None:
+        try:
+            await self._store.settle_claim(scope, claim, token, answered=answered)
+        except StoreUnavailable:
+            log.warning("could not settle the claim on a message; its lease expires by itself")
+
+    async def _begin(self, scope: str, ticket: Ticket, room: int) -> Turn:
+        """Wait for the scope's earlier turns, polling with a short backoff, and for the
+        message's claim while another process has it in progress. The store loads only the
+        history that fits `room`, which is all that will be sent."""
+        limits = self._limits
+        deadline: float | None = None
+        pause = 0.005
+
+        async def attempt() -> Turn:
+            return await self._store.begin_turn(scope, ticket, room, limits.lock_ms)
+
+        while True:
+            try:
+                return await self._until_claimed(attempt)
             except SessionBusy:
+                deadline = deadline or time.monotonic() + limits.wait_seconds
                 if time.monotonic() + pause > deadline:
+                    if ticket.claim is not None:  # the user is told: answered
+                        await self._settle(scope, ticket.claim, ticket.token, answered=True)
                     raise
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, BUSY_POLL_MAX_SECONDS)

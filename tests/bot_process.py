@@ -7,7 +7,9 @@ runs the bot's real entry point unchanged. Everything else comes from the enviro
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +41,39 @@ def bot_environment(
         **api.env(),
         **settings,
     }
+
+
+class BotProcess:
+    """`python -m tests.bot_process` with `env`, its output in `log`; a test sends it real
+    signals (`process.send_signal`, `process.kill`)."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with log.open("a") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tests.bot_process"],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def wait_connected(bots: list[BotProcess], timeout: float = 30) -> None:
+    """Until every process logged that it is connected (fails if one exits first)."""
+    deadline = time.monotonic() + timeout
+    while not all("connected as" in bot.text() for bot in bots):
+        running = all(bot.process.poll() is None for bot in bots)
+        assert running and time.monotonic() < deadline, [bot.text() for bot in bots]
+        time.sleep(0.05)
 
 
 if __name__ == "__main__":

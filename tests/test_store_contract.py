@@ -8,6 +8,7 @@ import pytest
 
 from bot.errors import InvalidInput, SessionBusy, UnknownSession
 from bot.store.base import (
+    LAST_ANSWERED_OPTION,
     AlreadyClaimed,
     Message,
     SessionSettings,
@@ -279,15 +280,85 @@ async def test_a_claimed_message_starts_only_one_turn(store: SessionStore) -> No
     await store.finish_turn(turn, [])
     with pytest.raises(AlreadyClaimed):  # also after the first turn ended
         await store.begin_turn("s1", Ticket(order=2, claim="msg-1"), BIG, 10_000)
-    assert await store.claim("s1", "msg-2")
-    assert not await store.claim("s1", "msg-2")
-    assert not await store.claim("s1", "msg-1")
+    await store.claim("s1", "msg-2", "outside", 10_000)
+    await store.claim("s1", "msg-2", "outside", 10_000)  # renewing one's own lease
+    with pytest.raises(AlreadyClaimed):
+        await store.claim("s1", "msg-2", "other", 10_000)
+    with pytest.raises(AlreadyClaimed):
+        await store.claim("s1", "msg-1", "other", 10_000)
     retry = Ticket(order=5, claim="msg-3")  # a turn that waited keeps its claim
     blocker = await store.begin_turn("s1", Ticket(order=4), BIG, 10_000)
     with pytest.raises(SessionBusy):
         await store.begin_turn("s1", retry, BIG, 10_000)
     await store.finish_turn(blocker, [])
     assert await store.finish_turn(await store.begin_turn("s1", retry, BIG, 10_000), [])
+
+
+async def answered_or_in_progress(store: SessionStore, scope: str, claim: str) -> str:
+    """What another process learns when it tries the claim: `answered`, `in progress`, or
+    `free` (it takes it over; the test hands it back at once)."""
+    try:
+        await store.claim(scope, claim, "prober", 60_000)
+    except AlreadyClaimed as claimed:
+        return "answered" if claimed.answered else "in progress"
+    await store.settle_claim(scope, claim, "prober", answered=False)
+    return "free"
+
+
+async def test_a_claim_is_a_lease_until_its_message_is_answered(store: SessionStore) -> None:
+    """A process that dies mid-turn holds its message only as long as its lock; once the
+    turn saved (or told the user it failed) the claim lasts, and says so."""
+    lease_ms = 600
+    dying = await store.begin_turn("s1", Ticket(order=1, claim="m1"), BIG, lease_ms)
+    assert await answered_or_in_progress(store, "s1", "m1") == "in progress"
+    with pytest.raises(AlreadyClaimed) as refused:
+        await store.begin_turn("s1", Ticket(order=1, claim="m1"), BIG, lease_ms)
+    assert not refused.value.answered
+    for _ in range(3):  # a live turn renews its lease with its lock
+        await asyncio.sleep(lease_ms / 3000)
+        assert await store.extend_lock(dying, lease_ms)
+    assert await answered_or_in_progress(store, "s1", "m1") == "in progress"
+    await asyncio.sleep(lease_ms / 1000 + 0.3)  # then its process dies
+    survivor = await store.begin_turn("s1", Ticket(order=1, claim="m1"), BIG, lease_ms)
+    assert await store.finish_turn(survivor, [{"role": "user", "content": "m1"}], "m1")
+    await asyncio.sleep(lease_ms / 1000 + 0.3)
+    assert await answered_or_in_progress(store, "s1", "m1") == "answered"
+    assert [m["content"] for m in await store.read_history("s1", "default")] == ["m1"]
+    assert await store.scope_option("s1", LAST_ANSWERED_OPTION) == "m1"
+
+    failed = await store.begin_turn("s1", Ticket(order=2, claim="m2"), BIG, lease_ms)
+    await store.finish_turn(failed, [])  # the model failed and the user was told
+    await asyncio.sleep(lease_ms / 1000 + 0.3)
+    assert await answered_or_in_progress(store, "s1", "m2") == "answered"
+    assert await store.scope_option("s1", LAST_ANSWERED_OPTION) == "m2"
+
+
+async def test_a_claim_handed_back_is_free_at_once(store: SessionStore) -> None:
+    """A process shutting down hands back what it could not finish: another process (or the
+    next start) answers it without waiting for the lease, and nothing was recorded."""
+    turn = await store.begin_turn("s1", Ticket(order=7, claim="m7"), BIG, 60_000)
+    await store.settle_claim("s1", "m7", turn.lock_token, answered=False)
+    await store.finish_turn(turn, [])
+    assert await answered_or_in_progress(store, "s1", "m7") == "free"
+    assert await store.scope_option("s1", LAST_ANSWERED_OPTION) is None
+    await store.claim("s1", "m8", "outside", 60_000)  # the threads mode, outside a turn
+    await store.settle_claim("s1", "m8", "someone else", answered=False)  # not theirs
+    assert await answered_or_in_progress(store, "s1", "m8") == "in progress"
+    await store.settle_claim("s1", "m8", "outside", answered=True)
+    assert await answered_or_in_progress(store, "s1", "m8") == "answered"
+    assert await store.scope_option("s1", LAST_ANSWERED_OPTION) == "m8"
+    await store.claim("s1", "m10", "outside", 60_000)  # a newer id, written with more digits
+    await store.settle_claim("s1", "m10", "outside", answered=True)
+    await store.claim("s1", "m9", "outside", 60_000)
+    await store.settle_claim("s1", "m9", "outside", answered=True)
+    assert await store.scope_option("s1", LAST_ANSWERED_OPTION) == "m10"
+
+
+async def test_places_answered_recently_are_remembered(store: SessionStore) -> None:
+    assert await store.recent_places() == []
+    for scope in ("a", "b", "a", "c"):
+        await store.note_place(scope)
+    assert await store.recent_places() == ["c", "a", "b"]
 
 
 async def damage(store: SessionStore, scope: str, what: str) -> None:

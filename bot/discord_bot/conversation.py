@@ -199,27 +199,33 @@ class Conversation(commands.Cog):
         if mode is ReplyMode.ALL or (addressed and mode is ReplyMode.MENTIONS):
             await self.answer(message, channel)
         elif addressed and isinstance(channel, discord.TextChannel):
-            if not await self._claimed_here(scope, message):
-                return
-            first_line = readable_text(message, me.id).split("\n", 1)[0][:80].strip()
-            name = first_line or f"Chat with {message.author.display_name}"
-            try:
-                thread = await message.create_thread(name=name)
-            except discord.HTTPException as error:  # e.g. no Create Public Threads permission
-                log.warning("could not open a thread for %s: HTTP %s", message.id, error.status)
-                await self.answer(message, channel, claimed=True)
-                return
-            await self.answer(message, thread, claimed=True)
+            try:  # the message is this process's before a side effect outside a turn
+                async with self.bot.engine.claimed(scope, str(message.id)):
+                    await self._answer_in_thread(message, channel)
+            except AlreadyClaimed:
+                log.debug("message %s is answered elsewhere", message.id)
+            except StoreUnavailable as error:
+                await LiveReply(channel, message).fail(str(error))
         elif addressed:  # threads mode, in a place that cannot hold threads
             await self.answer(message, channel)
 
-    async def _claimed_here(self, scope: str, message: discord.Message) -> bool:
-        """Take the message for this process before a side effect outside a turn."""
+    async def _answer_in_thread(
+        self, message: discord.Message, channel: discord.TextChannel
+    ) -> None:
+        me = self.bot.user
+        assert me is not None
+        first_line = readable_text(message, me.id).split("\n", 1)[0][:80].strip()
+        name = first_line or f"Chat with {message.author.display_name}"
         try:
-            return await self.bot.engine.claim(scope, str(message.id))
-        except StoreUnavailable as error:
-            await LiveReply(message.channel, message).fail(str(error))
-            return False
+            thread = await message.create_thread(name=name)
+        except discord.HTTPException as error:  # e.g. no Create Public Threads permission
+            opened = channel.guild.get_thread(message.id)  # by a process that died meanwhile
+            if opened is None:
+                log.warning("could not open a thread for %s: HTTP %s", message.id, error.status)
+                await self.answer(message, channel, claimed=True)
+                return
+            thread = opened
+        await self.answer(message, thread, claimed=True)
 
     async def answer(
         self, message: discord.Message, channel: discord.abc.Messageable, claimed: bool = False

@@ -13,7 +13,10 @@ appends what the turn added and releases the lock, atomically. A failed turn cal
 Turns of one scope go in the order of their tickets, whichever process holds them: a turn
 waits in the scope's queue until it is first and the lock is free. A ticket may carry a
 claim (a Discord message id): a claim can start a turn only once, so a message delivered
-twice, or to two processes, is answered once.
+twice, or to two processes, is answered once. A claim is a lease while its turn runs (as long
+as the lock, renewed with it) and lasts a day once the message is answered, with an answer or
+with an error the user was shown: a process that dies mid-turn leaves a lease that lapses,
+and another process takes the message over.
 """
 
 from __future__ import annotations
@@ -97,7 +100,25 @@ class SessionInfo:
 TICKET_TTL_MS = 5_000
 """A waiting turn renews its place at every poll; a dead waiter's place lapses after this."""
 CLAIM_TTL_SECONDS = 86_400
-"""How long a claimed message id is remembered (gateway replays come within minutes)."""
+"""How long an answered message id is remembered (gateway replays come within minutes)."""
+CLAIM_ANSWERED = "answered"
+"""A claim's value once its message was answered; a lease's value is `claim_lease(token)`."""
+LAST_ANSWERED_OPTION = "last_answered"
+"""The scope option holding the newest claim answered there (the start-up catch-up reads it)."""
+PLACES_KEPT = 1_000
+"""`note_place` keeps at most this many places, the most recently noted."""
+PLACES_KEPT_SECONDS = 7 * 86_400
+"""...each for at most this long after it was last noted."""
+
+
+def claim_lease(token: str) -> str:
+    """The stored value of a claim in progress: anything else stored counts as answered."""
+    return f"lease:{token}"
+
+
+def claim_order(claim: str) -> tuple[int, str]:
+    """Claims (Discord message ids) compare as numbers written in text."""
+    return len(claim), claim
 
 
 @dataclass(frozen=True)
@@ -120,7 +141,12 @@ class Ticket:
 
 
 class AlreadyClaimed(Exception):
-    """Another turn has claimed this message; this one must not answer it."""
+    """Another turn has claimed this message. `answered`: for good; otherwise its turn is in
+    progress elsewhere, and the message may be taken over once that lease lapses."""
+
+    def __init__(self, *, answered: bool = True) -> None:
+        super().__init__("answered" if answered else "in progress elsewhere")
+        self.answered = answered
 
 
 @dataclass(frozen=True)
@@ -137,6 +163,9 @@ class Turn:
     as_stored: bool = False
     """Every message of `recent` is `sendable_as_stored`, so context assembly may skip
     looking at each (a store that keeps recent messages knows this without a pass)."""
+    claim: str | None = None
+    """The ticket's claim, held as a lease by this turn: `extend_lock` renews it and
+    `finish_turn` settles it as answered."""
 
 
 HISTORY_CACHE_MB = 32
@@ -210,14 +239,32 @@ class SessionStore(Protocol):
 
     async def begin_turn(self, scope: str, ticket: Ticket, budget_bytes: int, lock_ms: int) -> Turn:
         """Lock the current session (creating `default` if the scope has none) and return the
-        newest messages whose stored size fits `budget_bytes`. Raises `SessionBusy` while
+        newest messages whose stored size fits `budget_bytes`. The ticket's claim is taken
+        (or renewed, on a later call) as a lease of `lock_ms`. Raises `SessionBusy` while
         an earlier ticket waits or another turn holds the lock (call again with the same
-        ticket), `AlreadyClaimed` when another turn claimed the ticket's claim, and
-        `CorruptSession` when the session cannot be read."""
+        ticket), `AlreadyClaimed` when another turn holds or answered the ticket's claim, and
+        `CorruptSession` when the session cannot be read (the claim then counts as answered:
+        the user is told)."""
         ...
 
-    async def claim(self, scope: str, claim: str) -> bool:
-        """Claim a message id before acting on it outside a turn; False if already claimed."""
+    async def claim(self, scope: str, claim: str, token: str, lease_ms: int) -> None:
+        """Take, or renew, a lease on a message id before acting on it outside a turn (the
+        threads mode opens a thread first); `AlreadyClaimed` when another holds or answered
+        it. `settle_claim` ends the lease."""
+        ...
+
+    async def settle_claim(self, scope: str, claim: str, token: str, *, answered: bool) -> None:
+        """End this token's lease: answered, the claim lasts a day (and becomes the scope's
+        `LAST_ANSWERED_OPTION` when newest); not answered, it is handed back for another
+        process to take. Nothing happens when the lease is no longer this token's."""
+        ...
+
+    async def note_place(self, scope: str) -> None:
+        """Remember that the bot answers in `scope` (a bounded record, expiring by itself)."""
+        ...
+
+    async def recent_places(self) -> list[str]:
+        """The scopes noted by `note_place` and not expired, most recent first."""
         ...
 
     async def finish_turn(
@@ -225,11 +272,13 @@ class SessionStore(Protocol):
     ) -> bool:
         """Append `added` and release the lock in one step. `user_ref` (for example a
         Discord message id) names the first added message so `forget_message` can remove it.
-        Returns False, saving nothing, when the lock was lost to another turn."""
+        Returns False, saving nothing, when the lock was lost to another turn. The turn's
+        claim, while still its lease, is settled as answered in the same step (a turn that
+        failed or lost its lock told the user so)."""
         ...
 
     async def extend_lock(self, turn: Turn, lock_ms: int) -> bool:
-        """Keep a long turn's lock alive; False when it was lost."""
+        """Keep a long turn's lock, and its claim's lease, alive; False when it was lost."""
         ...
 
     async def current_session(self, scope: str) -> SessionInfo:

@@ -8,7 +8,10 @@ and a script touches a single slot, as Redis Cluster requires; running on a Clus
     {prefix}:{scope}:names              zset    session name -> last use (unix seconds)
     {prefix}:{scope}:queue              zset    waiting turns' places, in text order (score 0)
     {prefix}:{scope}:tickets            hash    place -> deadline (ms); a lapsed place is dropped
-    {prefix}:{scope}:claim:{id}         string  a claimed message id, expiring after a day
+    {prefix}:{scope}:claim:{id}         string  a claimed message id: a lease (`lease:` and the
+                                                turn's token) expiring with the turn's lock, then
+                                                `answered` for a day
+    {prefix}:places                     zset    scope -> when the bot last answered there
     {prefix}:{scope}:s:{name}:meta      hash    model, mcp (JSON list), created, updated, format,
                                                 last_turn (the last saved turn's token),
                                                 gen and seq (see below), forgotten (messages
@@ -44,8 +47,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bot.errors import CorruptSession, InvalidInput, SessionBusy, StoreUnavailable, UnknownSession
 from bot.store.base import (
+    CLAIM_ANSWERED,
     CLAIM_TTL_SECONDS,
     DEFAULT_SESSION,
+    LAST_ANSWERED_OPTION,
+    PLACES_KEPT,
+    PLACES_KEPT_SECONDS,
     STORE_FORMAT,
     TICKET_TTL_MS,
     AlreadyClaimed,
@@ -84,6 +91,11 @@ def scope_key(scope: str, part: str) -> str:
     return f"{KEY_PREFIX}:{{{scope}}}:{part}"
 
 
+def places_key() -> str:
+    """The record of places answered recently: one key, so it is allowed on Redis Cluster."""
+    return f"{KEY_PREFIX}:places"
+
+
 def session_key(scope: str, name: str, part: str) -> str:
     """A session-level key (`meta`, `messages`, `refs`, `refseq` or `lock`)."""
     return scope_key(scope, f"s:{name}:{part}")
@@ -113,6 +125,15 @@ local function current_or_create(model, now)
   if redis.call('EXISTS', key(name, 'meta')) == 0 then create(name, model, '[]', now) end
   return name
 end
+local function answered(claim, mine, ttl)
+  local claimed = prefix .. 'claim:' .. claim
+  if redis.call('GET', claimed) ~= mine then return end
+  redis.call('SET', claimed, '$ANSWERED', 'EX', ttl)
+  local last = redis.call('HGET', KEYS[1], 'opt:$LAST')
+  if not last or #claim > #last or (#claim == #last and claim > last) then
+    redis.call('HSET', KEYS[1], 'opt:$LAST', claim)
+  end
+end
 local function describe(name)
   local m = redis.call('HMGET', key(name, 'meta'), 'format', 'model', 'mcp', 'created', 'updated')
   return {name, m[1] or '', m[2] or '', m[3] or '', m[4] or '0', m[5] or '0',
@@ -122,9 +143,17 @@ end
 
 
 def _lua(body: str) -> str:
-    """A script: the prelude, then `body`, with the format and default session filled in."""
+    """A script: the prelude, then `body`, with the format, default session and claim values
+    filled in (`claim_lease` is the Python twin of the scripts' `'lease:' .. token`)."""
     script = _PRELUDE + body
-    return script.replace("$FORMAT", STORE_FORMAT).replace("$DEFAULT", DEFAULT_SESSION)
+    for name, value in (
+        ("$FORMAT", STORE_FORMAT),
+        ("$DEFAULT", DEFAULT_SESSION),
+        ("$ANSWERED", CLAIM_ANSWERED),
+        ("$LAST", LAST_ANSWERED_OPTION),
+    ):
+        script = script.replace(name, value)
+    return script
 
 
 # ARGV: prefix, token, lock_ms, budget_bytes, default_model, now, place, claim, claim_ttl,
@@ -138,11 +167,14 @@ def _lua(body: str) -> str:
 _BEGIN_TURN = _lua(
     """
 local token, claim = ARGV[2], ARGV[8]
+local mine = 'lease:' .. token
 if claim ~= '' then
   local claimed = prefix .. 'claim:' .. claim
   local holder = redis.call('GET', claimed)
-  if holder and holder ~= token then return {'claimed'} end
-  if not holder then redis.call('SET', claimed, token, 'EX', ARGV[9]) end
+  if holder and holder ~= mine then
+    return {'claimed', string.sub(holder, 1, 6) == 'lease:' and 'lease' or 'answered'}
+  end
+  redis.call('SET', claimed, mine, 'PX', ARGV[3])
 end
 local queue, tickets, place = prefix .. 'queue', prefix .. 'tickets', ARGV[7]
 local clock = redis.call('TIME')
@@ -164,6 +196,7 @@ local name = current_or_create(ARGV[5], ARGV[6])
 local info = describe(name)
 if info[2] ~= '$FORMAT' then
   leave_queue()
+  if claim ~= '' then answered(claim, mine, ARGV[9]) end
   return {'corrupt', name}
 end
 local lock = key(name, 'lock')
@@ -209,20 +242,41 @@ return out
 """
 )
 
-# ARGV: prefix, claim, claim_ttl
+# ARGV: prefix, claim, token, lease_ms. 'ok', or who has it: 'lease' or 'answered'.
 _CLAIM = _lua(
     """
-return redis.call('SET', prefix .. 'claim:' .. ARGV[2], 'claimed', 'NX', 'EX', ARGV[3]) and 1 or 0
+local claimed, mine = prefix .. 'claim:' .. ARGV[2], 'lease:' .. ARGV[3]
+local holder = redis.call('GET', claimed)
+if holder and holder ~= mine then
+  return string.sub(holder, 1, 6) == 'lease:' and 'lease' or 'answered'
+end
+redis.call('SET', claimed, mine, 'PX', ARGV[4])
+return 'ok'
 """
 )
 
-# ARGV: prefix, name, token, history_cap, now, ttl_seconds, user_ref, message...
-# Idempotent: the meta remembers the last saved turn's token, so a call repeated because its
-# reply was lost (a timeout) saves nothing twice. Returns {1, gen, seq, length} after appending,
-# {1} when nothing was appended (or already had been), {0} when the lock was lost.
+# ARGV: prefix, claim, token, answered (1 or 0), claim_ttl
+_SETTLE_CLAIM = _lua(
+    """
+local mine = 'lease:' .. ARGV[3]
+if ARGV[4] == '1' then
+  answered(ARGV[2], mine, ARGV[5])
+elseif redis.call('GET', prefix .. 'claim:' .. ARGV[2]) == mine then
+  redis.call('DEL', prefix .. 'claim:' .. ARGV[2])
+end
+return 1
+"""
+)
+
+# ARGV: prefix, name, token, history_cap, now, ttl_seconds, user_ref, claim, claim_ttl,
+# message... Idempotent: the meta remembers the last saved turn's token, so a call repeated
+# because its reply was lost (a timeout) saves nothing twice. Returns {1, gen, seq, length}
+# after appending, {1} when nothing was appended (or already had been), {0} when the lock was
+# lost. The claim, while this turn's lease, is settled as answered in every case.
 _FINISH_TURN = _lua(
     """
 local name = ARGV[2]
+if ARGV[8] ~= '' then answered(ARGV[8], 'lease:' .. ARGV[3], ARGV[9]) end
 local lock, meta = key(name, 'lock'), key(name, 'meta')
 local holder = redis.call('GET', lock)
 local last_turn, gen, forgotten = unpack(redis.call('HMGET', meta, 'last_turn', 'gen', 'forgotten'))
@@ -230,15 +284,16 @@ if last_turn == ARGV[3] then return {1} end
 if holder and holder ~= ARGV[3] then return {0} end
 local cap = tonumber(ARGV[4])
 local out = {1}
-if #ARGV > 7 then
+local first = 10  -- the first message among ARGV
+if #ARGV >= first then
   local messages = key(name, 'messages')
-  redis.call('RPUSH', messages, unpack(ARGV, 8))
+  redis.call('RPUSH', messages, unpack(ARGV, first))
   redis.call('LTRIM', messages, -cap, -1)
-  local seq = redis.call('HINCRBY', meta, 'seq', #ARGV - 7)
+  local seq = redis.call('HINCRBY', meta, 'seq', #ARGV - first + 1)
   if ARGV[7] ~= '' then
     local refs, order = key(name, 'refs'), key(name, 'refseq')
-    redis.call('HSET', refs, ARGV[7], ARGV[8])
-    redis.call('ZADD', order, seq - (#ARGV - 8), ARGV[7])
+    redis.call('HSET', refs, ARGV[7], ARGV[first])
+    redis.call('ZADD', order, seq - (#ARGV - first), ARGV[7])
     -- Drop the refs of messages the cap has surely trimmed: a message is gone once `cap`
     -- messages came after it, not counting the `forgotten` ones that may have been among them.
     local trimmed = seq - cap - (tonumber(forgotten) or 0)
@@ -264,11 +319,15 @@ return out
 """
 )
 
-# ARGV: prefix, name, token, lock_ms
+# ARGV: prefix, name, token, lock_ms, claim
 _EXTEND_LOCK = _lua(
     """
 local lock = key(ARGV[2], 'lock')
 if redis.call('GET', lock) ~= ARGV[3] then return 0 end
+local claimed = prefix .. 'claim:' .. ARGV[5]
+if ARGV[5] ~= '' and redis.call('GET', claimed) == 'lease:' .. ARGV[3] then
+  redis.call('PEXPIRE', claimed, ARGV[4])
+end
 return redis.call('PEXPIRE', lock, ARGV[4])
 """
 )
@@ -367,7 +426,7 @@ return 0
 )
 
 _SUMMARY_FIELDS = 7
-_FINISH_FIRST_MESSAGE = 7
+_FINISH_FIRST_MESSAGE = 9
 """Index of the first saved message among `_FINISH_TURN`'s arguments."""
 
 
@@ -393,6 +452,7 @@ class RedisStore:
         register = client.register_script
         self._begin = register(_BEGIN_TURN)
         self._claim = register(_CLAIM)
+        self._settle = register(_SETTLE_CLAIM)
         self._finish = register(_FINISH_TURN)
         self._extend = register(_EXTEND_LOCK)
         self._describe = register(_DESCRIBE_CURRENT)
@@ -459,7 +519,7 @@ class RedisStore:
             reply = await self._begin(keys=self._keys(scope), args=args)
         status = reply[0]
         if status == "claimed":
-            raise AlreadyClaimed()
+            raise AlreadyClaimed(answered=reply[1] == "answered")
         if status == "corrupt":
             raise CorruptSession(reply[1])
         if status == "busy":
@@ -474,7 +534,8 @@ class RedisStore:
         except CorruptSession:
             self._recent.drop(scope)
             placeholder = SessionInfo(name, SessionSettings(self._policy.default_model), 0, 0, 0)
-            await self.finish_turn(Turn(scope, placeholder, [], 0, ticket.token), [])
+            turn = Turn(scope, placeholder, [], 0, ticket.token, claim=ticket.claim)
+            await self.finish_turn(turn, [])
             raise
         if mode != "delta" or cached is None:
             base = RecentWindow(name, generation, 0, 0, load_bytes, mode == "all")
@@ -490,14 +551,34 @@ class RedisStore:
         )
         self._recent.put(scope, window)
         recent, used, as_stored = window.newest_within(budget_bytes)
-        return Turn(scope, session, recent, used, ticket.token, as_stored)
+        return Turn(scope, session, recent, used, ticket.token, as_stored, ticket.claim)
 
-    async def claim(self, scope: str, claim: str) -> bool:
+    async def claim(self, scope: str, claim: str, token: str, lease_ms: int) -> None:
+        args: list[ScriptArg] = [self._prefix(scope), claim, token, lease_ms]
         async with self._available():
-            claimed = await self._claim(
-                keys=self._keys(scope), args=[self._prefix(scope), claim, CLAIM_TTL_SECONDS]
-            )
-        return bool(claimed)
+            holder = await self._claim(keys=self._keys(scope), args=args)
+        if holder != "ok":
+            raise AlreadyClaimed(answered=holder == "answered")
+
+    async def settle_claim(self, scope: str, claim: str, token: str, *, answered: bool) -> None:
+        args: list[ScriptArg] = [self._prefix(scope), claim, token, int(answered)]
+        args.append(CLAIM_TTL_SECONDS)
+        async with self._available():
+            await self._settle(keys=self._keys(scope), args=args)
+
+    async def note_place(self, scope: str) -> None:
+        now = time.time()
+        async with self._available(), self._redis.pipeline(transaction=True) as tx:
+            tx.zadd(places_key(), {scope: now})
+            tx.zremrangebyscore(places_key(), "-inf", now - PLACES_KEPT_SECONDS)
+            tx.zremrangebyrank(places_key(), 0, -PLACES_KEPT - 1)
+            await tx.execute()
+
+    async def recent_places(self) -> list[str]:
+        since = time.time() - PLACES_KEPT_SECONDS
+        async with self._available():
+            found = await self._redis.zrevrangebyscore(places_key(), "+inf", since)
+        return [str(scope) for scope in found]
 
     async def finish_turn(
         self, turn: Turn, added: Sequence[Message], user_ref: str | None = None
@@ -511,6 +592,8 @@ class RedisStore:
             time.time(),
             policy.ttl_seconds,
             user_ref or "",
+            turn.claim or "",
+            CLAIM_TTL_SECONDS,
             *(encode_message(m) for m in added),
         ]
         async with self._available():
@@ -549,6 +632,7 @@ class RedisStore:
             turn.session.name,
             turn.lock_token,
             lock_ms,
+            turn.claim or "",
         ]
         async with self._available():
             return bool(await self._extend(keys=self._keys(turn.scope), args=args))

@@ -18,8 +18,12 @@ from typing import TypeVar
 
 from bot.errors import CorruptSession, InvalidInput, SessionBusy, StoreUnavailable, UnknownSession
 from bot.store.base import (
+    CLAIM_ANSWERED,
     CLAIM_TTL_SECONDS,
     DEFAULT_SESSION,
+    LAST_ANSWERED_OPTION,
+    PLACES_KEPT,
+    PLACES_KEPT_SECONDS,
     STORE_FORMAT,
     TICKET_TTL_MS,
     AlreadyClaimed,
@@ -29,6 +33,8 @@ from bot.store.base import (
     StorePolicy,
     Ticket,
     Turn,
+    claim_lease,
+    claim_order,
     decode_messages,
     encode_message,
     mcp_json,
@@ -55,6 +61,7 @@ CREATE INDEX IF NOT EXISTS messages_by_ref ON messages (scope, ref) WHERE ref IS
 CREATE TABLE IF NOT EXISTS claims (
     scope TEXT NOT NULL, claim TEXT NOT NULL, token TEXT NOT NULL, expires REAL NOT NULL,
     PRIMARY KEY (scope, claim));
+CREATE TABLE IF NOT EXISTS places (scope TEXT PRIMARY KEY, noted REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS queue (
     scope TEXT NOT NULL, place TEXT NOT NULL, deadline REAL NOT NULL,
     PRIMARY KEY (scope, place));
@@ -169,8 +176,10 @@ class SqliteStore:
             """Returns the refusal instead of raising it, so the claim and the place in
             the queue are committed even when the turn must wait."""
             now = time.time()
-            if ticket.claim is not None and not self._take_claim(db, scope, ticket.claim, token):
-                return AlreadyClaimed()
+            if ticket.claim is not None:
+                refused = self._take_claim(db, scope, ticket.claim, token, lock_ms)
+                if refused is not None:
+                    return refused
             db.execute(
                 "INSERT INTO queue (scope, place, deadline) VALUES (?, ?, ?)"
                 " ON CONFLICT (scope, place) DO UPDATE SET deadline = excluded.deadline",
@@ -189,6 +198,8 @@ class SqliteStore:
             ).fetchone()
             if fmt != STORE_FORMAT:
                 db.execute("DELETE FROM queue WHERE scope = ? AND place = ?", (scope, ticket.place))
+                if ticket.claim is not None:
+                    self._settle(db, scope, ticket.claim, token, answered=True)
                 return CorruptSession(name)
             if expires > now:
                 return SessionBusy()
@@ -216,7 +227,7 @@ class SqliteStore:
         if isinstance(outcome, Exception):
             raise outcome
         session, bodies, used = outcome
-        turn = Turn(scope, session, [], used, token)
+        turn = Turn(scope, session, [], used, token, claim=ticket.claim)
         try:
             recent = decode_messages(session.name, bodies)
         except CorruptSession:
@@ -224,22 +235,79 @@ class SqliteStore:
             raise
         return replace(turn, recent=recent)
 
-    def _take_claim(self, db: sqlite3.Connection, scope: str, claim: str, token: str) -> bool:
-        """True when `claim` is now this token's (newly, or from an earlier try)."""
+    def _take_claim(
+        self, db: sqlite3.Connection, scope: str, claim: str, token: str, lease_ms: int
+    ) -> AlreadyClaimed | None:
+        """Take or renew this token's lease on `claim`; the refusal when another has it."""
         now = time.time()
         db.execute("DELETE FROM claims WHERE scope = ? AND expires < ?", (scope, now))
-        db.execute(
-            "INSERT OR IGNORE INTO claims (scope, claim, token, expires) VALUES (?, ?, ?, ?)",
-            (scope, claim, token, now + CLAIM_TTL_SECONDS),
-        )
-        (holder,) = db.execute(
+        row = db.execute(
             "SELECT token FROM claims WHERE scope = ? AND claim = ?", (scope, claim)
         ).fetchone()
-        return bool(holder == token)
+        mine = claim_lease(token)
+        if row is not None and row[0] != mine:
+            return AlreadyClaimed(answered=not str(row[0]).startswith(claim_lease("")))
+        db.execute(
+            "INSERT INTO claims (scope, claim, token, expires) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (scope, claim) DO UPDATE SET expires = excluded.expires",
+            (scope, claim, mine, now + lease_ms / 1000),
+        )
+        return None
 
-    async def claim(self, scope: str, claim: str) -> bool:
-        token = Ticket.now().token
-        return await self._run(lambda db: self._take_claim(db, scope, claim, token))
+    def _settle(
+        self, db: sqlite3.Connection, scope: str, claim: str, token: str, *, answered: bool
+    ) -> None:
+        """End this token's lease on `claim`, if it still holds it (see `settle_claim`)."""
+        key = (scope, claim, claim_lease(token))
+        if not answered:
+            db.execute("DELETE FROM claims WHERE scope = ? AND claim = ? AND token = ?", key)
+            return
+        cursor = db.execute(
+            "UPDATE claims SET token = ?, expires = ? WHERE scope = ? AND claim = ? AND token = ?",
+            (CLAIM_ANSWERED, time.time() + CLAIM_TTL_SECONDS, *key),
+        )
+        if cursor.rowcount == 0:
+            return
+        row = db.execute(
+            "SELECT value FROM scope_options WHERE scope = ? AND option = ?",
+            (scope, LAST_ANSWERED_OPTION),
+        ).fetchone()
+        if row is None or claim_order(claim) > claim_order(str(row[0])):
+            self._set_option(db, scope, LAST_ANSWERED_OPTION, claim)
+
+    async def claim(self, scope: str, claim: str, token: str, lease_ms: int) -> None:
+        refused = await self._run(lambda db: self._take_claim(db, scope, claim, token, lease_ms))
+        if refused is not None:
+            raise refused
+
+    async def settle_claim(self, scope: str, claim: str, token: str, *, answered: bool) -> None:
+        await self._run(lambda db: self._settle(db, scope, claim, token, answered=answered))
+
+    async def note_place(self, scope: str) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            now = time.time()
+            db.execute(
+                "INSERT INTO places (scope, noted) VALUES (?, ?)"
+                " ON CONFLICT (scope) DO UPDATE SET noted = excluded.noted",
+                (scope, now),
+            )
+            db.execute(
+                "DELETE FROM places WHERE noted < ? OR scope NOT IN"
+                " (SELECT scope FROM places ORDER BY noted DESC LIMIT ?)",
+                (now - PLACES_KEPT_SECONDS, PLACES_KEPT),
+            )
+
+        await self._run(work)
+
+    async def recent_places(self) -> list[str]:
+        def work(db: sqlite3.Connection) -> list[str]:
+            since = time.time() - PLACES_KEPT_SECONDS
+            rows = db.execute(
+                "SELECT scope FROM places WHERE noted >= ? ORDER BY noted DESC", (since,)
+            ).fetchall()
+            return [str(row[0]) for row in rows]
+
+        return await self._run(work)
 
     async def finish_turn(
         self, turn: Turn, added: Sequence[Message], user_ref: str | None = None
@@ -248,6 +316,8 @@ class SqliteStore:
         bodies = [encode_message(m) for m in added]
 
         def work(db: sqlite3.Connection) -> bool:
+            if turn.claim is not None:
+                self._settle(db, scope, turn.claim, turn.lock_token, answered=True)
             row = db.execute(
                 "SELECT lock_token, lock_expires, last_turn FROM sessions"
                 " WHERE scope = ? AND name = ?",
@@ -285,12 +355,20 @@ class SqliteStore:
 
     async def extend_lock(self, turn: Turn, lock_ms: int) -> bool:
         def work(db: sqlite3.Connection) -> bool:
+            expires = time.time() + lock_ms / 1000
             cursor = db.execute(
                 "UPDATE sessions SET lock_expires = ?"
                 " WHERE scope = ? AND name = ? AND lock_token = ?",
-                (time.time() + lock_ms / 1000, turn.scope, turn.session.name, turn.lock_token),
+                (expires, turn.scope, turn.session.name, turn.lock_token),
             )
-            return cursor.rowcount == 1
+            if cursor.rowcount != 1:
+                return False
+            if turn.claim is not None:
+                db.execute(
+                    "UPDATE claims SET expires = ? WHERE scope = ? AND claim = ? AND token = ?",
+                    (expires, turn.scope, turn.claim, claim_lease(turn.lock_token)),
+                )
+            return True
 
         return await self._run(work)
 
@@ -387,15 +465,15 @@ class SqliteStore:
 
         return await self._run(work)
 
-    async def set_scope_option(self, scope: str, option: str, value: str) -> None:
-        def work(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT INTO scope_options (scope, option, value) VALUES (?, ?, ?)"
-                " ON CONFLICT (scope, option) DO UPDATE SET value = excluded.value",
-                (scope, option, value),
-            )
+    def _set_option(self, db: sqlite3.Connection, scope: str, option: str, value: str) -> None:
+        db.execute(
+            "INSERT INTO scope_options (scope, option, value) VALUES (?, ?, ?)"
+            " ON CONFLICT (scope, option) DO UPDATE SET value = excluded.value",
+            (scope, option, value),
+        )
 
-        await self._run(work)
+    async def set_scope_option(self, scope: str, option: str, value: str) -> None:
+        await self._run(lambda db: self._set_option(db, scope, option, value))
 
     async def read_history(self, scope: str, name: str) -> list[Message]:
         def work(db: sqlite3.Connection) -> list[str]:
