@@ -36,6 +36,7 @@ def build_engine(settings: Settings, store: SessionStore) -> Engine:
         system_prompt=settings.system_prompt,
         budget_bytes=settings.context_budget_chars,
         lock_ms=int(settings.turn_lease_seconds * 1000),
+        message_cap_bytes=settings.message_cap_kb * 1024,
     )
     return Engine(store, model, limits)
 

@@ -14,7 +14,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from bot.errors import SettingsError
-from bot.store.base import HISTORY_CACHE_MB
+from bot.store.base import HISTORY_CACHE_MB, HISTORY_CAP_MB, MESSAGE_CAP_KB, SESSIONS_PER_PLACE
 
 REFERENCE_MODELS: tuple[str, ...] = (
     "openai/gpt-5.1",
@@ -46,6 +46,9 @@ class Settings:
     session_ttl_seconds: int  # SESSION_TTL_SECONDS; 0 keeps sessions forever
     history_cap_messages: int  # HISTORY_CAP_MESSAGES
     history_cache_mb: int  # HISTORY_CACHE_MB; 0 turns the cache off
+    history_cap_mb: int  # HISTORY_CAP_MB: stored MB per session
+    message_cap_kb: int  # MESSAGE_CAP_KB: stored KB per message
+    sessions_per_place: int  # SESSIONS_PER_PLACE
     model_timeout_seconds: float  # MODEL_TIMEOUT_SECONDS
     model_max_retries: int  # MODEL_MAX_RETRIES
     turn_lease_seconds: float  # TURN_LEASE_SECONDS
@@ -164,6 +167,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     default_model = _text(env, "DEFAULT_MODEL", allowed[0]) or allowed[0]
     if default_model not in allowed:
         raise SettingsError("DEFAULT_MODEL", f"{default_model!r} is not in ALLOWED_MODELS")
+    history_cap_mb = _parsed(
+        env, "HISTORY_CAP_MB", HISTORY_CAP_MB, _positive_int, "a positive whole number"
+    )
+    message_cap_kb = _parsed(
+        env, "MESSAGE_CAP_KB", MESSAGE_CAP_KB, _positive_int, "a positive whole number"
+    )
+    if message_cap_kb > history_cap_mb * 1024:
+        raise SettingsError(
+            "MESSAGE_CAP_KB", "is larger than HISTORY_CAP_MB; a session must hold a message"
+        )
     return Settings(
         dedalus_api_key=_text(env, "DEDALUS_API_KEY", None),
         dedalus_base_url=_parsed(
@@ -186,6 +199,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         history_cache_mb=_parsed(
             env, "HISTORY_CACHE_MB", HISTORY_CACHE_MB, _non_negative_int, "a whole number >= 0"
+        ),
+        history_cap_mb=history_cap_mb,
+        message_cap_kb=message_cap_kb,
+        sessions_per_place=_parsed(
+            env, "SESSIONS_PER_PLACE", SESSIONS_PER_PLACE, _positive_int, "a positive whole number"
         ),
         model_timeout_seconds=_parsed(
             env, "MODEL_TIMEOUT_SECONDS", 120.0, _positive_float, "a positive number of seconds"

@@ -42,6 +42,34 @@ def paired_tool_messages(messages: Sequence[Message]) -> list[Message]:
     return result
 
 
+def cut_note(size: int, cap: int) -> str:
+    kb = -(-size // 1024)
+    return f"\n\n[cut here when stored: the whole message was {kb} KB, over {cap // 1024} KB]"
+
+
+def within_size(message: Message, cap: int) -> Message:
+    """`message`, or a copy that fits `cap` stored bytes: its text cut with a note saying so,
+    or, when even that cannot fit (huge tool-call arguments), the note alone. A call message
+    that loses its calls leaves its results orphaned, and `paired_tool_messages` drops them."""
+    size = message_size(message)
+    if size <= cap:
+        return message
+    note = cut_note(size, cap)
+    content = message.get("content")
+    if isinstance(content, str):
+        text = content
+        while text:
+            candidate = {**message, "content": text + note}
+            fitted = message_size(candidate)
+            if fitted <= cap:
+                return candidate
+            text = text[: len(text) * cap // fitted - 1]
+    kept: Message = {"role": message.get("role"), "content": note.strip()}
+    if message.get("role") == "tool":
+        kept["tool_call_id"] = message.get("tool_call_id")
+    return kept
+
+
 def _first_user(messages: Sequence[Message]) -> int:
     """Where the window may start: its first user message (its length when it has none)."""
     return next((i for i, m in enumerate(messages) if m.get("role") == "user"), len(messages))

@@ -23,10 +23,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from bot.context import build_context, history_room, paired_tool_messages
-from bot.errors import BotError, ModelError, SessionBusy, StoreUnavailable
+from bot.context import build_context, history_room, paired_tool_messages, within_size
+from bot.errors import BotError, MessageTooLarge, ModelError, SessionBusy, StoreUnavailable
 from bot.model import ContextTooLong, ModelClient, TextSink
 from bot.store.base import (
+    MESSAGE_CAP_KB,
     AlreadyClaimed,
     Message,
     SessionSettings,
@@ -56,6 +57,9 @@ class EngineLimits:
     long (the lease); live turns renew it."""
     wait_seconds: float = 300.0
     """How long a turn waits for the session while other turns run before giving up."""
+    message_cap_bytes: int = MESSAGE_CAP_KB * 1024
+    """A user message over this stored size is refused before the model sees it; a longer
+    answer or tool result is stored cut, with a note (the user saw it whole)."""
 
     @property
     def claim_poll_seconds(self) -> float:
@@ -108,6 +112,16 @@ class Engine:
         `user_ref` names the stored user message so it can be forgotten later. Turns of a
         scope go in increasing `order` (default: now) across processes; a `claim` (a message
         id) is answered once, later tries raising `AlreadyClaimed`."""
+        cap = self._limits.message_cap_bytes
+        size = message_size(user)
+        if size > cap:
+            if claim is not None:  # refused once, by whichever process takes it
+                token = uuid.uuid4().hex
+                await self._until_claimed(
+                    lambda: self._store.claim(scope, claim, token, self._limits.lock_ms)
+                )
+                await self._settle(scope, claim, token, answered=True)
+            raise MessageTooLarge(size, cap)
         ticket = Ticket(order=order, claim=claim) if order is not None else Ticket.now(claim)
         lock = self._scope_locks.setdefault(scope, asyncio.Lock())
         async with lock:
@@ -124,7 +138,7 @@ class Engine:
                     await on_begin()
                 async with self._lock_kept_alive(turn):
                     added, text, shortened = await self._run(turn, user, room, on_text)
-                saved = await self._save(turn, [user, *added], user_ref)
+                saved = await self._save(turn, self._within_size([user, *added]), user_ref)
             except asyncio.CancelledError:
                 if claim is not None:
                     await self._settle(scope, claim, ticket.token, answered=False)
@@ -147,6 +161,14 @@ class Engine:
                 log.warning("saving a turn failed: storage unavailable; retrying in %ss", pause)
                 await asyncio.sleep(pause)
         return await self._store.finish_turn(turn, added, user_ref)
+
+    def _within_size(self, messages: list[Message]) -> list[Message]:
+        cap = self._limits.message_cap_bytes
+        fitted = [within_size(m, cap) for m in messages]
+        if any(a is not b for a, b in zip(fitted, messages, strict=True)):
+            log.warning("a turn's answer was over %s KB per message; stored cut", cap // 1024)
+            return paired_tool_messages(fitted)
+        return messages
 
     async def forget(self, scope: str, user_ref: str) -> bool:
         """Remove a stored user message (its author deleted it); False if none was stored."""

@@ -41,6 +41,37 @@ class UnknownSession(InvalidInput):
     pass
 
 
+def _kb(size: int) -> int:
+    """Bytes as whole KB, rounded up (so a size over a limit never shows as equal to it)."""
+    return -(-size // 1024)
+
+
+class MessageTooLarge(InvalidInput):
+    """A message over the stored size one message may have (`MESSAGE_CAP_KB`)."""
+
+    def __init__(
+        self,
+        size: int,
+        cap: int,
+        subject: str = "Your message (with its files)",
+        advice: str = "nothing was sent or stored. Send less text or fewer files.",
+    ) -> None:
+        super().__init__(
+            f"{subject} is {_kb(size)} KB, over the limit of {_kb(cap)} KB per message; {advice}"
+        )
+        self.size = size
+
+
+class SessionLimit(InvalidInput):
+    """A place already keeps as many sessions as it may (`SESSIONS_PER_PLACE`)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"This place already has {limit} sessions, the most it may keep; nothing was "
+            "created. Reuse one: /load it, then /clear it."
+        )
+
+
 class StoreUnavailable(BotError):
     def __init__(self) -> None:
         super().__init__(

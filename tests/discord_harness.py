@@ -29,14 +29,19 @@ class Harness:
         self.redis_url = redis_url
         self.budget_bytes = 200_000
         self.dev_guild_id: int | None = None
+        self.policy = StorePolicy(TEST_MODELS[0])
+        """The store's limits; set it, then `restart()`."""
         self.bot: ChatBot | None = None
         self.store: RedisStore | None = None
         self._running: asyncio.Task[None] | None = None
 
     async def start(self) -> ChatBot:
-        self.store = RedisStore.from_url(self.redis_url, StorePolicy(TEST_MODELS[0]))
+        self.store = RedisStore.from_url(self.redis_url, self.policy)
         model = DedalusModel.connect("test-key", self.api.base_url, timeout=2.0, max_retries=0)
-        engine = Engine(self.store, model, EngineLimits(SYSTEM, self.budget_bytes))
+        limits = EngineLimits(
+            SYSTEM, self.budget_bytes, message_cap_bytes=self.policy.message_cap_bytes
+        )
+        engine = Engine(self.store, model, limits)
         bot = ChatBot(
             engine,
             Commands(self.store, TEST_MODELS),

@@ -29,6 +29,9 @@ from tests.conftest import TEST_MODELS
 SCOPE = "discord:1"
 CAP = 8
 """A small history cap, so the oldest messages are trimmed within a few turns."""
+CAP_BYTES = 900
+"""A small byte cap too (each message is 20 to 300 bytes), so either cap may trim first."""
+LIMITS = {"history_cap": CAP, "history_cap_bytes": CAP_BYTES, "message_cap_bytes": 400}
 
 
 @dataclass(frozen=True)
@@ -101,9 +104,9 @@ async def scenario(redis_url: str, steps: list[Step]) -> None:
     default, a tiny one that evicts almost everything, none) and check every turn's history
     against what Redis holds."""
     policies = [
-        StorePolicy(TEST_MODELS[0], history_cap=CAP),
-        StorePolicy(TEST_MODELS[0], history_cap=CAP, history_cache_bytes=300),
-        StorePolicy(TEST_MODELS[0], history_cap=CAP, history_cache_bytes=0),
+        StorePolicy(TEST_MODELS[0], **LIMITS),
+        StorePolicy(TEST_MODELS[0], **LIMITS, history_cache_bytes=300),
+        StorePolicy(TEST_MODELS[0], **LIMITS, history_cache_bytes=0),
     ]
     stores = [RedisStore.from_url(redis_url, policy) for policy in policies]
     raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
@@ -115,6 +118,7 @@ async def scenario(redis_url: str, steps: list[Step]) -> None:
             if isinstance(step, Turn):
                 turn = await store.begin_turn(SCOPE, Ticket.now(), step.room, 10_000)
                 stored = await stores[2].read_history(SCOPE, turn.session.name)
+                assert len(stored) <= CAP and sum(map(message_size, stored)) <= CAP_BYTES
                 expected = newest_within(stored, step.room)
                 assert turn.recent == expected, f"step {tag}: {step}"
                 assert turn.recent_bytes == sum(message_size(m) for m in expected)
@@ -203,10 +207,17 @@ async def test_what_another_process_did_at_the_history_cap_is_seen(
     await scenario(redis_url, steps)
 
 
-async def test_a_steady_conversation_moves_only_its_new_messages(redis_url: str) -> None:
+@pytest.mark.parametrize("cap_bytes", [None, 200_000], ids=["", "at-the-byte-cap"])
+async def test_a_steady_conversation_moves_only_its_new_messages(
+    redis_url: str, cap_bytes: int | None
+) -> None:
     """With a long history, a process's first turn loads the whole window that fits the
-    budget; its later turns bring only what was added (here: nothing but the reply)."""
-    store = RedisStore.from_url(redis_url, StorePolicy(TEST_MODELS[0]))
+    budget; its later turns bring only what was added (here: another process's turn), also
+    when each turn drops the oldest messages to keep the session within its byte cap."""
+    policy = StorePolicy(TEST_MODELS[0])
+    if cap_bytes:
+        policy = StorePolicy(TEST_MODELS[0], history_cap_bytes=cap_bytes)
+    store, other = (RedisStore.from_url(redis_url, policy) for _ in range(2))
     raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
     history: list[Message] = [
         {"role": "user" if i % 2 == 0 else "assistant", "content": text(300, i)}
@@ -219,23 +230,27 @@ async def test_a_steady_conversation_moves_only_its_new_messages(redis_url: str)
         call, so a measurement subtracts the size of one such reply."""
         return int((await raw.info("stats"))["total_net_output_bytes"])
 
-    async def turn_output_bytes() -> tuple[int, int]:
+    async def turn_output_bytes(process: RedisStore) -> tuple[int, int]:
         earlier = await sent_by_redis()
         before = await sent_by_redis()
-        turn = await store.begin_turn(SCOPE, Ticket.now(), 64_000, 10_000)
+        turn = await process.begin_turn(SCOPE, Ticket.now(), 64_000, 10_000)
         after = await sent_by_redis()
-        await store.finish_turn(
-            turn, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        await process.finish_turn(  # each turn drops at least one message at the byte cap
+            turn, [{"role": "user", "content": "q" * 150}, {"role": "assistant", "content": "a"}]
         )
         info_reply = before - earlier  # INFO's own reply, a few bytes either way as digits grow
         return after - before - info_reply, len(turn.recent)
 
-    first, first_count = await turn_output_bytes()
-    later = [await turn_output_bytes() for _ in range(5)]
+    first, first_count = await turn_output_bytes(store)
+    later = []
+    for _ in range(5):
+        await turn_output_bytes(other)
+        later.append(await turn_output_bytes(store))
     assert first > 60_000 and first_count > 150
-    # Under 1 KB: less than three of the stored messages, let alone the window of 150+.
+    # Under 1 KB: the other process's turn (two messages), not the window of 150+.
     assert all(moved < 1_000 and count >= first_count for moved, count in later)
-    await store.close()
+    for process in (store, other):
+        await process.close()
     await raw.aclose()
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
-from bot.errors import InvalidInput, SessionBusy, UnknownSession
+from bot.errors import InvalidInput, MessageTooLarge, SessionBusy, SessionLimit, UnknownSession
 from bot.store.base import (
     LAST_ANSWERED_OPTION,
     AlreadyClaimed,
@@ -19,6 +20,7 @@ from bot.store.base import (
     encode_message,
 )
 from bot.store.redis import RedisStore, session_key
+from bot.store.sqlite import SqliteStore
 
 BIG = 1_000_000
 TOOL_ROUND: list[Message] = [
@@ -406,3 +408,145 @@ async def test_saving_the_same_turn_twice_stores_it_once(store: SessionStore) ->
     later = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)  # the lock is free
     assert await store.finish_turn(later, answer)
     assert len(await store.read_history("s1", "default")) == 4
+
+
+LIMITS = StorePolicy(
+    "openai/gpt-5.1", sessions_per_place=3, message_cap_bytes=300, history_cap_bytes=1000
+)
+SETTINGS = SessionSettings("openai/gpt-5.1")
+
+
+@pytest.mark.parametrize("policy", [LIMITS])
+async def test_a_place_keeps_at_most_its_session_limit(store: SessionStore) -> None:
+    await save_turn(store, "s1", {"role": "user", "content": "hi"})  # `default`
+    await store.create_session("s1", "a", SETTINGS)
+    await store.create_session("s1", "b", SETTINGS)
+    with pytest.raises(SessionLimit, match="already has 3 sessions"):
+        await store.create_session("s1", "c", SETTINGS)
+    with pytest.raises(SessionLimit):  # an import adding one is refused whole
+        await store.import_sessions("s1", {"a": [], "c": []}, SETTINGS)
+    assert (await store.current_session("s1")).name == "b"  # nothing changed
+    assert sorted(s.name for s in await store.list_sessions("s1")) == ["a", "b", "default"]
+    assert await store.read_history("s1", "default") == [{"role": "user", "content": "hi"}]
+    await store.import_sessions("s1", {"a": [{"role": "user", "content": "x"}]}, SETTINGS)
+    assert (await store.switch_session("s1", "a")).message_count == 1  # replacing is fine
+    await store.create_session("s2", "c", SETTINGS)  # each place has its own limit
+
+
+@pytest.mark.parametrize("policy", [LIMITS])
+async def test_a_message_over_the_size_cap_is_refused_and_nothing_is_stored(
+    store: SessionStore,
+) -> None:
+    small: Message = {"role": "user", "content": "fits"}
+    big: Message = {"role": "user", "content": "x" * 300}
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    with pytest.raises(MessageTooLarge, match="over the limit of 1 KB per message"):
+        await store.finish_turn(turn, [small, big], "m1")
+    assert await store.finish_turn(turn, [])  # the caller releases the turn, as the engine does
+    assert await store.read_history("s1", "default") == []
+    with pytest.raises(MessageTooLarge, match=r"Message 1 of session 'x'.*nothing was imported"):
+        await store.import_sessions("s1", {"w": [small], "x": [small, big]}, SETTINGS)
+    assert [s.name for s in await store.list_sessions("s1")] == ["default"]
+
+
+@pytest.mark.parametrize("policy", [LIMITS])
+async def test_a_session_over_its_byte_cap_drops_its_oldest_messages(
+    store: SessionStore,
+) -> None:
+    """As at the message-count cap: the newest messages that fit stay, and deleting a
+    message finds it exactly while it is stored."""
+    from bot.context import newest_within
+
+    sent: list[Message] = []
+    for i in range(12):
+        question = {"role": "user", "content": f"q{i} " + "x" * 100}
+        answer = {"role": "assistant", "content": f"a{i} " + "y" * (20 * (i % 4))}
+        await save_turn(store, "s1", question, answer, ref=f"m{i}")
+        sent += [question, answer]
+    expected = newest_within(sent, 1000)
+    assert 4 < len(expected) < len(sent)
+    assert await store.read_history("s1", "default") == expected
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    assert (turn.recent, turn.session.message_count) == (expected, len(expected))
+    await store.finish_turn(turn, [])
+    kept = [i for i in range(12) if sent[2 * i] in expected]
+    if isinstance(store, RedisStore):  # the refs of dropped messages went with them
+        refs = await store._redis.hkeys(session_key("s1", "default", "refs"))
+        assert sorted(refs) == sorted(f"m{i}" for i in kept)
+    assert not await store.forget_message("s1", f"m{kept[0] - 1}")
+    assert await store.forget_message("s1", f"m{kept[0]}")
+    await store.import_sessions("s1", {"imported": sent}, SETTINGS)  # cut the same way
+    assert await store.read_history("s1", "imported") == expected
+
+
+async def expiring(
+    store: SessionStore, redis_url: str, tmp_path: Path, ttl: int = 1, **limits: int
+) -> SessionStore:
+    """A store of the same backend over the same data, whose places expire after `ttl`."""
+    policy = StorePolicy("openai/gpt-5.1", ttl_seconds=ttl, **limits)
+    if isinstance(store, RedisStore):
+        return RedisStore.from_url(redis_url, policy)
+    return SqliteStore(tmp_path / "ttl.sqlite3", policy)
+
+
+async def leftovers(store: SessionStore) -> list[str]:
+    """Whatever the store still holds for any place: keys, or rows of any table."""
+    if isinstance(store, RedisStore):
+        return sorted(str(key) for key in await store._redis.keys("*"))
+    db = store._db  # type: ignore[attr-defined]
+    tables = ["scopes", "scope_options", "sessions", "messages", "claims", "queue"]
+    return [t for t in tables if db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]]
+
+
+async def test_everything_a_place_holds_expires_after_the_ttl_even_unused(
+    store: SessionStore, redis_url: str, tmp_path: Path
+) -> None:
+    """Sessions made by /new, /load or an import expire without a turn; so do a place's
+    options, claims, and the queue of turns that waited."""
+    ttl = await expiring(store, redis_url, tmp_path)
+    await ttl.create_session("made", "work", SETTINGS)
+    await ttl.import_sessions("imported", {"x": [{"role": "user", "content": "hi"}]}, SETTINGS)
+    forever = await expiring(store, redis_url, tmp_path, ttl=0)
+    await save_turn(forever, "loaded", {"role": "user", "content": "old"})  # without a TTL
+    await forever.close()
+    await ttl.switch_session("loaded", "default")  # /load gives it one
+    await ttl.set_scope_option("opted", "reply_mode", "all")
+    await ttl.claim("claimed", "msg-1", "outside", 10_000)  # as the threads mode does
+    await ttl.settle_claim("claimed", "msg-1", "outside", answered=True)
+    holder = await ttl.begin_turn("queued", Ticket(order=1, claim="msg-2"), BIG, 10_000)
+    with pytest.raises(SessionBusy):
+        await ttl.begin_turn("queued", Ticket(order=2), BIG, 10_000)  # then never asks again
+    assert await ttl.finish_turn(holder, [{"role": "user", "content": "q"}], "msg-2")
+    assert await leftovers(ttl)
+    deadline = asyncio.get_running_loop().time() + 60
+    while await leftovers(ttl):
+        assert asyncio.get_running_loop().time() < deadline, await leftovers(ttl)
+        await ttl.list_sessions("made")  # the SQLite store purges from its calls
+        await asyncio.sleep(0.2)
+    assert await ttl.list_sessions("made") == []
+    assert await ttl.scope_option("opted", "reply_mode") is None
+    await ttl.close()
+
+
+async def test_a_session_past_the_ttl_frees_its_place_under_the_limit(
+    store: SessionStore, redis_url: str, tmp_path: Path
+) -> None:
+    """A place in use keeps its keys, but a session of it not used for the TTL is gone,
+    and no longer counts toward the place's limit."""
+    ttl = await expiring(store, redis_url, tmp_path, sessions_per_place=2)
+    await ttl.create_session("p", "old", SETTINGS)
+    await ttl.create_session("p", "current", SETTINGS)
+    with pytest.raises(SessionLimit):
+        await ttl.create_session("p", "new", SETTINGS)
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        await save_turn(ttl, "p", {"role": "user", "content": "still here"})
+        try:
+            await ttl.create_session("p", "new", SETTINGS)
+            break
+        except SessionLimit:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.2)
+    assert sorted(s.name for s in await ttl.list_sessions("p")) == ["current", "new"]
+    assert await ttl.read_history("p", "current")  # the place's other session stayed
+    await ttl.close()

@@ -16,6 +16,9 @@ def policy_from(settings: Settings) -> StorePolicy:
         ttl_seconds=settings.session_ttl_seconds,
         history_cap=settings.history_cap_messages,
         history_cache_bytes=settings.history_cache_mb * 1024 * 1024,
+        sessions_per_place=settings.sessions_per_place,
+        message_cap_bytes=settings.message_cap_kb * 1024,
+        history_cap_bytes=settings.history_cap_mb * 1024 * 1024,
     )
 
 

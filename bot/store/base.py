@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bot.errors import CorruptSession, InvalidSessionName
+from bot.errors import CorruptSession, InvalidSessionName, MessageTooLarge
 
 Message = dict[str, Any]
 
@@ -170,6 +170,12 @@ class Turn:
 
 HISTORY_CACHE_MB = 32
 """Default size of each process's cache of recent messages (Redis store), in MB stored."""
+SESSIONS_PER_PLACE = 25
+"""Default most sessions one place keeps (Discord's autocomplete shows at most 25)."""
+MESSAGE_CAP_KB = 128
+"""Default most stored KB of one message (two 50 KB text files and their text fit)."""
+HISTORY_CAP_MB = 4
+"""Default most stored MB of one session's history."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +188,47 @@ class StorePolicy:
     history_cache_bytes: int = HISTORY_CACHE_MB * 1024 * 1024
     """At most this many stored bytes of recent messages are kept in memory (Redis store;
     see `bot.store.recent`); 0 turns the cache off."""
+    sessions_per_place: int = SESSIONS_PER_PLACE
+    """Creating or importing a session beyond this many in one scope is refused."""
+    message_cap_bytes: int = MESSAGE_CAP_KB * 1024
+    """A message whose stored size exceeds this is refused (the engine fits answers first)."""
+    history_cap_bytes: int = HISTORY_CAP_MB * 1024 * 1024
+    """Beyond this many stored bytes a session drops its oldest messages, as at the count
+    cap. At least `message_cap_bytes`, so the newest message always stays."""
+
+    @property
+    def claim_seconds(self) -> int:
+        """A claimed message id is remembered a day, or the TTL when that is shorter: it
+        belongs to its place and goes with it."""
+        return min(CLAIM_TTL_SECONDS, self.ttl_seconds) if self.ttl_seconds else CLAIM_TTL_SECONDS
+
+    def check_sizes(self, messages: Iterable[Message], session: str | None = None) -> list[str]:
+        """The stored form of `messages`; `MessageTooLarge` when one is over the cap (naming
+        its position in `session` when given, as an import does)."""
+        stored = [encode_message(m) for m in messages]
+        for i, text in enumerate(stored):
+            size = len(text.encode())
+            if size > self.message_cap_bytes:
+                if session is None:
+                    raise MessageTooLarge(size, self.message_cap_bytes)
+                raise MessageTooLarge(
+                    size,
+                    self.message_cap_bytes,
+                    f"Message {i} of session {session!r}",
+                    "nothing was imported.",
+                )
+        return stored
+
+    def stored_for_import(self, sessions: dict[str, list[Message]]) -> dict[str, list[str]]:
+        """Each session's stored messages, checked, and within both caps as a turn would
+        leave them (the newest that fit)."""
+        kept: dict[str, list[str]] = {}
+        for name, messages in sessions.items():
+            stored = self.check_sizes(messages, name)[-self.history_cap :]
+            sizes = [len(text.encode()) for text in reversed(stored)]
+            count, _ = newest_fitting(sizes, self.history_cap_bytes)
+            kept[name] = stored[len(stored) - count :]
+        return kept
 
 
 def session_info(row: Sequence[Any]) -> SessionInfo:
@@ -270,11 +317,13 @@ class SessionStore(Protocol):
     async def finish_turn(
         self, turn: Turn, added: Sequence[Message], user_ref: str | None = None
     ) -> bool:
-        """Append `added` and release the lock in one step. `user_ref` (for example a
-        Discord message id) names the first added message so `forget_message` can remove it.
-        Returns False, saving nothing, when the lock was lost to another turn. The turn's
-        claim, while still its lease, is settled as answered in the same step (a turn that
-        failed or lost its lock told the user so)."""
+        """Append `added` and release the lock in one step, dropping the oldest messages
+        beyond the policy's caps. `user_ref` (for example a Discord message id) names the
+        first added message so `forget_message` can remove it. Returns False, saving nothing,
+        when the lock was lost to another turn. The turn's claim, while still its lease, is
+        settled as answered in the same step (a turn that failed or lost its lock told the
+        user so). Raises `MessageTooLarge`, saving nothing and keeping the lock (the caller
+        releases it), when a message is over the cap."""
         ...
 
     async def extend_lock(self, turn: Turn, lock_ms: int) -> bool:
@@ -286,11 +335,12 @@ class SessionStore(Protocol):
         ...
 
     async def list_sessions(self, scope: str) -> list[SessionInfo]:
-        """The scope's sessions, most recently used first."""
+        """The scope's sessions, most recently used first; at most `sessions_per_place`."""
         ...
 
     async def create_session(self, scope: str, name: str, settings: SessionSettings) -> SessionInfo:
-        """Create an empty session and make it current; `InvalidInput` if the name is taken."""
+        """Create an empty session and make it current; `InvalidInput` if the name is taken,
+        `SessionLimit` if the scope has `sessions_per_place` sessions already."""
         ...
 
     async def switch_session(self, scope: str, name: str) -> SessionInfo:
@@ -322,7 +372,8 @@ class SessionStore(Protocol):
     async def import_sessions(
         self, scope: str, sessions: dict[str, list[Message]], settings: SessionSettings
     ) -> None:
-        """Store whole sessions at once, replacing same-named ones: all or nothing."""
+        """Store whole sessions at once, replacing same-named ones, each cut to the caps: all
+        or nothing (`SessionLimit`, `MessageTooLarge` naming the message)."""
         ...
 
     async def close(self) -> None: ...

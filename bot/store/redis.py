@@ -6,6 +6,7 @@ and a script touches a single slot, as Redis Cluster requires; running on a Clus
 
     {prefix}:{scope}:state              hash    current -> session name; opt:{option} -> value
     {prefix}:{scope}:names              zset    session name -> last use (unix seconds)
+    {prefix}:{scope}:refindex           hash    user ref -> name of the session storing it
     {prefix}:{scope}:queue              zset    waiting turns' places, in text order (score 0)
     {prefix}:{scope}:tickets            hash    place -> deadline (ms); a lapsed place is dropped
     {prefix}:{scope}:claim:{id}         string  a claimed message id: a lease (`lease:` and the
@@ -15,12 +16,20 @@ and a script touches a single slot, as Redis Cluster requires; running on a Clus
     {prefix}:{scope}:s:{name}:meta      hash    model, mcp (JSON list), created, updated, format,
                                                 last_turn (the last saved turn's token),
                                                 gen and seq (see below), forgotten (messages
-                                                removed by forget_message since the last clear)
+                                                removed by forget_message since the last clear),
+                                                bytes (stored size of the messages)
     {prefix}:{scope}:s:{name}:messages  list    one JSON message per element, oldest first
     {prefix}:{scope}:s:{name}:refs      hash    user ref (Discord message id) -> stored JSON
     {prefix}:{scope}:s:{name}:refseq    zset    user ref -> seq of its message (drops the refs
                                                 of messages the history cap trimmed)
     {prefix}:{scope}:s:{name}:lock      string  token of the turn in progress, with expiry
+
+With a TTL, every script that uses a session (a turn, /new, /load, /clear, a settings
+change, an import) sets it on that session's keys and the scope's `state`, `names` and
+`refindex`, so a place's keys go TTL after its last use; a session not used that long goes
+alone, and its name leaves `names` when a script next looks. The queue and tickets expire
+once no turn has waited for `TICKET_TTL_MS` (every place in them has lapsed by then); claims
+after a day or the TTL, whichever is shorter; locks after their lease.
 
 A session's `gen` (generation) is replaced whenever its history changes other than by
 appending, and every append raises its `seq` by the number of messages appended: together
@@ -45,10 +54,16 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from bot.errors import CorruptSession, InvalidInput, SessionBusy, StoreUnavailable, UnknownSession
+from bot.errors import (
+    CorruptSession,
+    InvalidInput,
+    SessionBusy,
+    SessionLimit,
+    StoreUnavailable,
+    UnknownSession,
+)
 from bot.store.base import (
     CLAIM_ANSWERED,
-    CLAIM_TTL_SECONDS,
     DEFAULT_SESSION,
     LAST_ANSWERED_OPTION,
     PLACES_KEPT,
@@ -64,7 +79,6 @@ from bot.store.base import (
     Turn,
     decode_message_array,
     decode_messages,
-    encode_message,
     mcp_json,
     session_info,
 )
@@ -113,13 +127,20 @@ local function new_generation()
 end
 local function create(name, model, mcp, now)
   redis.call('HSET', key(name, 'meta'), 'model', model, 'mcp', mcp,
-             'created', now, 'updated', now, 'format', '$FORMAT', 'gen', new_generation(), 'seq', 0)
+             'created', now, 'updated', now, 'format', '$FORMAT', 'gen', new_generation(), 'seq', 0,
+             'bytes', 0)
   redis.call('ZADD', KEYS[2], now, name)
+end
+local function mark_new_scope()  -- nothing stored yet, so its ref index is complete
+  if redis.call('EXISTS', KEYS[2]) == 0 then
+    redis.call('HSET', KEYS[1], 'refindex', 1)
+  end
 end
 local function current_or_create(model, now)
   local name = redis.call('HGET', KEYS[1], 'current')
   if not name then
     name = '$DEFAULT'
+    mark_new_scope()
     redis.call('HSET', KEYS[1], 'current', name)
   end
   if redis.call('EXISTS', key(name, 'meta')) == 0 then create(name, model, '[]', now) end
@@ -133,6 +154,25 @@ local function answered(claim, mine, ttl)
   if not last or #claim > #last or (#claim == #last and claim > last) then
     redis.call('HSET', KEYS[1], 'opt:$LAST', claim)
   end
+end
+local function touch(name, now, ttl)
+  redis.call('ZADD', KEYS[2], now, name)
+  if tonumber(ttl) > 0 then
+    for _, k in ipairs({KEYS[1], KEYS[2], prefix .. 'refindex', key(name, 'meta'),
+                        key(name, 'messages'), key(name, 'refs'), key(name, 'refseq')}) do
+      redis.call('EXPIRE', k, ttl)
+    end
+  end
+end
+local function prune(ttl)  -- names whose session expired (the EXISTS check forgives skew)
+  if tonumber(ttl) == 0 then return end
+  local cutoff = redis.call('TIME')[1] - tonumber(ttl)
+  for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff)) do
+    if redis.call('EXISTS', key(name, 'meta')) == 0 then redis.call('ZREM', KEYS[2], name) end
+  end
+end
+local function unindex(refs)  -- forget where these refs were stored
+  if #refs > 0 then redis.call('HDEL', prefix .. 'refindex', unpack(refs)) end
 end
 local function describe(name)
   local m = redis.call('HMGET', key(name, 'meta'), 'format', 'model', 'mcp', 'created', 'updated')
@@ -157,11 +197,13 @@ def _lua(body: str) -> str:
 
 
 # ARGV: prefix, token, lock_ms, budget_bytes, default_model, now, place, claim, claim_ttl,
-# ticket_ttl_ms, cached name, cached gen, cached seq, cached count, history_cap. Claim, then
-# queue, then lock; only the first ticket of the queue may lock. Then the newest messages that
-# fit the budget: only those after the cached seq ('delta') when the caller's cache of this
-# session is still a prefix of it (same gen, and below the cap the length grew by exactly the
-# messages appended since, which also catches writes that bypassed these scripts), else the
+# ticket_ttl_ms, cached name, cached gen, cached seq, cached count, history_cap, ttl_seconds,
+# trim_bytes. Claim, then queue, then lock; only the first ticket of the queue may lock. Then
+# the newest messages that fit the budget: only those after the cached seq ('delta') when the
+# caller's cache of this session is still a prefix of it (same gen, and below the caps the
+# length grew by exactly the messages appended since, which also catches writes that bypassed
+# these scripts; a session holding at most `trim_bytes`, the byte cap less one message, has
+# not been trimmed for its size since it last held less), else the
 # window ('window', or 'all' when it holds the whole history). Messages come last, newest
 # first, after their sizes as one comma-separated string.
 _BEGIN_TURN = _lua(
@@ -181,6 +223,8 @@ local clock = redis.call('TIME')
 local now_ms = clock[1] * 1000 + math.floor(clock[2] / 1000)
 redis.call('ZADD', queue, 0, place)
 redis.call('HSET', tickets, place, now_ms + tonumber(ARGV[10]))
+redis.call('PEXPIRE', queue, ARGV[10])  -- once nobody waited that long, every place lapsed
+redis.call('PEXPIRE', tickets, ARGV[10])
 local first = redis.call('ZRANGE', queue, 0, 0)[1]
 while first ~= place and tonumber(redis.call('HGET', tickets, first) or '0') < now_ms do
   redis.call('ZREM', queue, first)
@@ -193,6 +237,7 @@ local function leave_queue()
   redis.call('HDEL', tickets, place)
 end
 local name = current_or_create(ARGV[5], ARGV[6])
+touch(name, ARGV[6], ARGV[16])
 local info = describe(name)
 if info[2] ~= '$FORMAT' then
   leave_queue()
@@ -205,7 +250,7 @@ leave_queue()
 local out = {'ok'}
 for _, v in ipairs(info) do out[#out + 1] = v end
 local meta, count = key(name, 'meta'), info[7]
-local stamp = redis.call('HMGET', meta, 'gen', 'seq')
+local stamp = redis.call('HMGET', meta, 'gen', 'seq', 'bytes')
 local gen, seq = stamp[1], tonumber(stamp[2]) or 0
 if not gen then  -- stored before sessions had generations
   gen, seq = new_generation(), count
@@ -215,6 +260,7 @@ local wanted, mode = count, 'window'
 if ARGV[12] == gen and ARGV[11] == name then
   local since = seq - tonumber(ARGV[13])
   local grown = count - tonumber(ARGV[14]) == since or count >= tonumber(ARGV[15])
+                or (tonumber(stamp[3]) or 0) > tonumber(ARGV[17])
   if since >= 0 and since <= count and grown then wanted, mode = since, 'delta' end
 end
 local head = #out
@@ -255,12 +301,16 @@ return 'ok'
 """
 )
 
-# ARGV: prefix, claim, token, answered (1 or 0), claim_ttl
+# ARGV: prefix, claim, token, answered (1 or 0), claim_ttl, ttl_seconds. A state this made
+# (for `last_answered`, in a place with no turn yet) expires with the TTL like any other.
 _SETTLE_CLAIM = _lua(
     """
 local mine = 'lease:' .. ARGV[3]
 if ARGV[4] == '1' then
   answered(ARGV[2], mine, ARGV[5])
+  if tonumber(ARGV[6]) > 0 and redis.call('TTL', KEYS[1]) == -1 then
+    redis.call('EXPIRE', KEYS[1], ARGV[6])
+  end
 elseif redis.call('GET', prefix .. 'claim:' .. ARGV[2]) == mine then
   redis.call('DEL', prefix .. 'claim:' .. ARGV[2])
 end
@@ -269,52 +319,84 @@ return 1
 )
 
 # ARGV: prefix, name, token, history_cap, now, ttl_seconds, user_ref, claim, claim_ttl,
-# message... Idempotent: the meta remembers the last saved turn's token, so a call repeated
-# because its reply was lost (a timeout) saves nothing twice. Returns {1, gen, seq, length}
-# after appending, {1} when nothing was appended (or already had been), {0} when the lock was
-# lost. The claim, while this turn's lease, is settled as answered in every case.
+# history_cap_bytes, message... Idempotent: the meta remembers the last saved turn's token, so
+# a call repeated because its reply was lost (a timeout) saves nothing twice. Returns
+# {1, gen, seq, length} after appending, {1} when nothing was appended (or already had been),
+# {0} when the lock was lost. The claim, while this turn's lease, is settled as answered in
+# every case. Beyond either cap the oldest messages go, with their refs, the newest staying.
 _FINISH_TURN = _lua(
     """
 local name = ARGV[2]
 if ARGV[8] ~= '' then answered(ARGV[8], 'lease:' .. ARGV[3], ARGV[9]) end
 local lock, meta = key(name, 'lock'), key(name, 'meta')
 local holder = redis.call('GET', lock)
-local last_turn, gen, forgotten = unpack(redis.call('HMGET', meta, 'last_turn', 'gen', 'forgotten'))
+local last_turn, gen, forgotten, total =
+  unpack(redis.call('HMGET', meta, 'last_turn', 'gen', 'forgotten', 'bytes'))
 if last_turn == ARGV[3] then return {1} end
 if holder and holder ~= ARGV[3] then return {0} end
-local cap = tonumber(ARGV[4])
+local cap, byte_cap = tonumber(ARGV[4]), tonumber(ARGV[10])
 local out = {1}
-local first = 10  -- the first message among ARGV
+local first = 11  -- the first message among ARGV
 if #ARGV >= first then
   local messages = key(name, 'messages')
-  redis.call('RPUSH', messages, unpack(ARGV, first))
-  redis.call('LTRIM', messages, -cap, -1)
+  total = tonumber(total)
+  if not total then  -- stored before sessions counted their bytes
+    total = 0
+    for _, m in ipairs(redis.call('LRANGE', messages, 0, -1)) do total = total + #m end
+  end
+  local length = redis.call('RPUSH', messages, unpack(ARGV, first))
+  for i = first, #ARGV do total = total + #ARGV[i] end
   local seq = redis.call('HINCRBY', meta, 'seq', #ARGV - first + 1)
+  local refs, order = key(name, 'refs'), key(name, 'refseq')
   if ARGV[7] ~= '' then
-    local refs, order = key(name, 'refs'), key(name, 'refseq')
     redis.call('HSET', refs, ARGV[7], ARGV[first])
     redis.call('ZADD', order, seq - (#ARGV - first), ARGV[7])
-    -- Drop the refs of messages the cap has surely trimmed: a message is gone once `cap`
-    -- messages came after it, not counting the `forgotten` ones that may have been among them.
+    redis.call('HSET', prefix .. 'refindex', ARGV[7], name)
+  end
+  -- The oldest messages beyond the caps, read to count their bytes and drop their refs.
+  local dropped = {}
+  if length > cap then dropped = redis.call('LRANGE', messages, 0, length - cap - 1) end
+  for _, m in ipairs(dropped) do total = total - #m end
+  local page = 4
+  while total > byte_cap and #dropped < length - 1 do
+    local more = redis.call('LRANGE', messages, #dropped, #dropped + page - 1)
+    for _, m in ipairs(more) do
+      if total <= byte_cap or #dropped >= length - 1 then break end
+      dropped[#dropped + 1] = m
+      total = total - #m
+    end
+    page = page * 2
+  end
+  if #dropped > 0 then
+    redis.call('LTRIM', messages, #dropped, -1)
+    -- Refs go in message order: each dropped message that is the oldest ref's takes it along.
+    -- Also drop the refs of messages surely gone by count (`cap` messages came after them, not
+    -- counting the `forgotten` that may have been among them), whatever their text.
+    local gone = {}
     local trimmed = seq - cap - (tonumber(forgotten) or 0)
-    local old = redis.call('ZRANGEBYSCORE', order, '-inf', trimmed)
-    if #old > 0 then
-      redis.call('HDEL', refs, unpack(old))
-      redis.call('ZREMRANGEBYSCORE', order, '-inf', trimmed)
+    for _, ref in ipairs(redis.call('ZRANGEBYSCORE', order, '-inf', trimmed)) do
+      gone[#gone + 1] = ref
+    end
+    local oldest = redis.call('ZRANGE', order, #gone, #gone)[1]
+    local text = oldest and redis.call('HGET', refs, oldest)
+    for _, m in ipairs(dropped) do
+      if text and m == text then
+        gone[#gone + 1] = oldest
+        oldest = redis.call('ZRANGE', order, #gone, #gone)[1]
+        text = oldest and redis.call('HGET', refs, oldest)
+      end
+    end
+    if #gone > 0 then
+      redis.call('HDEL', refs, unpack(gone))
+      redis.call('ZREM', order, unpack(gone))
+      unindex(gone)
     end
   end
-  redis.call('HSET', meta, 'updated', ARGV[5], 'last_turn', ARGV[3])
-  out = {1, gen or '', seq, redis.call('LLEN', messages)}
-  redis.call('ZADD', KEYS[2], ARGV[5], name)
+  redis.call('HSET', meta, 'updated', ARGV[5], 'last_turn', ARGV[3], 'bytes', total)
+  out = {1, gen or '', seq, length - #dropped}
 end
 if holder then redis.call('DEL', lock) end
-local ttl = tonumber(ARGV[6])
-if ttl > 0 then
-  for _, k in ipairs({KEYS[1], KEYS[2], key(name, 'meta'), key(name, 'messages'),
-                      key(name, 'refs'), key(name, 'refseq')}) do
-    redis.call('EXPIRE', k, ttl)
-  end
-end
+touch(name, ARGV[5], ARGV[6])
 return out
 """
 )
@@ -340,11 +422,13 @@ return describe(name)
 """
 )
 
-# ARGV: prefix. Forgets names whose session expired.
+# ARGV: prefix, limit, ttl_seconds. The `limit` most recently used; forgets names whose
+# session expired.
 _LIST = _lua(
     """
+prune(ARGV[3])
 local out = {}
-for _, name in ipairs(redis.call('ZREVRANGE', KEYS[2], 0, -1)) do
+for _, name in ipairs(redis.call('ZREVRANGE', KEYS[2], 0, tonumber(ARGV[2]) - 1)) do
   if redis.call('EXISTS', key(name, 'meta')) == 1 then
     for _, v in ipairs(describe(name)) do out[#out + 1] = v end
   else
@@ -355,31 +439,37 @@ return out
 """
 )
 
-# ARGV: prefix, name, model, mcp_json, now
+# ARGV: prefix, name, model, mcp_json, now, ttl_seconds, limit. {} when the name is taken,
+# {'full'} when the scope has `limit` sessions already.
 _CREATE = _lua(
     """
 if redis.call('EXISTS', key(ARGV[2], 'meta')) == 1 then return {} end
+prune(ARGV[6])
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[7]) then return {'full'} end
+mark_new_scope()
 create(ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 redis.call('HSET', KEYS[1], 'current', ARGV[2])
+touch(ARGV[2], ARGV[5], ARGV[6])
 return describe(ARGV[2])
 """
 )
 
-# ARGV: prefix, name, now
+# ARGV: prefix, name, now, ttl_seconds
 _SWITCH = _lua(
     """
 if redis.call('EXISTS', key(ARGV[2], 'meta')) == 0 then return {} end
 redis.call('HSET', KEYS[1], 'current', ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+touch(ARGV[2], ARGV[3], ARGV[4])
 return describe(ARGV[2])
 """
 )
 
-# ARGV: prefix, default_model, now. Also the way out of an unreadable session: it rewrites
-# the format marker and keeps the settings when they are readable.
+# ARGV: prefix, default_model, now, ttl_seconds. Also the way out of an unreadable session: it
+# rewrites the format marker and keeps the settings when they are readable.
 _CLEAR = _lua(
     """
 local name = current_or_create(ARGV[2], ARGV[3])
+unindex(redis.call('HKEYS', key(name, 'refs')))
 redis.call('DEL', key(name, 'messages'), key(name, 'refs'), key(name, 'refseq'))
 local meta = key(name, 'meta')
 local readable, servers = pcall(cjson.decode, redis.call('HGET', meta, 'mcp') or '')
@@ -387,15 +477,18 @@ if redis.call('HGET', meta, 'format') ~= '$FORMAT' or not readable or type(serve
   redis.call('DEL', meta)
   create(name, ARGV[2], '[]', ARGV[3])
 end
-redis.call('HSET', meta, 'updated', ARGV[3], 'gen', new_generation(), 'seq', 0, 'forgotten', 0)
+redis.call('HSET', meta, 'updated', ARGV[3], 'gen', new_generation(), 'seq', 0, 'forgotten', 0,
+           'bytes', 0)
+touch(name, ARGV[3], ARGV[4])
 return describe(name)
 """
 )
 
-# ARGV: prefix, default_model, now, model, mcp_json
+# ARGV: prefix, default_model, now, model, mcp_json, ttl_seconds
 _UPDATE_SETTINGS = _lua(
     """
 local name = current_or_create(ARGV[2], ARGV[3])
+touch(name, ARGV[3], ARGV[6])
 local info = describe(name)
 if info[2] ~= '$FORMAT' then return info end
 redis.call('HSET', key(name, 'meta'), 'model', ARGV[4], 'mcp', ARGV[5])
@@ -403,30 +496,45 @@ return describe(name)
 """
 )
 
-# ARGV: prefix, user_ref
+# ARGV: prefix, user_ref. The scope's ref index names the session storing the ref; a scope
+# stored before the index existed gets it built once, on its first forget.
 _FORGET = _lua(
     """
-for _, name in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  local refs = key(name, 'refs')
-  local stored = redis.call('HGET', refs, ARGV[2])
-  if stored then
-    redis.call('HDEL', refs, ARGV[2])
-    redis.call('ZREM', key(name, 'refseq'), ARGV[2])
-    local removed = redis.call('LREM', key(name, 'messages'), -1, stored)
-    if removed > 0 then
-      local meta = key(name, 'meta')
-      redis.call('HSET', meta, 'gen', new_generation())
-      redis.call('HINCRBY', meta, 'forgotten', removed)
+local index = prefix .. 'refindex'
+local name = redis.call('HGET', index, ARGV[2])
+if not name then
+  local marked = redis.call('HMGET', KEYS[1], 'current', 'refindex')
+  if not marked[1] or marked[2] then return 0 end
+  for _, session in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    for _, ref in ipairs(redis.call('HKEYS', key(session, 'refs'))) do
+      redis.call('HSET', index, ref, session)
     end
-    return removed
+  end
+  redis.call('HSET', KEYS[1], 'refindex', 1)
+  name = redis.call('HGET', index, ARGV[2])
+  if not name then return 0 end
+end
+redis.call('HDEL', index, ARGV[2])
+local refs = key(name, 'refs')
+local stored = redis.call('HGET', refs, ARGV[2])
+if not stored then return 0 end
+redis.call('HDEL', refs, ARGV[2])
+redis.call('ZREM', key(name, 'refseq'), ARGV[2])
+local removed = redis.call('LREM', key(name, 'messages'), -1, stored)
+if removed > 0 then
+  local meta = key(name, 'meta')
+  redis.call('HSET', meta, 'gen', new_generation())
+  redis.call('HINCRBY', meta, 'forgotten', removed)
+  if redis.call('HEXISTS', meta, 'bytes') == 1 then
+    redis.call('HINCRBY', meta, 'bytes', -removed * #stored)
   end
 end
-return 0
+return removed
 """
 )
 
 _SUMMARY_FIELDS = 7
-_FINISH_FIRST_MESSAGE = 9
+_FINISH_FIRST_MESSAGE = 10
 """Index of the first saved message among `_FINISH_TURN`'s arguments."""
 
 
@@ -509,12 +617,14 @@ class RedisStore:
             cached = None
         args: list[ScriptArg] = [self._prefix(scope), ticket.token, lock_ms, load_bytes]
         args += [self._policy.default_model, time.time(), ticket.place, ticket.claim or ""]
-        args += [CLAIM_TTL_SECONDS, TICKET_TTL_MS]
+        args += [self._policy.claim_seconds, TICKET_TTL_MS]
         if cached is not None:
             args += [cached.name, cached.generation, cached.sequence, cached.count]
         else:
             args += ["", "", 0, 0]
-        args.append(self._policy.history_cap)
+        policy = self._policy
+        args += [policy.history_cap, policy.ttl_seconds]
+        args.append(policy.history_cap_bytes - policy.message_cap_bytes)
         async with self._available():
             reply = await self._begin(keys=self._keys(scope), args=args)
         status = reply[0]
@@ -562,7 +672,7 @@ class RedisStore:
 
     async def settle_claim(self, scope: str, claim: str, token: str, *, answered: bool) -> None:
         args: list[ScriptArg] = [self._prefix(scope), claim, token, int(answered)]
-        args.append(CLAIM_TTL_SECONDS)
+        args += [self._policy.claim_seconds, self._policy.ttl_seconds]
         async with self._available():
             await self._settle(keys=self._keys(scope), args=args)
 
@@ -593,8 +703,9 @@ class RedisStore:
             policy.ttl_seconds,
             user_ref or "",
             turn.claim or "",
-            CLAIM_TTL_SECONDS,
-            *(encode_message(m) for m in added),
+            policy.claim_seconds,
+            policy.history_cap_bytes,
+            *policy.check_sizes(added),
         ]
         async with self._available():
             reply = await self._finish(keys=self._keys(turn.scope), args=args)
@@ -646,7 +757,14 @@ class RedisStore:
 
     async def list_sessions(self, scope: str) -> list[SessionInfo]:
         async with self._available():
-            rows = await self._list(keys=self._keys(scope), args=[self._prefix(scope)])
+            rows = await self._list(
+                keys=self._keys(scope),
+                args=[
+                    self._prefix(scope),
+                    self._policy.sessions_per_place,
+                    self._policy.ttl_seconds,
+                ],
+            )
         return [
             session_info(rows[i : i + _SUMMARY_FIELDS])
             for i in range(0, len(rows), _SUMMARY_FIELDS)
@@ -659,26 +777,36 @@ class RedisStore:
             settings.model,
             mcp_json(settings),
             time.time(),
+            self._policy.ttl_seconds,
+            self._policy.sessions_per_place,
         ]
         self._recent.drop(scope)  # the window would not be reused after this
         async with self._available():
             row = await self._create(keys=self._keys(scope), args=args)
         if not row:
             raise InvalidInput(f"A session named {name!r} exists already; use /load {name}.")
+        if len(row) == 1:
+            raise SessionLimit(self._policy.sessions_per_place)
         return session_info(row)
 
     async def switch_session(self, scope: str, name: str) -> SessionInfo:
         self._recent.drop(scope)  # the window would not be reused after this
         async with self._available():
             row = await self._switch(
-                keys=self._keys(scope), args=[self._prefix(scope), name, time.time()]
+                keys=self._keys(scope),
+                args=[self._prefix(scope), name, time.time(), self._policy.ttl_seconds],
             )
         if not row:
             raise UnknownSession(f"There is no session named {name!r}; /list shows them.")
         return session_info(row)
 
     async def clear_session(self, scope: str) -> SessionInfo:
-        args: list[ScriptArg] = [self._prefix(scope), self._policy.default_model, time.time()]
+        args: list[ScriptArg] = [
+            self._prefix(scope),
+            self._policy.default_model,
+            time.time(),
+            self._policy.ttl_seconds,
+        ]
         self._recent.drop(scope)  # the window would not be reused after this
         async with self._available():
             return session_info(await self._clear(keys=self._keys(scope), args=args))
@@ -690,6 +818,7 @@ class RedisStore:
             time.time(),
             settings.model,
             mcp_json(settings),
+            self._policy.ttl_seconds,
         ]
         async with self._available():
             return session_info(await self._update(keys=self._keys(scope), args=args))
@@ -708,8 +837,12 @@ class RedisStore:
         return None if value is None else str(value)
 
     async def set_scope_option(self, scope: str, option: str, value: str) -> None:
-        async with self._available():
-            await self._redis.hset(scope_key(scope, "state"), f"opt:{option}", value)
+        state = scope_key(scope, "state")
+        async with self._available(), self._redis.pipeline(transaction=True) as tx:
+            tx.hset(state, f"opt:{option}", value)
+            if self._policy.ttl_seconds:
+                tx.expire(state, self._policy.ttl_seconds)
+            await tx.execute()
 
     async def read_history(self, scope: str, name: str) -> list[Message]:
         async with self._available():
@@ -720,30 +853,56 @@ class RedisStore:
         self, scope: str, sessions: dict[str, list[Message]], settings: SessionSettings
     ) -> None:
         now = time.time()
+        policy = self._policy
+        kept = policy.stored_for_import(sessions)
+        names, index = scope_key(scope, "names"), scope_key(scope, "refindex")
         self._recent.drop(scope)  # the window would not be reused after this
         deadline = max(IMPORT_TIMEOUT_SECONDS, self._call_timeout)
-        async with self._available(deadline), self._redis.pipeline(transaction=True) as tx:
-            for name, messages in sessions.items():
-                meta = session_key(scope, name, "meta")
-                stored = session_key(scope, name, "messages")
-                refs, order = session_key(scope, name, "refs"), session_key(scope, name, "refseq")
-                tx.delete(meta, stored, refs, order)
-                tx.hset(
-                    meta,
-                    mapping={
-                        "model": settings.model,
-                        "mcp": mcp_json(settings),
-                        "created": now,
-                        "updated": now,
-                        "format": STORE_FORMAT,
-                        "gen": f"import.{uuid.uuid4().hex}",
-                        "seq": 0,
-                    },
-                )
-                if messages:
-                    tx.rpush(stored, *(encode_message(m) for m in messages))
-                    tx.ltrim(stored, -self._policy.history_cap, -1)
-                tx.zadd(scope_key(scope, "names"), {name: now})
-            if sessions:
-                tx.hsetnx(scope_key(scope, "state"), "current", next(iter(sessions)))
-            await tx.execute()
+        async with self._available(deadline):
+            async with self._redis.pipeline(transaction=False) as reads:
+                reads.zrange(names, 0, -1)
+                for name in sessions:
+                    reads.hkeys(session_key(scope, name, "refs"))
+                listed, *replaced_refs = await reads.execute()
+            async with self._redis.pipeline(transaction=False) as reads:
+                for name in listed:
+                    reads.exists(session_key(scope, name, "meta"))
+                found = await reads.execute()
+            alive = {name for name, exists in zip(listed, found, strict=True) if exists}
+            if len(alive | set(sessions)) > policy.sessions_per_place:
+                raise SessionLimit(policy.sessions_per_place)
+            async with self._redis.pipeline(transaction=True) as tx:
+                for (name, stored), refs_before in zip(kept.items(), replaced_refs, strict=True):
+                    meta = session_key(scope, name, "meta")
+                    messages = session_key(scope, name, "messages")
+                    refs = session_key(scope, name, "refs")
+                    order = session_key(scope, name, "refseq")
+                    tx.delete(meta, messages, refs, order)
+                    if refs_before:
+                        tx.hdel(index, *refs_before)
+                    tx.hset(
+                        meta,
+                        mapping={
+                            "model": settings.model,
+                            "mcp": mcp_json(settings),
+                            "created": now,
+                            "updated": now,
+                            "format": STORE_FORMAT,
+                            "gen": f"import.{uuid.uuid4().hex}",
+                            "seq": 0,
+                            "bytes": sum(len(text.encode()) for text in stored),
+                        },
+                    )
+                    if stored:
+                        tx.rpush(messages, *stored)
+                    tx.zadd(names, {name: now})
+                    if policy.ttl_seconds:
+                        tx.expire(meta, policy.ttl_seconds)
+                        tx.expire(messages, policy.ttl_seconds)
+                if sessions:
+                    state = scope_key(scope, "state")
+                    tx.hsetnx(state, "current", next(iter(sessions)))
+                    if policy.ttl_seconds:
+                        for key in (state, names, index):
+                            tx.expire(key, policy.ttl_seconds)
+                await tx.execute()

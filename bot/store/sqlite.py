@@ -3,6 +3,11 @@
 Each operation is one transaction (`BEGIN IMMEDIATE`, so two processes on one file
 serialize); the turn lock is a token and expiry on the session's row, as in Redis. sqlite3
 blocks, so every call runs in a worker thread, one at a time.
+
+With a TTL, a session not used for that long (a turn, /new, /load, an import) goes with its
+messages; a place's current-session row and options go once it has no session left and its
+options were not set for that long; lapsed claims and queue places go too. Each call purges,
+at most once a minute (or twice per TTL when that is shorter).
 """
 
 from __future__ import annotations
@@ -16,10 +21,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
-from bot.errors import CorruptSession, InvalidInput, SessionBusy, StoreUnavailable, UnknownSession
+from bot.errors import (
+    CorruptSession,
+    InvalidInput,
+    SessionBusy,
+    SessionLimit,
+    StoreUnavailable,
+    UnknownSession,
+)
 from bot.store.base import (
     CLAIM_ANSWERED,
-    CLAIM_TTL_SECONDS,
     DEFAULT_SESSION,
     LAST_ANSWERED_OPTION,
     PLACES_KEPT,
@@ -36,7 +47,6 @@ from bot.store.base import (
     claim_lease,
     claim_order,
     decode_messages,
-    encode_message,
     mcp_json,
     session_info,
 )
@@ -46,7 +56,8 @@ T = TypeVar("T")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS scopes (scope TEXT PRIMARY KEY, current TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS scope_options (
-    scope TEXT NOT NULL, option TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (scope, option));
+    scope TEXT NOT NULL, option TEXT NOT NULL, value TEXT NOT NULL,
+    updated REAL NOT NULL DEFAULT 0, PRIMARY KEY (scope, option));
 CREATE TABLE IF NOT EXISTS sessions (
     scope TEXT NOT NULL, name TEXT NOT NULL, model TEXT NOT NULL, mcp TEXT NOT NULL,
     created REAL NOT NULL, updated REAL NOT NULL, format TEXT NOT NULL,
@@ -55,7 +66,7 @@ CREATE TABLE IF NOT EXISTS sessions (
 CREATE INDEX IF NOT EXISTS sessions_by_updated ON sessions (updated);
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT, scope TEXT NOT NULL, name TEXT NOT NULL,
-    body TEXT NOT NULL, ref TEXT);
+    body TEXT NOT NULL, ref TEXT, size INTEGER);
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages (scope, name, id);
 CREATE INDEX IF NOT EXISTS messages_by_ref ON messages (scope, ref) WHERE ref IS NOT NULL;
 CREATE TABLE IF NOT EXISTS claims (
@@ -86,6 +97,16 @@ class SqliteStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
         if "last_turn" not in columns:  # a file from before turns were idempotent
             self._db.execute("ALTER TABLE sessions ADD COLUMN last_turn TEXT")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}
+        if "size" not in columns:  # a file from before sessions had a size cap
+            self._db.execute("ALTER TABLE messages ADD COLUMN size INTEGER")
+            self._db.execute("UPDATE messages SET size = length(CAST(body AS BLOB))")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(scope_options)")}
+        if "updated" not in columns:
+            self._db.execute("ALTER TABLE scope_options ADD COLUMN updated REAL NOT NULL DEFAULT 0")
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS messages_sizes ON messages (scope, name, id, size)"
+        )
         self._thread_lock = threading.Lock()
         self._last_purge = 0.0
 
@@ -100,6 +121,7 @@ class SqliteStore:
                 db = self._db
                 db.execute("BEGIN IMMEDIATE")
                 try:
+                    self._purge_idle(db)
                     result = work(db)
                 except BaseException:
                     db.execute("ROLLBACK")
@@ -152,20 +174,59 @@ class SqliteStore:
         return name
 
     def _purge_idle(self, db: sqlite3.Connection) -> None:
-        """Drop sessions idle past the TTL; run from a write, at most once a minute (or twice
-        per TTL when that is shorter)."""
+        """Drop what the TTL has expired (see the module's docstring); at most once a minute,
+        or twice per TTL when that is shorter."""
         now = time.time()
         ttl = self._policy.ttl_seconds
-        if not ttl or now - self._last_purge < min(_PURGE_EVERY_SECONDS, ttl / 2):
+        every = min(_PURGE_EVERY_SECONDS, ttl / 2) if ttl else _PURGE_EVERY_SECONDS
+        if now - self._last_purge < every:
             return
         self._last_purge = now
-        cutoff = now - self._policy.ttl_seconds
+        db.execute("DELETE FROM claims WHERE expires < ?", (now,))
+        db.execute("DELETE FROM queue WHERE deadline < ?", (now,))
+        if not ttl:
+            return
+        cutoff = now - ttl
         db.execute(
             "DELETE FROM messages WHERE (scope, name) IN"
             " (SELECT scope, name FROM sessions WHERE updated < ?)",
             (cutoff,),
         )
         db.execute("DELETE FROM sessions WHERE updated < ?", (cutoff,))
+        db.execute(
+            "DELETE FROM scope_options WHERE updated < ?"
+            " AND scope NOT IN (SELECT scope FROM sessions)",
+            (cutoff,),
+        )
+        db.execute(
+            "DELETE FROM scopes WHERE scope NOT IN (SELECT scope FROM sessions)"
+            " AND scope NOT IN (SELECT scope FROM scope_options)"
+        )
+
+    def _trim_to_bytes(self, db: sqlite3.Connection, scope: str, name: str) -> None:
+        """Drop the oldest messages beyond the session's byte cap (the newest always fits)."""
+        cap = self._policy.history_cap_bytes
+        (total,) = db.execute(
+            "SELECT coalesce(sum(size), 0) FROM messages WHERE scope = ? AND name = ?",
+            (scope, name),
+        ).fetchone()
+        if total <= cap:
+            return
+        db.execute(
+            "DELETE FROM messages WHERE id IN (SELECT id FROM (SELECT id, sum(size) OVER"
+            " (ORDER BY id DESC) AS newer FROM messages WHERE scope = ? AND name = ?)"
+            " WHERE newer > ?)",
+            (scope, name, cap),
+        )
+
+    def _live_sessions(self, db: sqlite3.Connection, scope: str) -> set[str]:
+        """The scope's sessions not idle past the TTL (the purge may not have run yet)."""
+        ttl = self._policy.ttl_seconds
+        cutoff = time.time() - ttl if ttl else float("-inf")
+        rows = db.execute(
+            "SELECT name FROM sessions WHERE scope = ? AND updated >= ?", (scope, cutoff)
+        )
+        return {str(row[0]) for row in rows}
 
     # The store protocol.
 
@@ -264,7 +325,7 @@ class SqliteStore:
             return
         cursor = db.execute(
             "UPDATE claims SET token = ?, expires = ? WHERE scope = ? AND claim = ? AND token = ?",
-            (CLAIM_ANSWERED, time.time() + CLAIM_TTL_SECONDS, *key),
+            (CLAIM_ANSWERED, time.time() + self._policy.claim_seconds, *key),
         )
         if cursor.rowcount == 0:
             return
@@ -313,7 +374,7 @@ class SqliteStore:
         self, turn: Turn, added: Sequence[Message], user_ref: str | None = None
     ) -> bool:
         scope, name = turn.scope, turn.session.name
-        bodies = [encode_message(m) for m in added]
+        bodies = self._policy.check_sizes(added)
 
         def work(db: sqlite3.Connection) -> bool:
             if turn.claim is not None:
@@ -331,8 +392,11 @@ class SqliteStore:
             if bodies:
                 refs = [user_ref] + [None] * (len(bodies) - 1)
                 db.executemany(
-                    "INSERT INTO messages (scope, name, body, ref) VALUES (?, ?, ?, ?)",
-                    [(scope, name, body, ref) for body, ref in zip(bodies, refs, strict=True)],
+                    "INSERT INTO messages (scope, name, body, ref, size) VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (scope, name, body, ref, len(body.encode()))
+                        for body, ref in zip(bodies, refs, strict=True)
+                    ],
                 )
                 over_cap = turn.session.message_count + len(bodies) > self._policy.history_cap
                 if over_cap:  # the trim scans the history: only when there is one to do
@@ -342,6 +406,7 @@ class SqliteStore:
                         " LIMIT 1 OFFSET ?)",
                         (scope, name, scope, name, self._policy.history_cap),
                     )
+                self._trim_to_bytes(db, scope, name)
             db.execute(
                 "UPDATE sessions SET updated = ?, lock_token = NULL, lock_expires = 0,"
                 " last_turn = CASE WHEN ? THEN ? ELSE last_turn END"
@@ -382,13 +447,22 @@ class SqliteStore:
 
     async def list_sessions(self, scope: str) -> list[SessionInfo]:
         def work(db: sqlite3.Connection) -> list[SessionInfo]:
-            rows = db.execute(_SUMMARY + " ORDER BY s.updated DESC", (scope,)).fetchall()
+            rows = db.execute(
+                _SUMMARY + " ORDER BY s.updated DESC LIMIT ?",
+                (scope, self._policy.sessions_per_place),
+            ).fetchall()
             return [session_info(row) for row in rows]
 
         return await self._run(work)
 
     async def create_session(self, scope: str, name: str, settings: SessionSettings) -> SessionInfo:
         def work(db: sqlite3.Connection) -> SessionInfo:
+            if len(self._live_sessions(db, scope)) >= self._policy.sessions_per_place:
+                exists = db.execute(
+                    "SELECT 1 FROM sessions WHERE scope = ? AND name = ?", (scope, name)
+                ).fetchone()
+                if exists is None:
+                    raise SessionLimit(self._policy.sessions_per_place)
             try:
                 self._insert(db, scope, name, settings)
             except sqlite3.IntegrityError:
@@ -438,8 +512,8 @@ class SqliteStore:
             before = self._summary(db, scope, name)
             assert before is not None  # _session_info refused it if unreadable
             db.execute(
-                "UPDATE sessions SET model = ?, mcp = ? WHERE scope = ? AND name = ?",
-                (settings.model, mcp_json(settings), scope, name),
+                "UPDATE sessions SET model = ?, mcp = ?, updated = ? WHERE scope = ? AND name = ?",
+                (settings.model, mcp_json(settings), time.time(), scope, name),
             )
             after = self._summary(db, scope, name)
             assert after is not None
@@ -467,9 +541,10 @@ class SqliteStore:
 
     def _set_option(self, db: sqlite3.Connection, scope: str, option: str, value: str) -> None:
         db.execute(
-            "INSERT INTO scope_options (scope, option, value) VALUES (?, ?, ?)"
-            " ON CONFLICT (scope, option) DO UPDATE SET value = excluded.value",
-            (scope, option, value),
+            "INSERT INTO scope_options (scope, option, value, updated) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (scope, option)"
+            " DO UPDATE SET value = excluded.value, updated = excluded.updated",
+            (scope, option, value, time.time()),
         )
 
     async def set_scope_option(self, scope: str, option: str, value: str) -> None:
@@ -487,15 +562,18 @@ class SqliteStore:
     async def import_sessions(
         self, scope: str, sessions: dict[str, list[Message]], settings: SessionSettings
     ) -> None:
+        kept = self._policy.stored_for_import(sessions)
+
         def work(db: sqlite3.Connection) -> None:
-            for name, messages in sessions.items():
+            if len(self._live_sessions(db, scope) | set(kept)) > self._policy.sessions_per_place:
+                raise SessionLimit(self._policy.sessions_per_place)
+            for name, stored in kept.items():
                 db.execute("DELETE FROM messages WHERE scope = ? AND name = ?", (scope, name))
                 db.execute("DELETE FROM sessions WHERE scope = ? AND name = ?", (scope, name))
                 self._insert(db, scope, name, settings)
-                kept = messages[-self._policy.history_cap :]
                 db.executemany(
-                    "INSERT INTO messages (scope, name, body) VALUES (?, ?, ?)",
-                    [(scope, name, encode_message(m)) for m in kept],
+                    "INSERT INTO messages (scope, name, body, size) VALUES (?, ?, ?, ?)",
+                    [(scope, name, body, len(body.encode())) for body in stored],
                 )
             if sessions and self._current_name(db, scope) is None:
                 self._set_current(db, scope, next(iter(sessions)))
