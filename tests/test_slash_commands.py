@@ -3,10 +3,14 @@ registered so Discord refuses them to members; bad input changes nothing."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import time
+
 import discord
 import pytest
 
-from tests.conftest import TEST_MODELS
+from tests.conftest import TEST_MODELS, RedisServer
 from tests.discord_harness import Harness
 from tests.fakes.discord_gateway import CommandRefused
 
@@ -156,6 +160,8 @@ async def test_bad_input_is_explained_privately_and_changes_nothing(
     )
     reply = await fake.wait_interaction_reply(interaction)
     assert said in reply.text and reply.ephemeral
+    shown_to_all = [m for m in fake.bot_messages(fake.general_id) if not m.ephemeral]
+    assert [m for m in shown_to_all if m.interaction_id == interaction] == []
     after = await harness.command("status", user=fake.admin, channel_id=fake.general_id)
     assert after == before
 
@@ -167,3 +173,51 @@ async def test_in_a_dm_the_user_owns_the_session(harness: Harness) -> None:
     assert said == f"Switched to: {TEST_MODELS[2]}"
     with pytest.raises(CommandRefused):  # channel modes make no sense in a DM
         fake.invoke("mode", {"mode": "all"}, user=fake.member, channel_id=dm)
+
+
+async def test_a_command_is_answered_when_storage_stalls_past_discords_deadline(
+    harness: Harness, redis_server: RedisServer
+) -> None:
+    """Discord drops an interaction not acknowledged within 3 s; a store call may take up to
+    its 5 s deadline. Acknowledged first, the command still answers: the storage line here,
+    privately even for a public command."""
+    fake = harness.discord
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        asked = [
+            fake.invoke("new", {"name": "later"}, user=fake.member, channel_id=fake.general_id),
+            fake.invoke("status", user=fake.member, channel_id=fake.general_id),
+        ]
+        replies = [await fake.wait_interaction_reply(i, timeout=60) for i in asked]
+        waited = time.monotonic() - started
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    assert waited > fake.interaction_ack_deadline  # answered after Discord's deadline
+    for reply in replies:
+        assert (
+            reply.text
+            == "⚠️ Storage is unavailable right now; nothing was changed. Try again shortly."
+        )
+        assert reply.ephemeral and reply.response_types == [5]
+    assert [m for m in fake.bot_messages(fake.general_id) if not m.ephemeral] == []
+
+
+async def test_a_command_answers_normally_once_a_stalled_storage_resumes(
+    harness: Harness, redis_server: RedisServer
+) -> None:
+    fake = harness.discord
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        asked = fake.invoke("new", {"name": "later"}, user=fake.member, channel_id=fake.general_id)
+        await asyncio.sleep(fake.interaction_ack_deadline + 0.5)  # the stall outlasts it
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    reply = await fake.wait_interaction_reply(asked, timeout=60)
+    # The store call's own deadline (5 s) is near: on a very slow machine it may fail instead.
+    assert reply.text in (
+        "Started new session: later",
+        "⚠️ Storage is unavailable right now; nothing was changed. Try again shortly.",
+    )

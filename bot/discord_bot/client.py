@@ -4,6 +4,7 @@ composition root), loads the cogs and syncs the slash commands in `setup_hook`."
 from __future__ import annotations
 
 import logging
+import uuid
 
 import aiohttp
 import discord
@@ -14,11 +15,19 @@ from bot.commands import Commands
 from bot.discord_bot.cogs.sessions import Sessions
 from bot.discord_bot.cogs.settings import Settings as SettingsCog
 from bot.discord_bot.conversation import UNEXPECTED, Conversation
-from bot.discord_bot.render import NO_PINGS, respond
+from bot.discord_bot.render import NO_PINGS, PRIVATE, private_answer, respond
+from bot.discord_bot.scopes import scope_for
 from bot.engine import Engine
-from bot.errors import BotError, SettingsError
+from bot.errors import BotError, SettingsError, StoreUnavailable
+from bot.store.base import AlreadyClaimed
 
 log = logging.getLogger(__name__)
+
+ANSWERED_ELSEWHERE = frozenset({40060, 10062})
+"""Discord's codes for an acknowledgement it refused: already acknowledged (by another
+process), or unknown interaction (too late: another process took it, or nobody did in 3 s)."""
+AUTOCOMPLETE_LEASE_MS = 60_000
+"""How long an autocomplete request stays claimed; Discord waits 3 s for its choices."""
 
 
 def intents() -> discord.Intents:
@@ -30,6 +39,56 @@ def intents() -> discord.Intents:
     chosen.dm_messages = True
     chosen.message_content = True
     return chosen
+
+
+class OncePerInteraction(app_commands.CommandTree["ChatBot"]):
+    """Acts on each interaction once, whichever process is first.
+
+    Discord delivers every interaction to every process connected with the bot's token and
+    accepts one acknowledgement for it: the process whose acknowledgement it accepts runs
+    the command, the others stop here with a DEBUG line. Acknowledging before anything else
+    (a "thinking" response, as private as the command's answer) also gives a slow command
+    15 minutes to answer instead of Discord's 3 seconds."""
+
+    async def interaction_check(self, interaction: discord.Interaction[ChatBot], /) -> bool:
+        if interaction.type is discord.InteractionType.autocomplete:
+            return await self._claimed(interaction)
+        private = private_answer(interaction)
+        try:
+            await interaction.response.defer(ephemeral=private, thinking=True)
+        except discord.HTTPException as error:
+            if error.code in ANSWERED_ELSEWHERE:
+                log.debug("interaction %s answered elsewhere (%s)", interaction.id, error.code)
+            else:
+                log.warning(
+                    "could not acknowledge interaction %s: HTTP %s", interaction.id, error.status
+                )
+            return False
+        except (aiohttp.ClientError, OSError) as error:
+            log.warning(
+                "could not acknowledge interaction %s: %s", interaction.id, type(error).__name__
+            )
+            return False
+        interaction.extras[PRIVATE] = private
+        return True
+
+    async def _claimed(self, interaction: discord.Interaction[ChatBot]) -> bool:
+        """An autocomplete request cannot be deferred (its one response is the choices), so
+        a lease on its id in the store picks the process that computes them. The lease is
+        never settled: it lapses by itself, long after Discord stopped waiting."""
+        scope = scope_for(interaction.channel_id or 0)
+        claim = f"interaction:{interaction.id}"
+        try:
+            await self.client.session_commands.store.claim(
+                scope, claim, uuid.uuid4().hex, AUTOCOMPLETE_LEASE_MS
+            )
+        except AlreadyClaimed:
+            log.debug("autocomplete %s answered elsewhere", interaction.id)
+            return False
+        except StoreUnavailable:
+            log.warning("autocomplete %s not answered: storage unavailable", interaction.id)
+            return False
+        return True
 
 
 class ChatBot(commands.Bot):
@@ -46,6 +105,7 @@ class ChatBot(commands.Bot):
             intents=intents(),
             allowed_mentions=NO_PINGS,
             help_command=None,
+            tree_cls=OncePerInteraction,
             **options,  # type: ignore[arg-type]
         )
         self.engine = engine

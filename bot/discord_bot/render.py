@@ -209,14 +209,41 @@ class LiveReply:
                 self._shown.append(piece)
 
 
-async def respond(interaction: discord.Interaction, text: str, *, ephemeral: bool = False) -> None:
-    """Answer a slash command, in several messages when the text is long."""
+PRIVATE = "private"
+"""Key of a slash command's `extras`: True, or a function of the options given, when its
+answer is for the person who asked only (lists, views). Read when the command is
+acknowledged, so the "thinking" message is already as private as the answer."""
+
+
+def private_answer(interaction: discord.Interaction) -> bool:
+    """Whether the command declares its answer private; an unknown command's is."""
+    command = interaction.command
+    if command is None:
+        return True
+    private = command.extras.get(PRIVATE, False)
+    return bool(private(interaction.namespace) if callable(private) else private)
+
+
+async def respond(
+    interaction: discord.Interaction, text: str, *, ephemeral: bool | None = None
+) -> None:
+    """Answer a slash command, in several messages when the text is long.
+
+    The command was acknowledged first ("thinking", public or private as the command
+    declares), and the first piece replaces that message. `ephemeral=None` answers as the
+    acknowledgement did; `ephemeral=True` after a public acknowledgement (bad input, a
+    failure) deletes the public "thinking" message first, so the reason is shown only to
+    the person who asked."""
     pieces = split_message(text) or ["(nothing to show)"]
-    if interaction.response.is_done():
-        await interaction.followup.send(pieces[0], ephemeral=ephemeral, allowed_mentions=NO_PINGS)
-    else:
+    if not interaction.response.is_done():
+        private = bool(ephemeral)
         await interaction.response.send_message(
-            pieces[0], ephemeral=ephemeral, allowed_mentions=NO_PINGS
+            pieces.pop(0), ephemeral=private, allowed_mentions=NO_PINGS
         )
-    for piece in pieces[1:]:
-        await interaction.followup.send(piece, ephemeral=ephemeral, allowed_mentions=NO_PINGS)
+    else:
+        acknowledged_privately = bool(interaction.extras.get(PRIVATE))
+        private = acknowledged_privately if ephemeral is None else ephemeral
+        if private and not acknowledged_privately:
+            await interaction.delete_original_response()
+    for piece in pieces:
+        await interaction.followup.send(piece, ephemeral=private, allowed_mentions=NO_PINGS)

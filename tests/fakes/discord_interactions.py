@@ -54,7 +54,8 @@ class InteractionReply:
 
     @property
     def messages(self) -> list[Message]:
-        return [m for m in (self.original, *self.followups) if m is not None]
+        """The messages the user can still see (a deleted "thinking" message is gone)."""
+        return [m for m in (self.original, *self.followups) if m is not None and not m.deleted]
 
     @property
     def content(self) -> str:
@@ -425,10 +426,11 @@ class Interactions:
     def followup(
         self, state: InteractionState, body: dict[str, Any], files: list[dict[str, Any]]
     ) -> Message:
-        """A followup; the first one after a defer replaces the "thinking" message instead."""
+        """A followup; the first one after a defer replaces the "thinking" message instead
+        (keeping its visibility), unless that message was deleted."""
         check_not_empty(body, files)
         original = self.world.messages.get(state.original_id or 0)
-        if original is not None and original.flags & LOADING:
+        if original is not None and not original.deleted and original.flags & LOADING:
             return self.world.edit(original, body | {"attachments": files})
         message = self.world.post(
             state.channel_id,
@@ -466,12 +468,15 @@ class Interactions:
         original = snapshot(state.original_id)
         followups = [m for m in map(snapshot, state.followup_ids) if m is not None]
         first = state.responses[0] if state.responses else {}
+        shown = [m for m in (original, *followups) if m is not None and not m.deleted]
         return InteractionReply(
             interaction_id=state.id,
             command=state.command,
             response_types=[r["type"] for r in state.responses],
-            ephemeral=bool(original and original.ephemeral)
-            or bool(int((first.get("data") or {}).get("flags") or 0) & EPHEMERAL),
+            # Private when everything still shown is (and something is, or was asked to be).
+            ephemeral=all(m.ephemeral for m in shown)
+            if shown
+            else bool(int((first.get("data") or {}).get("flags") or 0) & EPHEMERAL),
             deferred=first.get("type") == DEFERRED_RESPONSE,
             original=original,
             followups=followups,

@@ -9,7 +9,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord_bot.render import respond
+from bot.discord_bot.render import PRIVATE, respond
 from bot.discord_bot.scopes import scope_for
 from bot.errors import InvalidInput
 
@@ -31,7 +31,7 @@ class Sessions(commands.Cog):
     ) -> None:
         if not thread:
             text = await self.bot.session_commands.new(scope_for(interaction.channel_id or 0), name)
-            await respond(interaction, text, ephemeral=False)
+            await respond(interaction, text)
             return
         channel = interaction.channel
         if not isinstance(channel, discord.TextChannel):
@@ -43,20 +43,20 @@ class Sessions(commands.Cog):
         )
         if scope_name:
             await self.bot.session_commands.new(scope_for(started.id), scope_name)
-        await respond(
-            interaction, f"Opened {started.mention}: I answer every message there.", ephemeral=False
-        )
+        await respond(interaction, f"Opened {started.mention}: I answer every message there.")
 
-    @app_commands.command(name="list", description="Show this place's sessions")
+    @app_commands.command(
+        name="list", description="Show this place's sessions", extras={PRIVATE: True}
+    )
     async def list_sessions(self, interaction: discord.Interaction) -> None:
         text = await self.bot.session_commands.list(scope_for(interaction.channel_id or 0))
-        await respond(interaction, text, ephemeral=True)
+        await respond(interaction, text)
 
     @app_commands.command(description="Switch this place to another saved session")
     @app_commands.describe(name="The session to continue")
     async def load(self, interaction: discord.Interaction, name: str) -> None:
         text = await self.bot.session_commands.load(scope_for(interaction.channel_id or 0), name)
-        await respond(interaction, text, ephemeral=False)
+        await respond(interaction, text)
 
     @load.autocomplete("name")
     async def _session_names(
@@ -72,9 +72,11 @@ class Sessions(commands.Cog):
     @app_commands.default_permissions(manage_guild=True)
     async def clear(self, interaction: discord.Interaction) -> None:
         text = await self.bot.session_commands.clear(scope_for(interaction.channel_id or 0))
-        await respond(interaction, text, ephemeral=False)
+        await respond(interaction, text)
 
-    @app_commands.command(description="Show this place's session, model and MCP servers")
+    @app_commands.command(
+        description="Show this place's session, model and MCP servers", extras={PRIVATE: True}
+    )
     async def status(self, interaction: discord.Interaction) -> None:
         text = await self.bot.session_commands.status(scope_for(interaction.channel_id or 0))
-        await respond(interaction, text, ephemeral=True)
+        await respond(interaction, text)

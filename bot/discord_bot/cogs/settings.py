@@ -12,7 +12,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.commands import REPLY_MODE_HELP, ReplyMode
-from bot.discord_bot.render import respond
+from bot.discord_bot.render import PRIVATE, respond
 from bot.discord_bot.scopes import scope_for
 
 if TYPE_CHECKING:
@@ -37,12 +37,15 @@ class Settings(commands.Cog):
     def __init__(self, bot: ChatBot) -> None:
         self.bot = bot
 
-    @app_commands.command(description="Show the models, or switch this session's model")
+    @app_commands.command(
+        description="Show the models, or switch this session's model",
+        extras={PRIVATE: lambda options: "name" not in options},  # the list is a view
+    )
     @app_commands.describe(name="A model from the list, or its number")
     @app_commands.default_permissions(manage_guild=True)
     async def model(self, interaction: discord.Interaction, name: str | None = None) -> None:
         text = await self.bot.session_commands.model(_scope(interaction), name)
-        await respond(interaction, text, ephemeral=name is None)
+        await respond(interaction, text)
 
     @model.autocomplete("name")
     async def _model_names(
@@ -64,10 +67,10 @@ class Settings(commands.Cog):
         text = await self.bot.session_commands.mcp_remove(_scope(interaction), server)
         await respond(interaction, text)
 
-    @mcp.command(name="list", description="Show this session's MCP servers")
+    @mcp.command(name="list", description="Show this session's MCP servers", extras={PRIVATE: True})
     async def mcp_list(self, interaction: discord.Interaction) -> None:
         text = await self.bot.session_commands.mcp_list(_scope(interaction))
-        await respond(interaction, text, ephemeral=True)
+        await respond(interaction, text)
 
     @mcp.command(name="clear", description="Remove all MCP servers")
     async def mcp_clear(self, interaction: discord.Interaction) -> None:
