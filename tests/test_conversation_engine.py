@@ -247,11 +247,12 @@ async def test_a_turn_longer_than_the_lock_keeps_it_until_saved(
 ) -> None:
     """The session lock lapses after `lock_ms` so a crashed process cannot block a channel,
     but a live turn renews it: a slow answer is saved, and a turn from another process
-    waits for it instead of slipping in between."""
-    model = DedalusModel.connect("test-key", api.base_url, timeout=5.0, max_retries=0)
-    limits = EngineLimits(system_prompt=SYSTEM, budget_bytes=100_000, lock_ms=300)
+    waits for it instead of slipping in between. (The turn renews every 0.67 s: a machine
+    stalled for up to 1.3 s still renews in time.)"""
+    model = DedalusModel.connect("test-key", api.base_url, timeout=30.0, max_retries=0)
+    limits = EngineLimits(system_prompt=SYSTEM, budget_bytes=100_000, lock_ms=2_000)
     slow, other = Engine(store, model, limits), Engine(store, model, limits)
-    api.reply_text("slow answer", delay=1.2)
+    api.reply_text("slow answer", delay=4.0)  # twice the lock's term
     api.reply_text("second answer")
     first = asyncio.create_task(slow.reply("chan", user("first")))
     while api.request_count == 0:  # noqa: ASYNC110 - the fake runs in another thread
