@@ -37,7 +37,7 @@ class Harness:
 
     async def start(self) -> ChatBot:
         self.store = RedisStore.from_url(self.redis_url, self.policy)
-        model = DedalusModel.connect("test-key", self.api.base_url, timeout=2.0, max_retries=0)
+        model = DedalusModel.connect("test-key", self.api.base_url, timeout=60, max_retries=0)
         limits = EngineLimits(
             SYSTEM, self.budget_bytes, message_cap_bytes=self.policy.message_cap_bytes
         )

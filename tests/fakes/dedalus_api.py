@@ -57,6 +57,7 @@ class _Reply:
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str = "application/json"
     drop: bool = False
+    hold: threading.Event | None = None
 
 
 def _error_body(status: int, message: str | None, code: str | None) -> Json:
@@ -162,9 +163,14 @@ class FakeDedalusAPI:
         delay: float = 0.0,
         chunk_size: int | None = None,
         chunk_delay: float = 0.0,
+        hold: threading.Event | None = None,
     ) -> None:
-        """A plain assistant answer; streamed as several deltas, `chunk_delay` apart."""
-        self._push(_Reply("text", delay, text, chunk_size=chunk_size, chunk_delay=chunk_delay))
+        """A plain assistant answer; streamed as several deltas, `chunk_delay` apart. With
+        `hold`, nothing is sent until the test sets that event (a model call that lasts
+        exactly as long as the test needs, however slow the machine)."""
+        self._push(
+            _Reply("text", delay, text, chunk_size=chunk_size, chunk_delay=chunk_delay, hold=hold)
+        )
 
     def reply_tool_call(
         self, name: str, arguments: Json, *, call_id: str | None = None, delay: float = 0.0
@@ -285,6 +291,8 @@ class FakeDedalusAPI:
             reply = self._replies.popleft() if self._replies else None
         reply = reply or _Reply("text", text="echo: " + _last_user_text(body))
         await asyncio.sleep(reply.delay)
+        while reply.hold is not None and not reply.hold.is_set():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)  # a threading.Event: the test sets it from its own thread
         model = body.get("model")  # the runner sends a list of fallbacks; answer with the first
         model = str((model[0] if model else "") if isinstance(model, list) else model or "")
         if reply.kind == "malformed":
