@@ -64,6 +64,25 @@ async def test_thread_mode_opens_a_thread_per_mention_and_continues_there(
     assert await harness.history(fake.general_id) == []
 
 
+async def test_thread_mode_answers_several_mentions_at_once(harness: Harness) -> None:
+    """Each mention gets a thread, a session of its own: their answers run in parallel
+    (before, the channel's arrival lock was held while each answer was written, so the
+    mentions waited for each other)."""
+    fake, api = harness.discord, harness.api
+    await harness.command("mode", {"mode": "threads"}, user=fake.admin, channel_id=fake.general_id)
+    api.hold()  # every model call waits: only turns running at once can all reach the model
+    asked = [
+        await harness.say(fake.general_id, fake.member, f"question {i}", mentions_bot=True)
+        for i in range(4)
+    ]
+    await fake.wait_for(lambda: api.request_count == 4, 60, what="four model calls at once")
+    api.release()
+    for i, thread in enumerate(asked):  # a thread started from a message takes its id
+        [reply] = await harness.answer(thread, timeout=60)
+        assert f"question {i}" in reply.content
+    assert harness.answers(fake.general_id) == []
+
+
 async def test_thread_mode_answers_in_the_channel_when_a_thread_cannot_be_opened(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:

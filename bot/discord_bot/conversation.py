@@ -176,14 +176,24 @@ class Conversation(commands.Cog):
         addressed = self._addressed(message, me)
         if not (always or addressed) and self._known_mode(scope) is ReplyMode.MENTIONS:
             return  # most messages in a busy channel: decided without waiting
-        # Taken before any other await: this process handles a channel's messages in the
-        # order they arrived, which keeps the turns (and the stored history) in that order.
-        async with self._in_arrival_order.setdefault(scope, asyncio.Lock()):
-            await self._handle(message, scope, always=always, addressed=addressed)
+        async with contextlib.AsyncExitStack() as in_order:
+            # Taken before any other await: this process handles a channel's messages in the
+            # order they arrived, which keeps the turns (and the stored history) in that order.
+            lock = self._in_arrival_order.setdefault(scope, asyncio.Lock())
+            await in_order.enter_async_context(lock)
+            await self._handle(message, scope, in_order, always=always, addressed=addressed)
 
     async def _handle(
-        self, message: discord.Message, scope: str, *, always: bool, addressed: bool
+        self,
+        message: discord.Message,
+        scope: str,
+        in_order: contextlib.AsyncExitStack,
+        *,
+        always: bool,
+        addressed: bool,
     ) -> None:
+        """Answer `message` if it is for the bot. Closing `in_order` lets the channel's next
+        message go ahead (an answer in a thread of its own needs no place in its order)."""
         me = self.bot.user
         assert me is not None
         channel = message.channel
@@ -201,7 +211,7 @@ class Conversation(commands.Cog):
         elif addressed and isinstance(channel, discord.TextChannel):
             try:  # the message is this process's before a side effect outside a turn
                 async with self.bot.engine.claimed(scope, str(message.id)):
-                    await self._answer_in_thread(message, channel)
+                    await self._answer_in_thread(message, channel, in_order)
             except AlreadyClaimed:
                 log.debug("message %s is answered elsewhere", message.id)
             except StoreUnavailable as error:
@@ -210,7 +220,10 @@ class Conversation(commands.Cog):
             await self.answer(message, channel)
 
     async def _answer_in_thread(
-        self, message: discord.Message, channel: discord.TextChannel
+        self,
+        message: discord.Message,
+        channel: discord.TextChannel,
+        in_order: contextlib.AsyncExitStack,
     ) -> None:
         me = self.bot.user
         assert me is not None
@@ -225,6 +238,7 @@ class Conversation(commands.Cog):
                 await self.answer(message, channel, claimed=True)
                 return
             thread = opened
+        await in_order.aclose()  # a thread is a session of its own: answers there run in parallel
         await self.answer(message, thread, claimed=True)
 
     async def answer(
