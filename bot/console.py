@@ -7,7 +7,7 @@ import sys
 from typing import TextIO
 
 from bot.commands import Commands
-from bot.engine import Engine
+from bot.engine import NOT_KEPT_NOTE, Engine
 from bot.errors import BotError
 
 HELP = """Commands:
@@ -83,6 +83,8 @@ class Console:
             self._say(
                 "(The conversation was too long for the model; older messages were left out.)"
             )
+        if not reply.kept:
+            self._say(f"({NOT_KEPT_NOTE})")
 
     async def _command(self, text: str) -> bool:
         """Run one command; False means quit."""

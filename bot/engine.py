@@ -30,6 +30,7 @@ from bot.store.base import (
     MESSAGE_CAP_KB,
     AlreadyClaimed,
     Message,
+    SessionCleared,
     SessionSettings,
     SessionStore,
     Ticket,
@@ -46,6 +47,10 @@ BUSY_POLL_MAX_SECONDS = 0.1
 """A waiting turn asks again at least this often, so a queue of turns moves briskly."""
 SAVE_RETRY_PAUSES = (0.2, 0.5, 1.0)
 """Pauses between tries to save a turn whose answer is already in hand."""
+NOT_KEPT_NOTE = (
+    "The conversation was cleared while this answer was written; this exchange was not kept."
+)
+"""Shown under an answer whose `Reply.kept` is False."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,9 @@ class Reply:
     session: str
     shortened: bool
     """The provider refused the full context, and the answer came from a shorter history."""
+    kept: bool = True
+    """False when the session was cleared while the model answered: /clear means "forget
+    everything said until now", so this exchange, begun before it, was not saved."""
 
 
 class EmptyAnswer(ModelError):
@@ -132,13 +140,18 @@ class Engine:
                 if claim is not None:
                     await self._settle(scope, claim, ticket.token, answered=False)
                 raise
-            saved = False
+            saved = kept = False
             try:
                 if on_begin is not None:
                     await on_begin()
                 async with self._lock_kept_alive(turn):
                     added, text, shortened = await self._run(turn, user, room, on_text)
-                saved = await self._save(turn, self._within_size([user, *added]), user_ref)
+                try:
+                    saved = kept = await self._save(
+                        turn, self._within_size([user, *added]), user_ref
+                    )
+                except SessionCleared:  # the store released the lock
+                    saved = True
             except asyncio.CancelledError:
                 if claim is not None:
                     await self._settle(scope, claim, ticket.token, answered=False)
@@ -148,7 +161,7 @@ class Engine:
                     await self._release(turn)
             if not saved:
                 raise LostTurn()
-            return Reply(text=text, session=turn.session.name, shortened=shortened)
+            return Reply(text=text, session=turn.session.name, shortened=shortened, kept=kept)
 
     async def _save(self, turn: Turn, added: list[Message], user_ref: str | None) -> bool:
         """Save the turn, trying again on a storage fault: the model's answer is in hand, and

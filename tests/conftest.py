@@ -124,6 +124,14 @@ async def store(
 
 
 @pytest.fixture
+async def raw_redis_store(redis_url: str, policy: StorePolicy) -> AsyncIterator[RedisStore]:
+    """The Redis store alone, for faults only Redis can have (a key of the wrong type)."""
+    backend = RedisStore.from_url(redis_url, policy)
+    yield backend
+    await backend.close()
+
+
+@pytest.fixture
 async def raw_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     yield client

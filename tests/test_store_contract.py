@@ -571,3 +571,116 @@ async def test_a_session_past_the_ttl_frees_its_place_under_the_limit(
     assert sorted(s.name for s in await ttl.list_sessions("p")) == ["current", "new"]
     assert await ttl.read_history("p", "current")  # the place's other session stayed
     await ttl.close()
+
+
+QUESTION: list[Message] = [
+    {"role": "user", "content": "old question"},
+    {"role": "assistant", "content": "old answer"},
+]
+
+
+async def lapsed_turn(store: SessionStore, scope: str) -> Turn:
+    """A turn whose process froze past its lock's lease (nobody took the lock since)."""
+    turn = await store.begin_turn(scope, Ticket.now(), BIG, 1)
+    await asyncio.sleep(0.05)  # at least 50 times the lease: it has lapsed
+    return turn
+
+
+async def test_a_lapsed_turn_saves_when_the_session_did_not_change(store: SessionStore) -> None:
+    await save_turn(store, "s1", {"role": "user", "content": "before"})
+    stale = await lapsed_turn(store, "s1")
+    assert await store.finish_turn(stale, QUESTION, "m1")
+    assert await store.read_history("s1", "default") == [
+        {"role": "user", "content": "before"},
+        *QUESTION,
+    ]
+
+
+async def test_a_lapsed_turn_saves_nothing_after_a_clear(store: SessionStore) -> None:
+    await save_turn(store, "s1", {"role": "user", "content": "before"})
+    stale = await lapsed_turn(store, "s1")
+    await store.clear_session("s1")
+    assert not await store.finish_turn(stale, QUESTION, "m1")
+    assert await store.read_history("s1", "default") == []
+    await save_turn(store, "s1", {"role": "user", "content": "after"})  # nothing stuck
+
+
+async def test_a_lapsed_turn_saves_nothing_after_another_turn(store: SessionStore) -> None:
+    stale = await lapsed_turn(store, "s1")
+    await save_turn(store, "s1", {"role": "user", "content": "newer"})
+    assert not await store.finish_turn(stale, QUESTION, "m1")
+    assert await store.read_history("s1", "default") == [{"role": "user", "content": "newer"}]
+
+
+async def test_a_lapsed_turn_saves_nothing_after_a_clear_and_another_turn(
+    store: SessionStore,
+) -> None:
+    """The session is back at the same length as when the turn began, but not the same."""
+    await save_turn(store, "s1", {"role": "user", "content": "before"})
+    stale = await lapsed_turn(store, "s1")
+    await store.clear_session("s1")
+    await save_turn(store, "s1", {"role": "user", "content": "newer"})
+    assert not await store.finish_turn(stale, QUESTION, "m1")
+    assert await store.read_history("s1", "default") == [{"role": "user", "content": "newer"}]
+
+
+@pytest.mark.parametrize("change", ["switch", "import"])
+async def test_a_lapsed_turn_saves_nothing_after_a_switch_or_import(
+    store: SessionStore, change: str
+) -> None:
+    await save_turn(store, "s1", {"role": "user", "content": "before"})
+    stale = await lapsed_turn(store, "s1")
+    if change == "switch":
+        await store.create_session("s1", "other", SessionSettings("openai/gpt-5.1"))
+        await store.switch_session("s1", "default")  # back, but another session was current
+        await save_turn(store, "s1", {"role": "user", "content": "newer"})
+        kept = [{"role": "user", "content": "before"}, {"role": "user", "content": "newer"}]
+    else:
+        kept = [{"role": "user", "content": "imported"}]
+        await store.import_sessions("s1", {"default": kept}, SessionSettings("openai/gpt-5.1"))
+    assert not await store.finish_turn(stale, QUESTION, "m1")
+    assert await store.read_history("s1", "default") == kept
+
+
+async def test_a_turn_running_during_a_clear_saves_nothing(store: SessionStore) -> None:
+    """/clear means "forget everything said until now": a turn that began before it is not
+    kept, and says so; its lock is released."""
+    from bot.store.base import SessionCleared
+
+    await save_turn(store, "s1", {"role": "user", "content": "before"})
+    live = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    await store.clear_session("s1")
+    with pytest.raises(SessionCleared):
+        await store.finish_turn(live, QUESTION, "m1")
+    assert await store.read_history("s1", "default") == []
+    assert not await store.forget_message("s1", "m1")
+    await save_turn(store, "s1", {"role": "user", "content": "after"})  # the lock is free
+
+
+async def test_a_turn_running_during_an_unrelated_deletion_is_saved(store: SessionStore) -> None:
+    await save_turn(store, "s1", {"role": "user", "content": "other"}, ref="m0")
+    live = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    assert await store.forget_message("s1", "m0")
+    assert await store.finish_turn(live, QUESTION, "m1")
+    assert await store.read_history("s1", "default") == QUESTION
+
+
+async def test_a_counter_damaged_during_a_turn_stores_nothing_and_frees_the_lock(
+    raw_redis_store: RedisStore,
+) -> None:
+    """Redis only (SQLite's counters are typed columns): a non-numeric `seq` once made the
+    save push the messages and then fail, leaving the history longer and the lock held while
+    the user was told nothing changed. Checked before writing now."""
+    from bot.errors import CorruptSession
+
+    store = raw_redis_store
+    await save_turn(store, "s1", {"role": "user", "content": "before"})
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    await store._redis.hset(session_key("s1", "default", "meta"), "seq", "many")
+    with pytest.raises(CorruptSession):
+        await store.finish_turn(turn, QUESTION, "m1")
+    assert await store.read_history("s1", "default") == [{"role": "user", "content": "before"}]
+    with pytest.raises(CorruptSession):  # reported, not silently counted from zero
+        await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    await store.clear_session("s1")
+    await save_turn(store, "s1", {"role": "user", "content": "after"})  # the lock is free

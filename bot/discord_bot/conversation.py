@@ -20,6 +20,7 @@ from discord.ext import commands
 from bot.commands import ReplyMode
 from bot.discord_bot.render import LiveReply
 from bot.discord_bot.scopes import scope_for
+from bot.engine import NOT_KEPT_NOTE
 from bot.errors import BotError, StoreUnavailable
 from bot.store.base import AlreadyClaimed, Message
 
@@ -273,7 +274,9 @@ class Conversation(commands.Cog):
                     on_text=live.feed,
                     on_begin=show_typing,
                 )
-            await live.finish(reply.text + (SHORTENED_NOTE if reply.shortened else ""))
+            notes = SHORTENED_NOTE if reply.shortened else ""
+            notes += "" if reply.kept else f"\n\n-# {NOT_KEPT_NOTE}"
+            await live.finish(reply.text + notes)
         except AlreadyClaimed:
             log.debug("message %s is answered elsewhere", message.id)
         except BotError as error:

@@ -149,6 +149,12 @@ class AlreadyClaimed(Exception):
         self.answered = answered
 
 
+class SessionCleared(Exception):
+    """The session was cleared (or replaced by an import) while the turn ran: the turn began
+    before "forget everything said until now", so `finish_turn` saved none of it (and
+    released the lock)."""
+
+
 @dataclass(frozen=True)
 class Turn:
     """What `begin_turn` hands the engine: the session, its recent messages, the lock."""
@@ -166,6 +172,12 @@ class Turn:
     claim: str | None = None
     """The ticket's claim, held as a lease by this turn: `extend_lock` renews it and
     `finish_turn` settles it as answered."""
+    epoch: str = ""
+    """The session's history identity when the turn began: replaced by a clear or an import
+    (not by a deletion), so `finish_turn` can tell a turn that began before a clear."""
+    sequence: int = 0
+    """The session's position when the turn began (it grows with every save): a turn whose
+    lock lapsed saves only if the session is still exactly there."""
 
 
 HISTORY_CACHE_MB = 32
@@ -320,10 +332,13 @@ class SessionStore(Protocol):
         """Append `added` and release the lock in one step, dropping the oldest messages
         beyond the policy's caps. `user_ref` (for example a Discord message id) names the
         first added message so `forget_message` can remove it. Returns False, saving nothing,
-        when the lock was lost to another turn. The turn's claim, while still its lease, is
-        settled as answered in the same step (a turn that failed or lost its lock told the
-        user so). Raises `MessageTooLarge`, saving nothing and keeping the lock (the caller
-        releases it), when a message is over the cap."""
+        when the lock was lost to another turn, or lapsed while the session changed (cleared,
+        replaced, or another turn saved): stale work is never saved. Raises `SessionCleared`,
+        saving nothing, when the turn still held its lock but the session was cleared or
+        replaced meanwhile. The turn's claim, while still its lease, is settled as answered
+        in the same step (a turn that failed or lost its lock told the user so). Raises
+        `MessageTooLarge`, saving nothing and keeping the lock (the caller releases it), when
+        a message is over the cap."""
         ...
 
     async def extend_lock(self, turn: Turn, lock_ms: int) -> bool:

@@ -17,7 +17,8 @@ and a script touches a single slot, as Redis Cluster requires; running on a Clus
                                                 last_turn (the last saved turn's token),
                                                 gen and seq (see below), forgotten (messages
                                                 removed by forget_message since the last clear),
-                                                bytes (stored size of the messages)
+                                                bytes (stored size of the messages),
+                                                epoch (replaced by a clear or an import only)
     {prefix}:{scope}:s:{name}:messages  list    one JSON message per element, oldest first
     {prefix}:{scope}:s:{name}:refs      hash    user ref (Discord message id) -> stored JSON
     {prefix}:{scope}:s:{name}:refseq    zset    user ref -> seq of its message (drops the refs
@@ -72,6 +73,7 @@ from bot.store.base import (
     TICKET_TTL_MS,
     AlreadyClaimed,
     Message,
+    SessionCleared,
     SessionInfo,
     SessionSettings,
     StorePolicy,
@@ -126,9 +128,9 @@ local function new_generation()
   return clock[1] .. '.' .. clock[2] .. '.' .. redis.call('HINCRBY', KEYS[1], 'generations', 1)
 end
 local function create(name, model, mcp, now)
-  redis.call('HSET', key(name, 'meta'), 'model', model, 'mcp', mcp,
-             'created', now, 'updated', now, 'format', '$FORMAT', 'gen', new_generation(), 'seq', 0,
-             'bytes', 0)
+  local gen = new_generation()
+  redis.call('HSET', key(name, 'meta'), 'model', model, 'mcp', mcp, 'created', now,
+             'updated', now, 'format', '$FORMAT', 'gen', gen, 'epoch', gen, 'seq', 0, 'bytes', 0)
   redis.call('ZADD', KEYS[2], now, name)
 end
 local function mark_new_scope()  -- nothing stored yet, so its ref index is complete
@@ -239,7 +241,9 @@ end
 local name = current_or_create(ARGV[5], ARGV[6])
 touch(name, ARGV[6], ARGV[16])
 local info = describe(name)
-if info[2] ~= '$FORMAT' then
+local meta, count = key(name, 'meta'), info[7]
+local stamp = redis.call('HMGET', meta, 'gen', 'seq', 'bytes', 'epoch')
+if info[2] ~= '$FORMAT' or (stamp[2] and not tonumber(stamp[2])) then
   leave_queue()
   if claim ~= '' then answered(claim, mine, ARGV[9]) end
   return {'corrupt', name}
@@ -249,8 +253,6 @@ if not redis.call('SET', lock, token, 'NX', 'PX', ARGV[3]) then return {'busy'} 
 leave_queue()
 local out = {'ok'}
 for _, v in ipairs(info) do out[#out + 1] = v end
-local meta, count = key(name, 'meta'), info[7]
-local stamp = redis.call('HMGET', meta, 'gen', 'seq', 'bytes')
 local gen, seq = stamp[1], tonumber(stamp[2]) or 0
 if not gen then  -- stored before sessions had generations
   gen, seq = new_generation(), count
@@ -265,6 +267,7 @@ if ARGV[12] == gen and ARGV[11] == name then
 end
 local head = #out
 out[head + 1], out[head + 2], out[head + 3], out[head + 4] = gen, seq, '', ''
+out[head + 5] = stamp[4] or ''
 -- (mode and sizes are set below)
 local messages, budget, used = key(name, 'messages'), tonumber(ARGV[4]), 0
 local stop, first, full = count, count - wanted, false
@@ -319,25 +322,48 @@ return 1
 )
 
 # ARGV: prefix, name, token, history_cap, now, ttl_seconds, user_ref, claim, claim_ttl,
-# history_cap_bytes, message... Idempotent: the meta remembers the last saved turn's token, so
-# a call repeated because its reply was lost (a timeout) saves nothing twice. Returns
-# {1, gen, seq, length} after appending, {1} when nothing was appended (or already had been),
-# {0} when the lock was lost. The claim, while this turn's lease, is settled as answered in
-# every case. Beyond either cap the oldest messages go, with their refs, the newest staying.
+# history_cap_bytes, epoch, seq, model, mcp_json, message... Idempotent: the meta remembers
+# the last saved turn's token, so a call repeated because its reply was lost (a timeout) saves
+# nothing twice. Returns {1, gen, seq, length} after appending, {1} when nothing was appended
+# (or already had been), {0} when the lock was lost, {2} when the session was cleared or
+# replaced during the turn (its `epoch` changed; the lock is released), {3} when its counter
+# is damaged (nothing written). A turn whose lock lapsed unclaimed saves only if the session
+# is still current and exactly as it began (same epoch and seq): otherwise it would save stale
+# work. The claim, while this turn's lease, is settled as answered in every case. Beyond
+# either cap the oldest messages go, with their refs, the newest staying.
 _FINISH_TURN = _lua(
     """
 local name = ARGV[2]
 if ARGV[8] ~= '' then answered(ARGV[8], 'lease:' .. ARGV[3], ARGV[9]) end
 local lock, meta = key(name, 'lock'), key(name, 'meta')
 local holder = redis.call('GET', lock)
-local last_turn, gen, forgotten, total =
-  unpack(redis.call('HMGET', meta, 'last_turn', 'gen', 'forgotten', 'bytes'))
+local last_turn, gen, forgotten, total, epoch, seq_now = unpack(
+  redis.call('HMGET', meta, 'last_turn', 'gen', 'forgotten', 'bytes', 'epoch', 'seq'))
 if last_turn == ARGV[3] then return {1} end
 if holder and holder ~= ARGV[3] then return {0} end
 local cap, byte_cap = tonumber(ARGV[4]), tonumber(ARGV[10])
 local out = {1}
-local first = 11  -- the first message among ARGV
-if #ARGV >= first then
+local first = 15  -- the first message among ARGV
+local saving = #ARGV >= first
+if saving and redis.call('EXISTS', meta) == 0 then
+  -- The session is gone entirely (storage lost its data, or it expired): no history is
+  -- there for this turn to be stale against, so the turn starts the session again.
+  create(name, ARGV[13], ARGV[14], ARGV[5])
+  gen, epoch, seq_now = redis.call('HGET', meta, 'gen'), ARGV[11], ARGV[12]
+  holder = holder or ARGV[3]
+end
+if saving and seq_now and not tonumber(seq_now) then  -- damaged: check before writing
+  if holder then redis.call('DEL', lock) end
+  return {3}
+end
+if saving and (epoch or '') ~= ARGV[11] then
+  if holder then redis.call('DEL', lock) return {2} end
+  return {0}
+end
+if saving and not holder then
+  if redis.call('HGET', KEYS[1], 'current') ~= name or seq_now ~= ARGV[12] then return {0} end
+end
+if saving then
   local messages = key(name, 'messages')
   total = tonumber(total)
   if not total then  -- stored before sessions counted their bytes
@@ -477,7 +503,8 @@ if redis.call('HGET', meta, 'format') ~= '$FORMAT' or not readable or type(serve
   redis.call('DEL', meta)
   create(name, ARGV[2], '[]', ARGV[3])
 end
-redis.call('HSET', meta, 'updated', ARGV[3], 'gen', new_generation(), 'seq', 0, 'forgotten', 0,
+local gen = new_generation()
+redis.call('HSET', meta, 'updated', ARGV[3], 'gen', gen, 'epoch', gen, 'seq', 0, 'forgotten', 0,
            'bytes', 0)
 touch(name, ARGV[3], ARGV[4])
 return describe(name)
@@ -534,7 +561,7 @@ return removed
 )
 
 _SUMMARY_FIELDS = 7
-_FINISH_FIRST_MESSAGE = 10
+_FINISH_FIRST_MESSAGE = 14
 """Index of the first saved message among `_FINISH_TURN`'s arguments."""
 
 
@@ -635,8 +662,8 @@ class RedisStore:
         if status == "busy":
             raise SessionBusy()
         name = reply[1]
-        generation, sequence, mode, sizes = reply[1 + _SUMMARY_FIELDS : 5 + _SUMMARY_FIELDS]
-        loaded = reply[5 + _SUMMARY_FIELDS :]
+        generation, sequence, mode, sizes, epoch = reply[1 + _SUMMARY_FIELDS : 6 + _SUMMARY_FIELDS]
+        loaded = reply[6 + _SUMMARY_FIELDS :]
         loaded.reverse()
         try:
             session = session_info(reply[1 : 1 + _SUMMARY_FIELDS])
@@ -661,7 +688,17 @@ class RedisStore:
         )
         self._recent.put(scope, window)
         recent, used, as_stored = window.newest_within(budget_bytes)
-        return Turn(scope, session, recent, used, ticket.token, as_stored, ticket.claim)
+        return Turn(
+            scope,
+            session,
+            recent,
+            used,
+            ticket.token,
+            as_stored,
+            ticket.claim,
+            epoch,
+            int(sequence),
+        )
 
     async def claim(self, scope: str, claim: str, token: str, lease_ms: int) -> None:
         args: list[ScriptArg] = [self._prefix(scope), claim, token, lease_ms]
@@ -705,10 +742,20 @@ class RedisStore:
             turn.claim or "",
             policy.claim_seconds,
             policy.history_cap_bytes,
+            turn.epoch,
+            turn.sequence,
+            turn.session.settings.model,
+            mcp_json(turn.session.settings),
             *policy.check_sizes(added),
         ]
         async with self._available():
             reply = await self._finish(keys=self._keys(turn.scope), args=args)
+        if reply[0] == 2:
+            self._recent.drop(turn.scope)
+            raise SessionCleared()
+        if reply[0] == 3:
+            self._recent.drop(turn.scope)
+            raise CorruptSession(turn.session.name)
         if len(reply) == 4:
             generation, sequence, count = reply[1], int(reply[2]), int(reply[3])
             self._remember_saved(turn, args[_FINISH_FIRST_MESSAGE:], generation, sequence, count)
@@ -873,6 +920,7 @@ class RedisStore:
                 raise SessionLimit(policy.sessions_per_place)
             async with self._redis.pipeline(transaction=True) as tx:
                 for (name, stored), refs_before in zip(kept.items(), replaced_refs, strict=True):
+                    generation = f"import.{uuid.uuid4().hex}"
                     meta = session_key(scope, name, "meta")
                     messages = session_key(scope, name, "messages")
                     refs = session_key(scope, name, "refs")
@@ -888,7 +936,8 @@ class RedisStore:
                             "created": now,
                             "updated": now,
                             "format": STORE_FORMAT,
-                            "gen": f"import.{uuid.uuid4().hex}",
+                            "gen": generation,
+                            "epoch": generation,
                             "seq": 0,
                             "bytes": sum(len(text.encode()) for text in stored),
                         },

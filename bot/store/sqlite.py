@@ -16,6 +16,7 @@ import asyncio
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +40,7 @@ from bot.store.base import (
     TICKET_TTL_MS,
     AlreadyClaimed,
     Message,
+    SessionCleared,
     SessionInfo,
     SessionSettings,
     StorePolicy,
@@ -62,7 +64,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     scope TEXT NOT NULL, name TEXT NOT NULL, model TEXT NOT NULL, mcp TEXT NOT NULL,
     created REAL NOT NULL, updated REAL NOT NULL, format TEXT NOT NULL,
     lock_token TEXT, lock_expires REAL NOT NULL DEFAULT 0, last_turn TEXT,
-    PRIMARY KEY (scope, name));
+    epoch TEXT NOT NULL DEFAULT '', PRIMARY KEY (scope, name));
 CREATE INDEX IF NOT EXISTS sessions_by_updated ON sessions (updated);
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT, scope TEXT NOT NULL, name TEXT NOT NULL,
@@ -86,6 +88,19 @@ FROM sessions s WHERE s.scope = ?"""
 _PURGE_EVERY_SECONDS = 60.0
 
 
+def _epoch() -> str:
+    """A new history identity for a session (see `Turn.epoch`)."""
+    return uuid.uuid4().hex
+
+
+def _position(db: sqlite3.Connection, scope: str, name: str) -> int:
+    """The session's newest message id (ids only grow): its `Turn.sequence`."""
+    row = db.execute(
+        "SELECT max(id) FROM messages WHERE scope = ? AND name = ?", (scope, name)
+    ).fetchone()
+    return int(row[0] or 0)
+
+
 class SqliteStore:
     def __init__(self, path: Path | str, policy: StorePolicy) -> None:
         self._policy = policy
@@ -97,6 +112,8 @@ class SqliteStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
         if "last_turn" not in columns:  # a file from before turns were idempotent
             self._db.execute("ALTER TABLE sessions ADD COLUMN last_turn TEXT")
+        if "epoch" not in columns:  # a file from before turns were fenced
+            self._db.execute("ALTER TABLE sessions ADD COLUMN epoch TEXT NOT NULL DEFAULT ''")
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}
         if "size" not in columns:  # a file from before sessions had a size cap
             self._db.execute("ALTER TABLE messages ADD COLUMN size INTEGER")
@@ -149,9 +166,9 @@ class SqliteStore:
     ) -> None:
         now = time.time()
         db.execute(
-            "INSERT INTO sessions (scope, name, model, mcp, created, updated, format)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (scope, name, settings.model, mcp_json(settings), now, now, STORE_FORMAT),
+            "INSERT INTO sessions (scope, name, model, mcp, created, updated, format, epoch)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (scope, name, settings.model, mcp_json(settings), now, now, STORE_FORMAT, _epoch()),
         )
 
     def _set_current(self, db: sqlite3.Connection, scope: str, name: str) -> None:
@@ -233,7 +250,9 @@ class SqliteStore:
     async def begin_turn(self, scope: str, ticket: Ticket, budget_bytes: int, lock_ms: int) -> Turn:
         token = ticket.token
 
-        def work(db: sqlite3.Connection) -> tuple[SessionInfo, list[str], int] | Exception:
+        def work(
+            db: sqlite3.Connection,
+        ) -> tuple[SessionInfo, list[str], int, str, int] | Exception:
             """Returns the refusal instead of raising it, so the claim and the place in
             the queue are committed even when the turn must wait."""
             now = time.time()
@@ -253,8 +272,8 @@ class SqliteStore:
             if first != ticket.place:
                 return SessionBusy()
             name = self._current_or_create(db, scope)
-            fmt, expires = db.execute(
-                "SELECT format, lock_expires FROM sessions WHERE scope = ? AND name = ?",
+            fmt, expires, epoch = db.execute(
+                "SELECT format, lock_expires, epoch FROM sessions WHERE scope = ? AND name = ?",
                 (scope, name),
             ).fetchone()
             if fmt != STORE_FORMAT:
@@ -282,13 +301,15 @@ class SqliteStore:
                     break
                 used += size
                 recent.append(body)
-            return session, recent[::-1], used
+            return session, recent[::-1], used, epoch, _position(db, scope, name)
 
         outcome = await self._run(work)
         if isinstance(outcome, Exception):
             raise outcome
-        session, bodies, used = outcome
-        turn = Turn(scope, session, [], used, token, claim=ticket.claim)
+        session, bodies, used, epoch, position = outcome
+        turn = Turn(
+            scope, session, [], used, token, claim=ticket.claim, epoch=epoch, sequence=position
+        )
         try:
             recent = decode_messages(session.name, bodies)
         except CorruptSession:
@@ -376,11 +397,11 @@ class SqliteStore:
         scope, name = turn.scope, turn.session.name
         bodies = self._policy.check_sizes(added)
 
-        def work(db: sqlite3.Connection) -> bool:
+        def work(db: sqlite3.Connection) -> bool | SessionCleared:
             if turn.claim is not None:
                 self._settle(db, scope, turn.claim, turn.lock_token, answered=True)
             row = db.execute(
-                "SELECT lock_token, lock_expires, last_turn FROM sessions"
+                "SELECT lock_token, lock_expires, last_turn, epoch FROM sessions"
                 " WHERE scope = ? AND name = ?",
                 (scope, name),
             ).fetchone()
@@ -389,6 +410,21 @@ class SqliteStore:
                 return True  # saved already: this call repeats one whose reply was lost
             if row is None or (row[0] != turn.lock_token and row[1] > now):
                 return False
+            held = row[0] == turn.lock_token and row[1] > now
+            if bodies and row[3] != turn.epoch:  # cleared or replaced during the turn
+                if not held:
+                    return False
+                self._unlock(db, scope, name)
+                return SessionCleared()
+            if (
+                bodies
+                and not held
+                and (
+                    self._current_name(db, scope) != name
+                    or _position(db, scope, name) != turn.sequence
+                )
+            ):
+                return False  # the lock lapsed and the session moved on: this work is stale
             if bodies:
                 refs = [user_ref] + [None] * (len(bodies) - 1)
                 db.executemany(
@@ -416,7 +452,16 @@ class SqliteStore:
             self._purge_idle(db)
             return True
 
-        return await self._run(work)
+        outcome = await self._run(work)
+        if isinstance(outcome, SessionCleared):
+            raise outcome
+        return outcome
+
+    def _unlock(self, db: sqlite3.Connection, scope: str, name: str) -> None:
+        db.execute(
+            "UPDATE sessions SET lock_token = NULL, lock_expires = 0 WHERE scope = ? AND name = ?",
+            (scope, name),
+        )
 
     async def extend_lock(self, turn: Turn, lock_ms: int) -> bool:
         def work(db: sqlite3.Connection) -> bool:
@@ -495,10 +540,10 @@ class SqliteStore:
             name = self._current_or_create(db, scope)
             db.execute("DELETE FROM messages WHERE scope = ? AND name = ?", (scope, name))
             db.execute(
-                "UPDATE sessions SET updated = ?, format = ?, mcp = CASE"
+                "UPDATE sessions SET updated = ?, format = ?, epoch = ?, mcp = CASE"
                 " WHEN json_valid(mcp) AND json_type(mcp) = 'array' THEN mcp ELSE '[]' END"
                 " WHERE scope = ? AND name = ?",
-                (time.time(), STORE_FORMAT, scope, name),
+                (time.time(), STORE_FORMAT, _epoch(), scope, name),
             )
             cleared = self._summary(db, scope, name)
             assert cleared is not None

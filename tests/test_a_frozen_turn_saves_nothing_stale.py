@@ -1,0 +1,150 @@
+"""A bot process frozen mid-turn (SIGSTOP, as a long GC pause would) past its turn's lease
+must not save stale work when it wakes: another process answered meanwhile, or someone ran
+/clear. Real processes, real signals, one Redis; the fake model is slowed so the freeze lands
+while the turn waits for its answer. A live turn during a /clear is not kept either."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from bot.discord_bot.scopes import scope_for
+from bot.engine import NOT_KEPT_NOTE
+from bot.store.redis import session_key
+from tests.bot_process import bot_environment
+from tests.discord_harness import Harness
+from tests.fakes.dedalus_api import FakeDedalusAPI
+from tests.fakes.discord_gateway import FakeDiscord
+
+ROOT = Path(__file__).resolve().parents[1]
+SEND_AGAIN = "send your message again"
+
+
+class BotProcesses:
+    """`python -m tests.bot_process` processes against the same fakes and Redis."""
+
+    def __init__(self, env: dict[str, str], directory: Path) -> None:
+        self.env = env
+        self.directory = directory
+        self.running: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def start(self) -> subprocess.Popen[bytes]:
+        log = self.directory / f"bot{len(self.running)}.log"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.bot_process"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        self.running.append((process, log))
+        deadline = time.monotonic() + 60
+        while "connected as" not in log.read_text():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        return process
+
+    def stop_all(self) -> None:
+        for process, _ in self.running:
+            process.send_signal(signal.SIGCONT)
+            process.terminate()
+            process.wait(30)
+
+
+@pytest.fixture
+def fakes() -> Iterator[tuple[FakeDiscord, FakeDedalusAPI]]:
+    with FakeDiscord(rate_limit=1000) as discord_fake, FakeDedalusAPI() as api:
+        yield discord_fake, api
+
+
+@pytest.fixture
+def bots(
+    fakes: tuple[FakeDiscord, FakeDedalusAPI], redis_url: str, tmp_path: Path
+) -> Iterator[BotProcesses]:
+    fake, api = fakes
+    env = bot_environment(fake, api, redis_url, MODEL_MAX_RETRIES="0", TURN_LEASE_SECONDS="1")
+    processes = BotProcesses(env, tmp_path)
+    try:
+        yield processes
+    finally:
+        processes.stop_all()
+
+
+@pytest.mark.parametrize("meanwhile", ["another-turn", "clear"])
+async def test_a_turn_frozen_past_its_lease_saves_nothing_stale(
+    fakes: tuple[FakeDiscord, FakeDedalusAPI],
+    bots: BotProcesses,
+    raw_redis: aioredis.Redis,
+    redis_url: str,
+    meanwhile: str,
+) -> None:
+    fake, api = fakes
+    sync_redis = redis.Redis.from_url(redis_url)
+    scope = scope_for(fake.general_id)
+    lock = session_key(scope, "default", "lock")
+    first = bots.start()
+    fake.user_says(fake.general_id, fake.member, "before", mentions_bot=True)
+    await fake.wait_bot_messages(fake.general_id, 1, timeout=60)
+
+    frozen = threading.Event()
+    api.reply_text("the stale answer", hold=frozen)
+    fake.user_says(fake.general_id, fake.member, "old question", mentions_bot=True)
+    await fake.wait_for(lambda: api.request_count >= 2, timeout=60, what="the slow model call")
+    first.send_signal(signal.SIGSTOP)  # frozen while the model answers
+    frozen.set()
+    bots.start()
+    if meanwhile == "another-turn":
+        fake.user_says(fake.general_id, fake.member, "newer question", mentions_bot=True)
+        await fake.wait_for(
+            lambda: any("newer question" in m.content for m in fake.bot_messages(fake.general_id)),
+            timeout=60,
+            what="the other process's answer",
+        )
+    await fake.wait_for(
+        lambda: not sync_redis.exists(lock), timeout=60, what="the frozen turn's lease to lapse"
+    )
+    if meanwhile == "clear":
+        interaction = fake.invoke("clear", user=fake.admin, channel_id=fake.general_id)
+        assert (await fake.wait_interaction_reply(interaction, timeout=60)).text.startswith(
+            "Cleared session"
+        )
+    stored_before_waking = await raw_redis.lrange(session_key(scope, "default", "messages"), 0, -1)
+    first.send_signal(signal.SIGCONT)
+
+    told = await fake.wait_for(
+        lambda: [m for m in fake.bot_messages(fake.general_id) if SEND_AGAIN in m.content],
+        timeout=60,
+        what="the frozen turn's user told to send again",
+    )
+    assert len(told) == 1
+    stored = await raw_redis.lrange(session_key(scope, "default", "messages"), 0, -1)
+    assert stored == stored_before_waking
+    assert not any("old question" in item or "stale answer" in item for item in stored)
+    sync_redis.close()
+
+
+async def test_an_answer_written_during_a_clear_is_shown_but_not_kept(harness: Harness) -> None:
+    """/clear means "forget everything said until now": a turn that began before it is
+    answered, not stored, and its reply says so."""
+    fake, api = harness.discord, harness.api
+    cleared_first = threading.Event()
+    api.reply_text("an answer from before the clear", hold=cleared_first)
+    fake.user_says(fake.general_id, fake.member, "asked before the clear", mentions_bot=True)
+    await fake.wait_for(lambda: api.request_count >= 1, timeout=60, what="the model call")
+    cleared = await harness.command("clear", user=fake.admin, channel_id=fake.general_id)
+    cleared_first.set()
+    assert cleared == "Cleared session: default"
+    answer = (await harness.answer(fake.general_id, timeout=60))[-1].content
+    assert answer.startswith("an answer from before the clear")
+    assert NOT_KEPT_NOTE in answer
+    assert await harness.history(fake.general_id) == []
