@@ -129,6 +129,20 @@ async def test_new_with_thread_opens_a_thread_with_its_own_session(harness: Harn
     assert "Session: ideas" in status
 
 
+@pytest.mark.parametrize("name", ["two words", "x" * 101, "café/menu"])
+async def test_new_with_thread_refuses_a_bad_name_before_opening_the_thread(
+    harness: Harness, name: str
+) -> None:
+    fake = harness.discord
+    interaction = fake.invoke(
+        "new", {"name": name, "thread": True}, user=fake.member, channel_id=fake.general_id
+    )
+    reply = await fake.wait_interaction_reply(interaction)
+    assert reply.text.startswith("⚠️ A session name") and reply.ephemeral
+    assert [e for e, _ in fake.dispatched if e == "THREAD_CREATE"] == []  # no orphan thread
+    assert not [r for r in fake.requests if r.path.endswith("/threads")]
+
+
 async def test_model_autocomplete_offers_the_allowed_models(harness: Harness) -> None:
     fake = harness.discord
     choices = await fake.autocomplete("model", "name", "o", fake.admin, fake.general_id)

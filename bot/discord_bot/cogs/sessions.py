@@ -12,9 +12,13 @@ from discord.ext import commands
 from bot.discord_bot.render import PRIVATE, respond
 from bot.discord_bot.scopes import scope_for
 from bot.errors import InvalidInput
+from bot.store.base import checked_session_name
 
 if TYPE_CHECKING:
     from bot.discord_bot.client import ChatBot
+
+THREAD_NAME_MAX = 100
+"""Discord's limit for a thread's name."""
 
 
 class Sessions(commands.Cog):
@@ -36,10 +40,11 @@ class Sessions(commands.Cog):
         channel = interaction.channel
         if not isinstance(channel, discord.TextChannel):
             raise InvalidInput("A thread can be opened only in a server's text channel.")
-        scope_name = name.strip() if name and name.strip() else None
+        # Checked before the thread is opened, so a refused name leaves no thread behind.
+        scope_name = checked_session_name(name) if name and name.strip() else None
+        thread_name = scope_name or f"Chat with {interaction.user.display_name}"
         started = await channel.create_thread(
-            name=scope_name or f"Chat with {interaction.user.display_name}",
-            type=discord.ChannelType.public_thread,
+            name=thread_name[:THREAD_NAME_MAX], type=discord.ChannelType.public_thread
         )
         if scope_name:
             await self.bot.session_commands.new(scope_for(started.id), scope_name)
