@@ -6,6 +6,8 @@ duplicated or forgotten message."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import tracemalloc
 from dataclasses import dataclass
 
 import pytest
@@ -19,9 +21,12 @@ from bot.store.base import (
     SessionSettings,
     StorePolicy,
     Ticket,
+    decode_message_array,
+    encode_message,
     message_size,
     sendable_as_stored,
 )
+from bot.store.recent import MESSAGE_OVERHEAD_BYTES as OVERHEAD
 from bot.store.recent import RecentCache, RecentWindow
 from bot.store.redis import RedisStore
 from tests.conftest import TEST_MODELS
@@ -105,7 +110,7 @@ async def scenario(redis_url: str, steps: list[Step]) -> None:
     against what Redis holds."""
     policies = [
         StorePolicy(TEST_MODELS[0], **LIMITS),
-        StorePolicy(TEST_MODELS[0], **LIMITS, history_cache_bytes=300),
+        StorePolicy(TEST_MODELS[0], **LIMITS, history_cache_bytes=300 + 4 * OVERHEAD),
         StorePolicy(TEST_MODELS[0], **LIMITS, history_cache_bytes=0),
     ]
     stores = [RedisStore.from_url(redis_url, policy) for policy in policies]
@@ -259,18 +264,46 @@ def window(name: str, size: int) -> RecentWindow:
 
 
 def test_the_cache_keeps_to_its_size_dropping_the_least_recently_used() -> None:
-    cache = RecentCache(max_bytes=1_000)
+    cache = RecentCache(max_bytes=3 * (300 + OVERHEAD) + 100)  # three windows of 300 fit
     for scope in "abcd":
         cache.put(scope, window(scope, 300))
-    assert cache.size <= 1_000 and cache.get("a") is None  # the oldest went first
+    assert cache.size <= cache.max_bytes and cache.get("a") is None  # the oldest went first
     assert cache.get("b") is not None  # now the most recently used
     cache.put("e", window("e", 300))
     assert cache.get("b") is not None and cache.get("c") is None
     cache.put("huge", window("huge", 5_000))  # larger than the whole cache: not kept
-    assert cache.get("huge") is None and cache.size <= 1_000
+    assert cache.get("huge") is None and cache.size <= cache.max_bytes
     off = RecentCache(max_bytes=0)
     off.put("a", window("a", 0))
     assert len(off) == 0
+
+
+def test_the_cache_bound_is_memory_even_for_short_messages() -> None:
+    """HISTORY_CACHE_MB bounds the memory the cache takes, measured: short chat lines take
+    several times their stored size as Python objects, so counting only their stored bytes
+    would let the cache grow to many times its bound."""
+    bound = 1_000_000
+    cache = RecentCache(max_bytes=bound)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for scope in range(200):
+            stored = [
+                encode_message({"role": "user", "content": f"[Ada] #{scope}.{i} hi"})
+                for i in range(100)
+            ]
+            messages = decode_message_array("default", "[" + ",".join(stored) + "]")
+            empty = RecentWindow("default", "g", 0, 0, 1_000_000, True)
+            sizes = [len(text.encode()) for text in stored]
+            cache.put(str(scope), empty.extended(messages, sizes, 100, 100))
+            del stored, messages, sizes
+        gc.collect()
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(cache) > 0 and cache.size <= bound
+    assert used < bound * 1.2, f"{used:,} bytes in memory for a {bound:,}-byte cache"
 
 
 def test_a_window_knows_when_its_messages_can_be_sent_as_stored() -> None:
