@@ -684,3 +684,33 @@ async def test_a_counter_damaged_during_a_turn_stores_nothing_and_frees_the_lock
         await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
     await store.clear_session("s1")
     await save_turn(store, "s1", {"role": "user", "content": "after"})  # the lock is free
+
+
+async def test_a_message_deleted_while_its_turn_runs_is_not_stored(store: SessionStore) -> None:
+    """The deletion comes before the save: neither the question nor its answer is kept,
+    while a turn whose message was not deleted still saves (another one was)."""
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    assert not await store.forget_message("s1", "m1")  # not stored yet
+    assert not await store.forget_message("s1", "m9")  # some other message, never stored
+    assert await store.finish_turn(turn, QUESTION, "m1")
+    assert await store.read_history("s1", "default") == []
+    later = [{"role": "user", "content": "kept"}, {"role": "assistant", "content": "yes"}]
+    await save_turn(store, "s1", *later, ref="m2")
+    assert await store.read_history("s1", "default") == later
+
+
+async def test_of_two_identical_messages_the_deleted_one_goes(store: SessionStore) -> None:
+    """The same text sent twice: deleting the first removes the first, so the second stays
+    where it was, before its own answer."""
+    same: Message = {"role": "user", "content": "[Ada] again"}
+    first, second = {"role": "assistant", "content": "1"}, {"role": "assistant", "content": "2"}
+    third = {"role": "assistant", "content": "3"}
+    await save_turn(store, "s1", same, first, ref="m1")
+    await save_turn(store, "s1", same, second, ref="m2")
+    await save_turn(store, "s1", same, third, ref="m3")
+    assert await store.forget_message("s1", "m2")
+    assert await store.read_history("s1", "default") == [same, first, second, same, third]
+    assert await store.forget_message("s1", "m1")
+    assert await store.read_history("s1", "default") == [first, second, same, third]
+    assert await store.forget_message("s1", "m3")
+    assert await store.read_history("s1", "default") == [first, second, third]

@@ -200,9 +200,13 @@ class LiveReply:
                         await self._posted[i].edit(content=piece, allowed_mentions=NO_PINGS)
                         self._shown[i] = piece
                     continue
+                reference = self._reference if i == 0 else None
                 posted = await self._channel.send(
                     piece,
-                    reference=self._reference if i == 0 else None,  # type: ignore[arg-type]
+                    # a question deleted meanwhile still gets its answer, as a plain message
+                    reference=reference.to_reference(fail_if_not_exists=False)  # type: ignore[arg-type]
+                    if reference is not None
+                    else None,
                     allowed_mentions=NO_PINGS,
                 )
                 self._posted.append(posted)

@@ -99,6 +99,9 @@ class SessionInfo:
 
 TICKET_TTL_MS = 5_000
 """A waiting turn renews its place at every poll; a dead waiter's place lapses after this."""
+FORGOTTEN_TTL_SECONDS = 3_600
+"""How long a deleted message that was not stored (yet) is remembered, so a turn still
+answering it stores neither it nor its answer (a turn waits and runs well within this)."""
 CLAIM_TTL_SECONDS = 86_400
 """How long an answered message id is remembered (gateway replays come within minutes)."""
 CLAIM_ANSWERED = "answered"

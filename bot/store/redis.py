@@ -9,6 +9,7 @@ and a script touches a single slot, as Redis Cluster requires; running on a Clus
     {prefix}:{scope}:refindex           hash    user ref -> name of the session storing it
     {prefix}:{scope}:queue              zset    waiting turns' places, in text order (score 0)
     {prefix}:{scope}:tickets            hash    place -> deadline (ms); a lapsed place is dropped
+    {prefix}:{scope}:forgot:{ref}       string  a deleted message not stored (yet), for an hour
     {prefix}:{scope}:claim:{id}         string  a claimed message id: a lease (`lease:` and the
                                                 turn's token) expiring with the turn's lock, then
                                                 `answered` for a day
@@ -66,6 +67,7 @@ from bot.errors import (
 from bot.store.base import (
     CLAIM_ANSWERED,
     DEFAULT_SESSION,
+    FORGOTTEN_TTL_SECONDS,
     LAST_ANSWERED_OPTION,
     PLACES_KEPT,
     PLACES_KEPT_SECONDS,
@@ -345,6 +347,13 @@ local cap, byte_cap = tonumber(ARGV[4]), tonumber(ARGV[10])
 local out = {1}
 local first = 15  -- the first message among ARGV
 local saving = #ARGV >= first
+local deleted = prefix .. 'forgot:' .. ARGV[7]
+if saving and ARGV[7] ~= '' and redis.call('EXISTS', deleted) == 1 then
+  -- Its author deleted the message while it was being answered: keep neither.
+  redis.call('DEL', deleted)
+  if holder then redis.call('DEL', lock) end
+  return {1}
+end
 if saving and redis.call('EXISTS', meta) == 0 then
   -- The session is gone entirely (storage lost its data, or it expired): no history is
   -- there for this turn to be stale against, so the turn starts the session again.
@@ -523,15 +532,22 @@ return describe(name)
 """
 )
 
-# ARGV: prefix, user_ref. The scope's ref index names the session storing the ref; a scope
-# stored before the index existed gets it built once, on its first forget.
+# ARGV: prefix, user_ref, forgotten_ttl. The scope's ref index names the session storing the
+# ref; a scope stored before the index existed gets it built once, on its first forget. A ref
+# not stored (yet) is remembered for a while, so a turn still answering that message saves
+# neither it nor its answer. Of identical stored copies, the one removed is the ref's own:
+# counted from the newest, after the copies that newer refs name.
 _FORGET = _lua(
     """
 local index = prefix .. 'refindex'
+local function not_found()
+  redis.call('SET', prefix .. 'forgot:' .. ARGV[2], 1, 'EX', ARGV[3])
+  return 0
+end
 local name = redis.call('HGET', index, ARGV[2])
 if not name then
   local marked = redis.call('HMGET', KEYS[1], 'current', 'refindex')
-  if not marked[1] or marked[2] then return 0 end
+  if not marked[1] or marked[2] then return not_found() end
   for _, session in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
     for _, ref in ipairs(redis.call('HKEYS', key(session, 'refs'))) do
       redis.call('HSET', index, ref, session)
@@ -539,15 +555,29 @@ if not name then
   end
   redis.call('HSET', KEYS[1], 'refindex', 1)
   name = redis.call('HGET', index, ARGV[2])
-  if not name then return 0 end
+  if not name then return not_found() end
 end
 redis.call('HDEL', index, ARGV[2])
-local refs = key(name, 'refs')
+local refs, order = key(name, 'refs'), key(name, 'refseq')
 local stored = redis.call('HGET', refs, ARGV[2])
-if not stored then return 0 end
+if not stored then return not_found() end
+local newer, seq = 0, redis.call('ZSCORE', order, ARGV[2])
+if seq then
+  local later = redis.call('ZRANGEBYSCORE', order, '(' .. seq, '+inf')
+  if #later > 0 then
+    for _, text in ipairs(redis.call('HMGET', refs, unpack(later))) do
+      if text == stored then newer = newer + 1 end
+    end
+  end
+end
 redis.call('HDEL', refs, ARGV[2])
-redis.call('ZREM', key(name, 'refseq'), ARGV[2])
-local removed = redis.call('LREM', key(name, 'messages'), -1, stored)
+redis.call('ZREM', order, ARGV[2])
+local messages, removed = key(name, 'messages'), 0
+local at = redis.call('LPOS', messages, stored, 'RANK', -(newer + 1))
+if at then  -- a stored message is a JSON object, so this placeholder is the only one
+  redis.call('LSET', messages, at, 'forgotten')
+  removed = redis.call('LREM', messages, -1, 'forgotten')
+end
 if removed > 0 then
   local meta = key(name, 'meta')
   redis.call('HSET', meta, 'gen', new_generation())
@@ -873,9 +903,8 @@ class RedisStore:
     async def forget_message(self, scope: str, user_ref: str) -> bool:
         self._recent.drop(scope)  # the window would not be reused after this
         async with self._available():
-            removed = await self._forget(
-                keys=self._keys(scope), args=[self._prefix(scope), user_ref]
-            )
+            args: list[ScriptArg] = [self._prefix(scope), user_ref, FORGOTTEN_TTL_SECONDS]
+            removed = await self._forget(keys=self._keys(scope), args=args)
         return bool(removed)
 
     async def scope_option(self, scope: str, option: str) -> str | None:

@@ -33,6 +33,7 @@ from bot.errors import (
 from bot.store.base import (
     CLAIM_ANSWERED,
     DEFAULT_SESSION,
+    FORGOTTEN_TTL_SECONDS,
     LAST_ANSWERED_OPTION,
     PLACES_KEPT,
     PLACES_KEPT_SECONDS,
@@ -78,6 +79,8 @@ CREATE TABLE IF NOT EXISTS places (scope TEXT PRIMARY KEY, noted REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS queue (
     scope TEXT NOT NULL, place TEXT NOT NULL, deadline REAL NOT NULL,
     PRIMARY KEY (scope, place));
+CREATE TABLE IF NOT EXISTS forgotten (
+    scope TEXT NOT NULL, ref TEXT NOT NULL, expires REAL NOT NULL, PRIMARY KEY (scope, ref));
 """
 
 _SUMMARY = """
@@ -411,6 +414,9 @@ class SqliteStore:
             if row is None or (row[0] != turn.lock_token and row[1] > now):
                 return False
             held = row[0] == turn.lock_token and row[1] > now
+            if bodies and user_ref is not None and self._deleted(db, scope, user_ref, now):
+                self._unlock(db, scope, name)  # its author deleted it meanwhile: keep neither
+                return True
             if bodies and row[3] != turn.epoch:  # cleared or replaced during the turn
                 if not held:
                     return False
@@ -456,6 +462,13 @@ class SqliteStore:
         if isinstance(outcome, SessionCleared):
             raise outcome
         return outcome
+
+    def _deleted(self, db: sqlite3.Connection, scope: str, ref: str, now: float) -> bool:
+        """Whether the message `ref` was deleted before its turn saved it (and forget that)."""
+        cursor = db.execute(
+            "DELETE FROM forgotten WHERE scope = ? AND ref = ? AND expires >= ?", (scope, ref, now)
+        )
+        return cursor.rowcount > 0
 
     def _unlock(self, db: sqlite3.Connection, scope: str, name: str) -> None:
         db.execute(
@@ -571,7 +584,15 @@ class SqliteStore:
             cursor = db.execute(
                 "DELETE FROM messages WHERE scope = ? AND ref = ?", (scope, user_ref)
             )
-            return cursor.rowcount > 0
+            if cursor.rowcount > 0:
+                return True
+            now = time.time()  # not stored (yet): a turn answering it must not store it
+            db.execute("DELETE FROM forgotten WHERE expires < ?", (now,))
+            db.execute(
+                "INSERT OR REPLACE INTO forgotten (scope, ref, expires) VALUES (?, ?, ?)",
+                (scope, user_ref, now + FORGOTTEN_TTL_SECONDS),
+            )
+            return False
 
         return await self._run(work)
 
