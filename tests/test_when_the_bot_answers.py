@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 
@@ -115,26 +116,62 @@ async def test_the_bot_never_answers_itself(harness: Harness) -> None:
     assert harness.api.request_count == 2
 
 
+async def stored_questions(harness: Harness, channel_id: int, wanted: list[str]) -> None:
+    """Until the user messages stored for `channel_id` end with exactly `wanted` (deletions
+    reach the store through the gateway, a moment after Discord confirms them)."""
+    deadline = time.monotonic() + 30
+    while True:
+        history = await harness.history(channel_id)
+        said = [str(m["content"]).rsplit(": ", 1)[-1] for m in history if m["role"] == "user"]
+        if said == wanted:
+            return
+        assert time.monotonic() < deadline, f"stored: {said}, wanted: {wanted}"
+        await asyncio.sleep(0.05)
+
+
 async def test_a_deleted_message_leaves_the_history(harness: Harness) -> None:
-    fake = harness.discord
-    kept = await harness.say(fake.general_id, fake.member, "keep this", mentions_bot=True)
+    fake, api = harness.discord, harness.api
+    await harness.say(fake.general_id, fake.member, "keep this", mentions_bot=True)
     await harness.answer(fake.general_id)
+    api.reply_text("noted")  # an answer that does not repeat the question
     gone = await harness.say(fake.general_id, fake.member, "oops, secret", mentions_bot=True)
     await harness.answer(fake.general_id, 2)
+    await stored_questions(harness, fake.general_id, ["keep this", "oops, secret"])
     fake.delete_user_message(fake.general_id, gone)
-
-    async def forgotten() -> bool:
-        return not any(
-            "secret" in str(m["content"]) for m in await harness.history(fake.general_id)
-        )
-
-    for _ in range(100):
-        if await forgotten():
-            break
-        await asyncio.sleep(0.02)
+    await stored_questions(harness, fake.general_id, ["keep this"])
     history = await harness.history(fake.general_id)
     assert [m["role"] for m in history] == ["user", "assistant", "assistant"]
-    assert "keep this" in str(history[0]["content"]) and kept
+    assert "secret" not in str(history)
+
+
+async def test_the_deleted_message_that_opened_a_thread_leaves_the_threads_history(
+    harness: Harness,
+) -> None:
+    """In threads mode the mention is stored in the thread it opened (the thread takes the
+    message's id), while Discord's delete event names the parent channel."""
+    fake, api = harness.discord, harness.api
+    await harness.command("mode", {"mode": "threads"}, user=fake.admin, channel_id=fake.general_id)
+    api.reply_text("noted")
+    thread = await harness.say(fake.general_id, fake.member, "my secret plan", mentions_bot=True)
+    await harness.answer(thread)
+    await stored_questions(harness, thread, ["my secret plan"])
+    fake.delete_user_message(fake.general_id, thread)
+    await stored_questions(harness, thread, [])
+    assert [m["role"] for m in await harness.history(thread)] == ["assistant"]
+
+
+async def test_a_bulk_delete_removes_each_message(harness: Harness) -> None:
+    fake, api = harness.discord, harness.api
+    await harness.command("mode", {"mode": "all"}, user=fake.admin, channel_id=fake.general_id)
+    said = []
+    for i, text in enumerate(["first", "spam one", "second", "spam two"]):
+        api.reply_text("noted")
+        said.append(await harness.say(fake.general_id, fake.member, text))
+        await harness.answer(fake.general_id, i + 1)
+    await stored_questions(harness, fake.general_id, ["first", "spam one", "second", "spam two"])
+    fake.bulk_delete(fake.general_id, [said[1], said[3]])
+    await stored_questions(harness, fake.general_id, ["first", "second"])
+    assert "spam" not in str(await harness.history(fake.general_id))
 
 
 async def test_other_bots_are_never_answered(harness: Harness) -> None:

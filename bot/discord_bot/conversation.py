@@ -288,9 +288,25 @@ class Conversation(commands.Cog):
     @commands.Cog.listener()
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
         """A user message deleted in Discord leaves the stored history too."""
-        try:
-            await self.bot.engine.forget(scope_for(payload.channel_id), str(payload.message_id))
-        except StoreUnavailable:
-            log.warning(
-                "could not forget deleted message %s: storage unavailable", payload.message_id
-            )
+        await self._forget(payload.channel_id, [payload.message_id], payload.guild_id)
+
+    @commands.Cog.listener()
+    async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
+        """So does each message of a moderator's bulk delete."""
+        await self._forget(payload.channel_id, sorted(payload.message_ids), payload.guild_id)
+
+    async def _forget(self, channel_id: int, message_ids: list[int], guild_id: int | None) -> None:
+        """The message that opened a thread (`threads` mode) is stored in that thread, whose
+        id is the message's, while Discord's delete event names the parent channel."""
+        for message_id in message_ids:
+            ref = str(message_id)
+            try:
+                if not await self.bot.engine.forget(scope_for(channel_id), ref) and guild_id:
+                    await self.bot.engine.forget(scope_for(message_id), ref)
+            except StoreUnavailable:
+                log.warning(
+                    "could not forget %d deleted message(s) in %s: storage unavailable",
+                    len(message_ids),
+                    channel_id,
+                )
+                return

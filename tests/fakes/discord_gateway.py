@@ -261,6 +261,11 @@ class FakeDiscord:
         with self._lock:
             self._world.delete(self._world.message(channel_id, message_id))
 
+    def bulk_delete(self, channel_id: int, message_ids: list[int]) -> None:
+        """A moderator deletes several messages at once (MESSAGE_DELETE_BULK)."""
+        with self._lock:
+            self._world.bulk_delete(channel_id, message_ids)
+
     def add_attachment(
         self, filename: str, data: bytes, content_type: str = "application/octet-stream"
     ) -> dict[str, Any]:

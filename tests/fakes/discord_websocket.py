@@ -234,7 +234,8 @@ class Gateway:
                 needed = Intent.DIRECT_MESSAGES if in_dm else Intent.GUILD_MESSAGES
                 if not session.intents & needed:
                     continue
-                if event != "MESSAGE_DELETE" and not session.intents & Intent.MESSAGE_CONTENT:
+                deleted = event in ("MESSAGE_DELETE", "MESSAGE_DELETE_BULK")
+                if not deleted and not session.intents & Intent.MESSAGE_CONTENT:
                     self._send_locked(session, event, _without_content(data))
                     continue
             elif event.startswith(("THREAD_", "CHANNEL_")) and not session.intents & Intent.GUILDS:

@@ -544,6 +544,16 @@ class World:
                 data["guild_id"] = str(guild_id)
             self.dispatch("MESSAGE_DELETE", data)
 
+    def bulk_delete(self, channel_id: int, message_ids: list[int]) -> None:
+        """What a moderator's bulk delete (a purge) sends: one MESSAGE_DELETE_BULK."""
+        channel = self.channel(channel_id)
+        for message_id in message_ids:
+            self.message(channel.id, message_id).deleted = True
+        data = {"ids": [str(i) for i in message_ids], "channel_id": str(channel.id)}
+        if channel.guild_id:
+            data["guild_id"] = str(channel.guild_id)
+        self.dispatch("MESSAGE_DELETE_BULK", data)
+
     def message_payload(self, msg: Message, *, nested: bool = True) -> dict[str, Any]:
         """A full message object, as MESSAGE_CREATE, REST answers and replies carry it."""
         channel = self.channels[msg.channel_id]
