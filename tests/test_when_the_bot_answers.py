@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
 import pytest
@@ -71,16 +72,18 @@ async def test_thread_mode_answers_several_mentions_at_once(harness: Harness) ->
     mentions waited for each other)."""
     fake, api = harness.discord, harness.api
     await harness.command("mode", {"mode": "threads"}, user=fake.admin, channel_id=fake.general_id)
-    api.hold()  # every model call waits: only turns running at once can all reach the model
+    released = threading.Event()  # every model call waits: only turns running at once
+    for _ in range(4):  # can all reach the model
+        api.reply_text("an answer", hold=released)
     asked = [
         await harness.say(fake.general_id, fake.member, f"question {i}", mentions_bot=True)
         for i in range(4)
     ]
-    await fake.wait_for(lambda: api.request_count == 4, 60, what="four model calls at once")
-    api.release()
-    for i, thread in enumerate(asked):  # a thread started from a message takes its id
+    await fake.wait_for(lambda: api.request_count == 4, 30, what="four model calls at once")
+    released.set()
+    for thread in asked:  # a thread started from a message takes its id
         [reply] = await harness.answer(thread, timeout=60)
-        assert f"question {i}" in reply.content
+        assert reply.content == "an answer"
     assert harness.answers(fake.general_id) == []
 
 

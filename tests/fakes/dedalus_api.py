@@ -98,7 +98,6 @@ class FakeDedalusAPI:
         self._replies: deque[_Reply] = deque()
         self._requests: list[Json] = []
         self._calls: list[str] = []
-        self._held = False
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -231,22 +230,6 @@ class FakeDedalusAPI:
         """The latest chat-completions body; IndexError if none arrived."""
         return self.requests[-1]
 
-    def hold(self) -> None:
-        """Chat requests arriving from now on wait, unanswered, until `release()` (they count
-        in `request_count` on arrival): a test sees how many turns run at once. A streamed
-        answer waits after its headers, sending SSE comments so that the client's read
-        timeout does not fire."""
-        with self._lock:
-            self._held = True
-
-    def release(self) -> None:
-        with self._lock:
-            self._held = False
-
-    def _holding(self) -> bool:
-        with self._lock:
-            return self._held
-
     @property
     def request_count(self) -> int:
         """How many authorised chat-completions requests arrived."""
@@ -307,8 +290,6 @@ class FakeDedalusAPI:
             self._requests.append(body)
             reply = self._replies.popleft() if self._replies else None
         reply = reply or _Reply("text", text="echo: " + _last_user_text(body))
-        while self._holding() and not body.get("stream"):  # noqa: ASYNC110 - see `hold`
-            await asyncio.sleep(0.01)
         await asyncio.sleep(reply.delay)
         while reply.hold is not None and not reply.hold.is_set():  # noqa: ASYNC110
             await asyncio.sleep(0.01)  # a threading.Event: the test sets it from its own thread
@@ -336,9 +317,6 @@ class FakeDedalusAPI:
         """SSE the way OpenAI streams: a role delta, content or tool-call deltas, a finish delta."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        while self._holding():
-            await resp.write(b": held\n\n")
-            await asyncio.sleep(0.2)
         envelope = self._envelope("chat.completion.chunk", model)
 
         async def send(delta: Json, finish: str | None = None) -> None:
