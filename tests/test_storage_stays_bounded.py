@@ -93,6 +93,27 @@ async def test_listing_sessions_is_bounded_by_the_limit(
     await store.close()
 
 
+async def test_an_expired_session_leaves_the_index_of_deletable_messages(
+    redis_url: str, raw_redis: aioredis.Redis
+) -> None:
+    """With a TTL, a session not used for it goes while its place stays in use; the place's
+    index of deletable messages then drops that session's entries too."""
+    store = RedisStore.from_url(redis_url, StorePolicy(TEST_MODELS[0], ttl_seconds=1))
+    await place_with_sessions(store, "p", 2)  # s0 then s1 (current), three refs each
+    index = scope_key("p", "refindex")
+    assert await raw_redis.hlen(index) == 6
+    deadline = asyncio.get_running_loop().time() + 60
+    while await raw_redis.hlen(index) > 3:
+        assert asyncio.get_running_loop().time() < deadline
+        turn = await store.begin_turn("p", Ticket.now(), 100_000, 10_000)  # s1 stays in use
+        await store.finish_turn(turn, [])
+        await asyncio.sleep(0.2)
+    assert sorted(await raw_redis.hkeys(index)) == ["p-1-0", "p-1-1", "p-1-2"]
+    assert [s.name for s in await store.list_sessions("p")] == ["s1"]
+    assert await store.forget_message("p", "p-1-1")
+    await store.close()
+
+
 async def test_the_queue_of_a_place_expires_without_a_ttl(
     redis_url: str, raw_redis: aioredis.Redis
 ) -> None:

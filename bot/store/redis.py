@@ -29,7 +29,8 @@ and a script touches a single slot, as Redis Cluster requires; running on a Clus
 With a TTL, every script that uses a session (a turn, /new, /load, /clear, a settings
 change, an import) sets it on that session's keys and the scope's `state`, `names` and
 `refindex`, so a place's keys go TTL after its last use; a session not used that long goes
-alone, and its name leaves `names` when a script next looks. The queue and tickets expire
+alone, its name leaving `names` at the place's next use and its entries `refindex` over the
+following uses (`sweep` in the state hash is where that scan stands). The queue and tickets expire
 once no turn has waited for `TICKET_TTL_MS` (every place in them has lapsed by then); claims
 after a day or the TTL, whichever is shorter; locks after their lease.
 
@@ -159,6 +160,33 @@ local function answered(claim, mine, ttl)
     redis.call('HSET', KEYS[1], 'opt:$LAST', claim)
   end
 end
+local function prune(ttl)  -- names whose session expired (the EXISTS check forgives skew)
+  if tonumber(ttl) == 0 then return end
+  local cutoff = redis.call('TIME')[1] - tonumber(ttl)
+  for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff)) do
+    if redis.call('EXISTS', key(name, 'meta')) == 0 then
+      redis.call('ZREM', KEYS[2], name)
+      redis.call('HSET', KEYS[1], 'sweep', 0)  -- its refs leave the index, see sweep()
+    end
+  end
+end
+local function sweep()  -- a few index entries per call, dropping those of expired sessions
+  local cursor = redis.call('HGET', KEYS[1], 'sweep')
+  if not cursor then return end
+  local index = prefix .. 'refindex'
+  local found = redis.call('HSCAN', index, cursor, 'COUNT', 50)
+  local entries = found[2]
+  for i = 1, #entries, 2 do
+    if not redis.call('ZSCORE', KEYS[2], entries[i + 1]) then
+      redis.call('HDEL', index, entries[i])
+    end
+  end
+  if found[1] == '0' then
+    redis.call('HDEL', KEYS[1], 'sweep')
+  else
+    redis.call('HSET', KEYS[1], 'sweep', found[1])
+  end
+end
 local function touch(name, now, ttl)
   redis.call('ZADD', KEYS[2], now, name)
   if tonumber(ttl) > 0 then
@@ -166,13 +194,8 @@ local function touch(name, now, ttl)
                         key(name, 'messages'), key(name, 'refs'), key(name, 'refseq')}) do
       redis.call('EXPIRE', k, ttl)
     end
-  end
-end
-local function prune(ttl)  -- names whose session expired (the EXISTS check forgives skew)
-  if tonumber(ttl) == 0 then return end
-  local cutoff = redis.call('TIME')[1] - tonumber(ttl)
-  for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff)) do
-    if redis.call('EXISTS', key(name, 'meta')) == 0 then redis.call('ZREM', KEYS[2], name) end
+    prune(ttl)
+    sweep()
   end
 end
 local function unindex(refs)  -- forget where these refs were stored
