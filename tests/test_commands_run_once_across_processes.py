@@ -35,6 +35,8 @@ class TwoBots:
             return sum(f"/interactions/{interaction}/" in r.path for r in fake.requests) >= 2
 
         await fake.wait_for(tried, 30, what=f"two answers to interaction {interaction}")
+        statuses = [r.status for r in fake.requests if f"/interactions/{interaction}/" in r.path]
+        assert sorted(statuses) == [200, 400]  # the second: 40060, already acknowledged
 
     async def one_gave_up(self, interaction: int) -> None:
         """Until the process Discord refused said so, and did nothing else."""
