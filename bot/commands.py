@@ -10,8 +10,8 @@ import urllib.parse
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from bot.errors import InvalidInput, InvalidMcpServer, UnknownModel
-from bot.store.base import SessionInfo, SessionStore, checked_session_name
+from bot.errors import CorruptSession, DamagedState, InvalidInput, InvalidMcpServer, UnknownModel
+from bot.store.base import SessionInfo, SessionSettings, SessionStore, checked_session_name
 
 
 class ReplyMode(StrEnum):
@@ -80,22 +80,30 @@ class Commands:
     async def new(self, scope: str, name: str | None = None) -> str:
         """Start an empty session, keeping the current model and MCP servers (as the
         reference does: they are the user's settings, not the session's history)."""
-        current = await self.store.current_session(scope)
+        try:
+            settings = (await self.store.current_session(scope)).settings
+        except (CorruptSession, DamagedState):  # /new is a way out of both
+            settings = SessionSettings(self.allowed_models[0])
         if name is None or not name.strip():
-            taken = {s.name for s in await self.store.list_sessions(scope)}
+            try:
+                taken = {s.name for s in await self.store.list_sessions(scope)}
+            except DamagedState:
+                taken = set()
             name = next(f"chat-{n}" for n in range(1, len(taken) + 2) if f"chat-{n}" not in taken)
-        created = await self.store.create_session(
-            scope, checked_session_name(name), current.settings
-        )
+        created = await self.store.create_session(scope, checked_session_name(name), settings)
         return f"Started new session: {created.name}"
 
     async def list(self, scope: str) -> str:
         sessions = await self.store.list_sessions(scope)
         if not sessions:
             return "Sessions: (none yet; the first message starts `default`)"
-        current = (await self.store.current_session(scope)).name
+        try:
+            current = (await self.store.current_session(scope)).name
+        except CorruptSession as error:
+            current = error.name
         lines = [
-            f"{'*' if s.name == current else ' '} {s.name} ({_count(s.message_count)})"
+            f"{'*' if s.name == current else ' '} {s.name} "
+            + (f"({_count(s.message_count)})" if s.readable else "(unreadable: /load, then /clear)")
             for s in sessions
         ]
         return "Sessions:\n" + "\n".join(lines)

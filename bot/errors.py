@@ -85,6 +85,16 @@ class CorruptSession(BotError):
             f"Session {name!r} cannot be read (damaged or from an unknown version). "
             "Use /new to start another session or /clear to reset this one."
         )
+        self.name = name
+
+
+class DamagedState(BotError):
+    """The place's own stored state (not a session) holds junk; `/clear` or `/new` drop it."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"This channel's stored state is damaged ({what}); /clear or /new repairs it."
+        )
 
 
 class SessionBusy(BotError):

@@ -45,3 +45,45 @@ async def test_a_damaged_session_is_reported_and_repaired_by_clear(
     cleared = await harness.command("clear", user=fake.admin, channel_id=fake.general_id)
     assert cleared == "Cleared session: default"
     assert (await ask(harness, fake.general_id, "after repair", 2)).startswith("echo: ")
+
+
+DAMAGED_PLACE = "⚠️ This channel's stored state is damaged ("
+
+
+@pytest.mark.parametrize(
+    ("kind", "repair"),
+    [
+        ("state-type", "clear"),
+        ("generations", "clear"),
+        ("current-name", "clear"),
+        ("queue-type", "new"),
+        ("all-at-once", "clear"),
+        ("all-at-once", "new"),
+    ],
+)
+async def test_junk_in_a_channels_own_state_is_named_and_repaired(
+    harness: Harness, kind: str, repair: str
+) -> None:
+    from tests.test_store_contract import REDIS_SCOPE_JUNK, scope_junk
+
+    fake = harness.discord
+    assert harness.store is not None
+    await ask(harness, fake.general_id, "hello", 0)
+    kinds = list(REDIS_SCOPE_JUNK) if kind == "all-at-once" else [kind]
+    for each in sorted(kinds, key=lambda k: k.endswith("-type")):
+        await scope_junk(harness.store, scope_for(fake.general_id), each)
+
+    said = await ask(harness, fake.general_id, "still there?", 1)
+    assert said.startswith(DAMAGED_PLACE), said
+    assert said.endswith("/clear or /new repairs it.")
+    assert (await ask(harness, fake.random_id, "other channel", 0)).startswith("echo: ")
+
+    if repair == "clear":
+        reply = await harness.command("clear", user=fake.admin, channel_id=fake.general_id)
+        assert reply.startswith("Cleared session: ")
+    else:
+        reply = await harness.command("new", user=fake.member, channel_id=fake.general_id)
+        assert reply.startswith("Started new session: ")
+    assert (await ask(harness, fake.general_id, "after repair", 2)).startswith("echo: ")
+    status = await harness.command("status", user=fake.member, channel_id=fake.general_id)
+    assert "Messages: 2" in status

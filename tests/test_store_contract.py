@@ -392,25 +392,43 @@ async def test_places_answered_recently_are_remembered(store: SessionStore) -> N
     assert await store.recent_places() == ["c", "a", "b"]
 
 
-async def damage(store: SessionStore, scope: str, what: str) -> None:
+MCP_JUNK = {"settings": '"x"', "settings-object": "{}", "settings-numbers": "[1]"}
+"""MCP values the reader refuses: /clear's repair once kept the last two."""
+
+
+async def damage(store: SessionStore, scope: str, what: str, name: str = "default") -> None:
     """Write what a bug, a crash mid-upgrade or a person with redis-cli might leave."""
     from bot.store.redis import RedisStore, session_key
 
     if isinstance(store, RedisStore):
         redis = store._redis  # the test reaches past the store on purpose, to break it
         if what == "message":
-            await redis.rpush(session_key(scope, "default", "messages"), "{not json")
+            await redis.rpush(session_key(scope, name, "messages"), "{not json")
+        elif what == "meta-type":
+            meta = session_key(scope, name, "meta")
+            await redis.delete(meta)
+            await redis.set(meta, "not a hash")
         else:
-            await redis.hset(session_key(scope, "default", "meta"), "mcp", '"x"')
+            await redis.hset(session_key(scope, name, "meta"), "mcp", MCP_JUNK[what])
         return
     db = store._db  # type: ignore[attr-defined]
     if what == "message":
-        db.execute("INSERT INTO messages (scope, name, body) VALUES (?, 'default', '[1')", (scope,))
+        db.execute("INSERT INTO messages (scope, name, body) VALUES (?, ?, '[1')", (scope, name))
+    elif what == "meta-type":  # SQLite's columns are typed: text where a time belongs
+        db.execute(
+            "UPDATE sessions SET created = 'yesterday' WHERE scope = ? AND name = ?", (scope, name)
+        )
     else:
-        db.execute("UPDATE sessions SET mcp = '\"x\"' WHERE scope = ?", (scope,))
+        db.execute(
+            "UPDATE sessions SET mcp = ? WHERE scope = ? AND name = ?",
+            (MCP_JUNK[what], scope, name),
+        )
 
 
-@pytest.mark.parametrize("what", ["message", "settings"])
+SESSION_DAMAGE = ["message", "settings", "settings-object", "settings-numbers", "meta-type"]
+
+
+@pytest.mark.parametrize("what", SESSION_DAMAGE)
 async def test_a_damaged_session_fails_alone_and_clear_repairs_it(
     store: SessionStore, what: str
 ) -> None:
@@ -425,6 +443,28 @@ async def test_a_damaged_session_fails_alone_and_clear_repairs_it(
     cleared = await store.clear_session("bad")
     assert cleared.message_count == 0
     await save_turn(store, "bad", {"role": "user", "content": "repaired"})  # nothing stuck
+    assert (await store.current_session("bad")).message_count == 1
+
+
+@pytest.mark.parametrize("what", SESSION_DAMAGE)
+async def test_a_damaged_session_that_is_not_current_leaves_the_place_working(
+    store: SessionStore, what: str
+) -> None:
+    """It is listed as unreadable; the place's turns, `/new` and the other sessions work."""
+    from bot.commands import Commands
+
+    await save_turn(store, "s1", {"role": "user", "content": "old"})
+    await store.create_session("s1", "work", SessionSettings("openai/gpt-5.1"))
+    await save_turn(store, "s1", {"role": "user", "content": "work"})
+    await damage(store, "s1", what, name="default")
+    listed = {s.name: s.readable for s in await store.list_sessions("s1")}
+    summary_damaged = what != "message"  # a bad message shows only when the history is read
+    assert listed == {"default": not summary_damaged, "work": True}
+    commands = Commands(store, ("openai/gpt-5.1",))
+    assert ("default (unreadable" in await commands.list("s1")) == summary_damaged
+    assert await commands.new("s1") == "Started new session: chat-1"
+    assert (await store.switch_session("s1", "work")).message_count == 1
+    await save_turn(store, "s1", {"role": "user", "content": "still works"})
 
 
 async def test_saving_the_same_turn_twice_stores_it_once(store: SessionStore) -> None:
@@ -723,3 +763,105 @@ async def test_of_two_identical_messages_the_deleted_one_goes(store: SessionStor
     assert await store.read_history("s1", "default") == [first, second, same, third]
     assert await store.forget_message("s1", "m3")
     assert await store.read_history("s1", "default") == [first, second, third]
+
+
+REDIS_SCOPE_JUNK = {
+    # kind: (what is written, whether a turn then reports the place as damaged)
+    "state-type": True,
+    "names-type": True,
+    "queue-type": True,
+    "tickets-type": True,
+    "refindex-type": True,
+    "generations": True,
+    "current-name": True,
+    "queue-entry": False,  # a junk waiter lapses like a dead one
+    "claim-type": False,  # a junk claim is dropped: the message is answered
+    "claim-value": False,
+}
+SQLITE_SCOPE_JUNK = {
+    "current-name": True,
+    "queue-entry": False,
+    "claim-value": False,
+    "lock-expiry": False,  # a lock whose expiry is not a number has lapsed
+}
+
+
+async def scope_junk(store: SessionStore, scope: str, kind: str) -> None:
+    """Junk in the keys (or rows) the place itself owns, not in a session."""
+    from bot.store.redis import RedisStore, scope_key
+
+    if isinstance(store, RedisStore):
+        redis = store._redis
+        part = kind.removesuffix("-type")
+        if kind.endswith("-type") and part != "claim":
+            await redis.delete(scope_key(scope, part))
+            await redis.set(scope_key(scope, part), "junk")
+        elif kind == "generations":
+            await redis.hset(scope_key(scope, "state"), "generations", "many")
+        elif kind == "current-name":
+            await redis.hset(scope_key(scope, "state"), "current", "no such: {name}")
+        elif kind == "queue-entry":
+            await redis.zadd(scope_key(scope, "queue"), {"0-junk": 0})
+            await redis.hset(scope_key(scope, "tickets"), "0-junk", "soon")
+        elif kind == "claim-type":
+            await redis.delete(scope_key(scope, "claim:msg-1"))
+            await redis.hset(scope_key(scope, "claim:msg-1"), "junk", "1")
+        else:
+            await redis.set(scope_key(scope, "claim:msg-1"), "junk")
+        return
+    db = store._db  # type: ignore[attr-defined]
+    if kind == "current-name":
+        db.execute("UPDATE scopes SET current = 'no such: {name}' WHERE scope = ?", (scope,))
+    elif kind == "queue-entry":
+        db.execute("INSERT INTO queue VALUES (?, '0-junk', 'soon')", (scope,))
+    elif kind == "claim-value":
+        db.execute("INSERT INTO claims VALUES (?, 'msg-1', 'junk', 'never')", (scope,))
+    else:
+        db.execute("UPDATE sessions SET lock_expires = 'never' WHERE scope = ?", (scope,))
+
+
+@pytest.mark.parametrize("repair", ["clear", "new"])
+@pytest.mark.parametrize("kind", sorted({*REDIS_SCOPE_JUNK, *SQLITE_SCOPE_JUNK, "all-at-once"}))
+async def test_junk_in_a_places_own_state_is_named_and_clear_or_new_repairs_it(
+    store: SessionStore, kind: str, repair: str
+) -> None:
+    """Junk is either outlived (the message is answered) or named in one line; other places
+    never notice; `/clear` or `/new` gets the place answering again, and `/new` loses no
+    readable history."""
+    from bot.commands import Commands
+    from bot.errors import DamagedState
+
+    junk = REDIS_SCOPE_JUNK if isinstance(store, RedisStore) else SQLITE_SCOPE_JUNK
+    kinds = list(junk) if kind == "all-at-once" else [kind]
+    kinds.sort(key=lambda each: each.endswith("-type"))  # a key's values before its type
+    if not set(kinds) <= set(junk):
+        pytest.skip("not a state this backend can hold")
+    before: Message = {"role": "user", "content": "before"}
+    await save_turn(store, "s1", before)
+    await save_turn(store, "s2", before)
+    for each in kinds:
+        await scope_junk(store, "s1", each)
+    if any(junk[each] for each in kinds):
+        with pytest.raises(DamagedState, match=r"stored state is damaged \(.+\); /clear"):
+            await store.begin_turn("s1", Ticket.now("msg-1"), BIG, 10_000)
+    else:
+        turn = await store.begin_turn("s1", Ticket.now("msg-1"), BIG, 10_000)
+        assert await store.finish_turn(turn, [{"role": "user", "content": "answered"}], "msg-1")
+    await save_turn(store, "s2", {"role": "user", "content": "other place"})
+    if repair == "clear":
+        await store.clear_session("s1")
+    else:
+        assert await Commands(store, ("openai/gpt-5.1",)).new("s1", "fresh") == (
+            "Started new session: fresh"
+        )
+    after: Message = {"role": "user", "content": "after"}
+    await save_turn(store, "s1", after)
+    current = await store.current_session("s1")
+    assert await store.read_history("s1", current.name) == [after]
+    if repair == "new" or current.name != "default":  # the old history was not cleared
+        assert (await store.read_history("s1", "default"))[0] == before
+    assert (await store.list_sessions("s1"))[0].name == current.name
+    assert await store.read_history("s2", "default") == [
+        before,
+        {"role": "user", "content": "other place"},
+    ]

@@ -68,6 +68,16 @@ def sendable_as_stored(message: Message) -> bool:
     return message.get("role") != "system" and type(message.get("content")) is not list
 
 
+def readable_name(stored: object) -> bool:
+    """Whether a stored session name can be used to find the session (a store holding junk
+    there reports the place as damaged); the Redis scripts' `readable_name` is its twin."""
+    return (
+        isinstance(stored, str)
+        and 0 < len(stored.encode()) <= 200
+        and not any(c.isspace() or not c.isprintable() or c in ":{}" for c in stored)
+    )
+
+
 def checked_session_name(raw: str) -> str:
     """Session names become part of storage keys, so only a safe alphabet is accepted."""
     name = raw.strip()
@@ -95,6 +105,8 @@ class SessionInfo:
     message_count: int
     created_at: float
     updated_at: float
+    readable: bool = True
+    """False for a session listed by name only, its stored summary being unreadable."""
 
 
 TICKET_TTL_MS = 5_000
@@ -265,6 +277,19 @@ def session_info(row: Sequence[Any]) -> SessionInfo:
         )
     except (ValueError, TypeError):
         raise CorruptSession(str(name)) from None
+
+
+def listed_sessions(rows: Sequence[Sequence[Any]], default_model: str) -> list[SessionInfo]:
+    """Parse `/list`'s summary rows: an unreadable one is listed by name, marked so, instead
+    of failing the whole list (and `/new`, and `/load`'s choices) for the place."""
+    listed = []
+    for row in rows:
+        try:
+            listed.append(session_info(row))
+        except CorruptSession:
+            settings = SessionSettings(default_model)
+            listed.append(SessionInfo(str(row[0]), settings, 0, 0.0, 0.0, readable=False))
+    return listed
 
 
 def decode_messages(name: str, stored: Sequence[str]) -> list[Message]:

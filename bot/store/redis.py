@@ -55,10 +55,12 @@ from dataclasses import replace
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bot.errors import (
     CorruptSession,
+    DamagedState,
     InvalidInput,
     SessionBusy,
     SessionLimit,
@@ -84,6 +86,7 @@ from bot.store.base import (
     Turn,
     decode_message_array,
     decode_messages,
+    listed_sessions,
     mcp_json,
     session_info,
 )
@@ -126,6 +129,10 @@ def session_key(scope: str, name: str, part: str) -> str:
 _PRELUDE = """
 local prefix = ARGV[1]
 local function key(name, part) return prefix .. 's:' .. name .. ':' .. part end
+local function of_type(k, wanted)  -- a missing key is of every type
+  local found = redis.call('TYPE', k).ok
+  return found == wanted or found == 'none'
+end
 local function new_generation()
   local clock = redis.call('TIME')
   return clock[1] .. '.' .. clock[2] .. '.' .. redis.call('HINCRBY', KEYS[1], 'generations', 1)
@@ -153,8 +160,9 @@ local function current_or_create(model, now)
 end
 local function answered(claim, mine, ttl)
   local claimed = prefix .. 'claim:' .. claim
-  if redis.call('GET', claimed) ~= mine then return end
+  if not of_type(claimed, 'string') or redis.call('GET', claimed) ~= mine then return end
   redis.call('SET', claimed, '$ANSWERED', 'EX', ttl)
+  if not of_type(KEYS[1], 'hash') then return end  -- damaged: /clear or /new repairs it
   local last = redis.call('HGET', KEYS[1], 'opt:$LAST')
   if not last or #claim > #last or (#claim == #last and claim > last) then
     redis.call('HSET', KEYS[1], 'opt:$LAST', claim)
@@ -201,12 +209,77 @@ end
 local function unindex(refs)  -- forget where these refs were stored
   if #refs > 0 then redis.call('HDEL', prefix .. 'refindex', unpack(refs)) end
 end
-local function describe(name)
+local function describe(name)  -- a key of the wrong type reads as an unknown format
+  for part, wanted in pairs({meta = 'hash', messages = 'list', refs = 'hash', refseq = 'zset',
+                             lock = 'string'}) do
+    if not of_type(key(name, part), wanted) then return {name, '?', '', '', '0', '0', 0} end
+  end
   local m = redis.call('HMGET', key(name, 'meta'), 'format', 'model', 'mcp', 'created', 'updated')
   return {name, m[1] or '', m[2] or '', m[3] or '', m[4] or '0', m[5] or '0',
           redis.call('LLEN', key(name, 'messages'))}
 end
+local function readable_name(name)  -- what the scripts can build keys from
+  return #name > 0 and #name <= 200 and not string.find(name, '[%s%c:{}]')
+end
+local function readable_mcp(raw)  -- a JSON list of strings, as the reader wants it
+  if not raw or not string.find(raw, '^%s*%[') then return false end
+  local ok, servers = pcall(cjson.decode, raw)
+  if not ok or type(servers) ~= 'table' then return false end
+  local count = 0
+  for i, server in pairs(servers) do
+    if type(i) ~= 'number' or type(server) ~= 'string' then return false end
+    count = count + 1
+  end
+  return count == #servers
+end
+local scope_keys = {state = KEYS[1], names = KEYS[2], queue = prefix .. 'queue',
+                    tickets = prefix .. 'tickets', refindex = prefix .. 'refindex'}
+local scope_types = {state = 'hash', names = 'zset', queue = 'zset', tickets = 'hash',
+                     refindex = 'hash'}
+-- What is damaged among the scope's own keys (nil when nothing is): checked before a script
+-- reads or writes them, so junk there gives one clear answer instead of a script error.
+local function scope_damage()
+  for part, k in pairs(scope_keys) do
+    if not of_type(k, scope_types[part]) then return 'its ' .. part .. ' key has the wrong type' end
+  end
+  local state = redis.call('HMGET', KEYS[1], 'current', 'generations')
+  if state[1] and not readable_name(state[1]) then
+    return 'its current session name is unreadable'
+  end
+  if state[2] and not string.find(state[2], '^%d+$') then return 'a counter is not a number' end
+  return nil
+end
+-- The way out for /clear and /new: drop what is damaged there (nothing in it is readable).
+-- An unreadable current name is the caller's to replace.
+local function repair_scope()
+  for part, k in pairs(scope_keys) do
+    if not of_type(k, scope_types[part]) then
+      redis.call('DEL', k)
+      if part == 'refindex' then redis.call('HDEL', KEYS[1], 'refindex') end  -- rebuilt
+    end
+  end
+  local generations = redis.call('HGET', KEYS[1], 'generations')
+  if generations and not string.find(generations, '^%d+$') then
+    redis.call('HDEL', KEYS[1], 'generations')
+  end
+end
+-- A message's claim of the wrong type, or holding neither a lease nor `answered`, is junk: it
+-- is dropped, so the message is answered.
+local function claim_holder(claimed)
+  if not of_type(claimed, 'string') then redis.call('DEL', claimed) return nil end
+  local holder = redis.call('GET', claimed)
+  if holder and holder ~= '$ANSWERED' and string.sub(holder, 1, 6) ~= 'lease:' then
+    redis.call('DEL', claimed)
+    return nil
+  end
+  return holder
+end
 """
+
+
+DAMAGED = "!damaged"
+"""The first element of a script's reply when the scope's own keys are damaged (no session
+name can contain '!'); the second says what is."""
 
 
 def _lua(body: str) -> str:
@@ -218,6 +291,7 @@ def _lua(body: str) -> str:
         ("$DEFAULT", DEFAULT_SESSION),
         ("$ANSWERED", CLAIM_ANSWERED),
         ("$LAST", LAST_ANSWERED_OPTION),
+        ("$DAMAGED", DAMAGED),
     ):
         script = script.replace(name, value)
     return script
@@ -239,11 +313,16 @@ local token, claim = ARGV[2], ARGV[8]
 local mine = 'lease:' .. token
 if claim ~= '' then
   local claimed = prefix .. 'claim:' .. claim
-  local holder = redis.call('GET', claimed)
+  local holder = claim_holder(claimed)
   if holder and holder ~= mine then
     return {'claimed', string.sub(holder, 1, 6) == 'lease:' and 'lease' or 'answered'}
   end
   redis.call('SET', claimed, mine, 'PX', ARGV[3])
+end
+local damage = scope_damage()
+if damage then
+  if claim ~= '' then answered(claim, mine, ARGV[9]) end  -- told once, by this process
+  return {'damaged', damage}
 end
 local queue, tickets, place = prefix .. 'queue', prefix .. 'tickets', ARGV[7]
 local clock = redis.call('TIME')
@@ -253,7 +332,7 @@ redis.call('HSET', tickets, place, now_ms + tonumber(ARGV[10]))
 redis.call('PEXPIRE', queue, ARGV[10])  -- once nobody waited that long, every place lapsed
 redis.call('PEXPIRE', tickets, ARGV[10])
 local first = redis.call('ZRANGE', queue, 0, 0)[1]
-while first ~= place and tonumber(redis.call('HGET', tickets, first) or '0') < now_ms do
+while first ~= place and (tonumber(redis.call('HGET', tickets, first)) or 0) < now_ms do
   redis.call('ZREM', queue, first)
   redis.call('HDEL', tickets, first)
   first = redis.call('ZRANGE', queue, 0, 0)[1]
@@ -267,7 +346,8 @@ local name = current_or_create(ARGV[5], ARGV[6])
 touch(name, ARGV[6], ARGV[16])
 local info = describe(name)
 local meta, count = key(name, 'meta'), info[7]
-local stamp = redis.call('HMGET', meta, 'gen', 'seq', 'bytes', 'epoch')
+local stamp = {}
+if info[2] == '$FORMAT' then stamp = redis.call('HMGET', meta, 'gen', 'seq', 'bytes', 'epoch') end
 if info[2] ~= '$FORMAT' or (stamp[2] and not tonumber(stamp[2])) then
   leave_queue()
   if claim ~= '' then answered(claim, mine, ARGV[9]) end
@@ -320,7 +400,7 @@ return out
 _CLAIM = _lua(
     """
 local claimed, mine = prefix .. 'claim:' .. ARGV[2], 'lease:' .. ARGV[3]
-local holder = redis.call('GET', claimed)
+local holder = claim_holder(claimed)
 if holder and holder ~= mine then
   return string.sub(holder, 1, 6) == 'lease:' and 'lease' or 'answered'
 end
@@ -339,7 +419,8 @@ if ARGV[4] == '1' then
   if tonumber(ARGV[6]) > 0 and redis.call('TTL', KEYS[1]) == -1 then
     redis.call('EXPIRE', KEYS[1], ARGV[6])
   end
-elseif redis.call('GET', prefix .. 'claim:' .. ARGV[2]) == mine then
+elseif of_type(prefix .. 'claim:' .. ARGV[2], 'string')
+       and redis.call('GET', prefix .. 'claim:' .. ARGV[2]) == mine then
   redis.call('DEL', prefix .. 'claim:' .. ARGV[2])
 end
 return 1
@@ -361,6 +442,7 @@ _FINISH_TURN = _lua(
 local name = ARGV[2]
 if ARGV[8] ~= '' then answered(ARGV[8], 'lease:' .. ARGV[3], ARGV[9]) end
 local lock, meta = key(name, 'lock'), key(name, 'meta')
+if not of_type(lock, 'string') or not of_type(meta, 'hash') then return {3} end  -- damaged
 local holder = redis.call('GET', lock)
 local last_turn, gen, forgotten, total, epoch, seq_now = unpack(
   redis.call('HMGET', meta, 'last_turn', 'gen', 'forgotten', 'bytes', 'epoch', 'seq'))
@@ -463,9 +545,10 @@ return out
 _EXTEND_LOCK = _lua(
     """
 local lock = key(ARGV[2], 'lock')
-if redis.call('GET', lock) ~= ARGV[3] then return 0 end
+if not of_type(lock, 'string') or redis.call('GET', lock) ~= ARGV[3] then return 0 end
 local claimed = prefix .. 'claim:' .. ARGV[5]
-if ARGV[5] ~= '' and redis.call('GET', claimed) == 'lease:' .. ARGV[3] then
+if ARGV[5] ~= '' and of_type(claimed, 'string')
+   and redis.call('GET', claimed) == 'lease:' .. ARGV[3] then
   redis.call('PEXPIRE', claimed, ARGV[4])
 end
 return redis.call('PEXPIRE', lock, ARGV[4])
@@ -475,6 +558,8 @@ return redis.call('PEXPIRE', lock, ARGV[4])
 # ARGV: prefix
 _DESCRIBE_CURRENT = _lua(
     """
+local damage = scope_damage()
+if damage then return {'$DAMAGED', damage} end
 local name = redis.call('HGET', KEYS[1], 'current') or '$DEFAULT'
 return describe(name)
 """
@@ -484,6 +569,8 @@ return describe(name)
 # session expired.
 _LIST = _lua(
     """
+local damage = scope_damage()
+if damage then return {'$DAMAGED', damage} end
 prune(ARGV[3])
 local out = {}
 for _, name in ipairs(redis.call('ZREVRANGE', KEYS[2], 0, tonumber(ARGV[2]) - 1)) do
@@ -501,6 +588,7 @@ return out
 # {'full'} when the scope has `limit` sessions already.
 _CREATE = _lua(
     """
+repair_scope()
 if redis.call('EXISTS', key(ARGV[2], 'meta')) == 1 then return {} end
 prune(ARGV[6])
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[7]) then return {'full'} end
@@ -515,6 +603,8 @@ return describe(ARGV[2])
 # ARGV: prefix, name, now, ttl_seconds
 _SWITCH = _lua(
     """
+local damage = scope_damage()
+if damage then return {'$DAMAGED', damage} end
 if redis.call('EXISTS', key(ARGV[2], 'meta')) == 0 then return {} end
 redis.call('HSET', KEYS[1], 'current', ARGV[2])
 touch(ARGV[2], ARGV[3], ARGV[4])
@@ -526,12 +616,21 @@ return describe(ARGV[2])
 # rewrites the format marker and keeps the settings when they are readable.
 _CLEAR = _lua(
     """
+repair_scope()
+local current = redis.call('HGET', KEYS[1], 'current')
+if current and not readable_name(current) then  -- start afresh, under a name not taken
+  local fresh, n = '$DEFAULT', 0
+  while redis.call('EXISTS', key(fresh, 'meta')) == 1 do n = n + 1 fresh = 'chat-' .. n end
+  redis.call('HSET', KEYS[1], 'current', fresh)
+end
 local name = current_or_create(ARGV[2], ARGV[3])
-unindex(redis.call('HKEYS', key(name, 'refs')))
+if of_type(key(name, 'refs'), 'hash') then unindex(redis.call('HKEYS', key(name, 'refs'))) end
 redis.call('DEL', key(name, 'messages'), key(name, 'refs'), key(name, 'refseq'))
+if not of_type(key(name, 'lock'), 'string') then redis.call('DEL', key(name, 'lock')) end
 local meta = key(name, 'meta')
-local readable, servers = pcall(cjson.decode, redis.call('HGET', meta, 'mcp') or '')
-if redis.call('HGET', meta, 'format') ~= '$FORMAT' or not readable or type(servers) ~= 'table' then
+if not of_type(meta, 'hash') then redis.call('DEL', meta) end
+local stored = redis.call('HMGET', meta, 'format', 'mcp')
+if stored[1] ~= '$FORMAT' or not readable_mcp(stored[2]) then
   redis.call('DEL', meta)
   create(name, ARGV[2], '[]', ARGV[3])
 end
@@ -546,6 +645,8 @@ return describe(name)
 # ARGV: prefix, default_model, now, model, mcp_json, ttl_seconds
 _UPDATE_SETTINGS = _lua(
     """
+local damage = scope_damage()
+if damage then return {'$DAMAGED', damage} end
 local name = current_or_create(ARGV[2], ARGV[3])
 touch(name, ARGV[3], ARGV[6])
 local info = describe(name)
@@ -563,12 +664,14 @@ return describe(name)
 _FORGET = _lua(
     """
 local index = prefix .. 'refindex'
+if not of_type(index, 'hash') then return 0 end  -- damaged: reported to whoever talks there
 local function not_found()
   redis.call('SET', prefix .. 'forgot:' .. ARGV[2], 1, 'EX', ARGV[3])
   return 0
 end
 local name = redis.call('HGET', index, ARGV[2])
 if not name then
+  if scope_damage() then return 0 end
   local marked = redis.call('HMGET', KEYS[1], 'current', 'refindex')
   if not marked[1] or marked[2] then return not_found() end
   for _, session in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
@@ -584,23 +687,27 @@ redis.call('HDEL', index, ARGV[2])
 local refs, order = key(name, 'refs'), key(name, 'refseq')
 local stored = redis.call('HGET', refs, ARGV[2])
 if not stored then return not_found() end
-local newer, seq = 0, redis.call('ZSCORE', order, ARGV[2])
-if seq then
-  local later = redis.call('ZRANGEBYSCORE', order, '(' .. seq, '+inf')
-  if #later > 0 then
-    for _, text in ipairs(redis.call('HMGET', refs, unpack(later))) do
-      if text == stored then newer = newer + 1 end
+local messages, removed = key(name, 'messages'), 0
+if #redis.call('LPOS', messages, stored, 'RANK', -1, 'COUNT', 2) < 2 then
+  removed = redis.call('LREM', messages, -1, stored)
+else  -- identical copies: the newer refs naming one of them come after this ref's own
+  local newer, seq = 0, redis.call('ZSCORE', order, ARGV[2])
+  if seq then
+    local later = redis.call('ZRANGEBYSCORE', order, '(' .. seq, '+inf')
+    if #later > 0 then
+      for _, text in ipairs(redis.call('HMGET', refs, unpack(later))) do
+        if text == stored then newer = newer + 1 end
+      end
     end
+  end
+  local at = redis.call('LPOS', messages, stored, 'RANK', -(newer + 1))
+  if at then  -- a stored message is a JSON object, so this placeholder is the only one
+    redis.call('LSET', messages, at, 'forgotten')
+    removed = redis.call('LREM', messages, -1, 'forgotten')
   end
 end
 redis.call('HDEL', refs, ARGV[2])
 redis.call('ZREM', order, ARGV[2])
-local messages, removed = key(name, 'messages'), 0
-local at = redis.call('LPOS', messages, stored, 'RANK', -(newer + 1))
-if at then  -- a stored message is a JSON object, so this placeholder is the only one
-  redis.call('LSET', messages, at, 'forgotten')
-  removed = redis.call('LREM', messages, -1, 'forgotten')
-end
 if removed > 0 then
   local meta = key(name, 'meta')
   redis.call('HSET', meta, 'gen', new_generation())
@@ -616,6 +723,11 @@ return removed
 _SUMMARY_FIELDS = 7
 _FINISH_FIRST_MESSAGE = 14
 """Index of the first saved message among `_FINISH_TURN`'s arguments."""
+
+
+def _refuse_damaged(reply: Sequence[ScriptArg]) -> None:
+    if reply and reply[0] == DAMAGED:
+        raise DamagedState(str(reply[1]))
 
 
 class RedisStore:
@@ -712,6 +824,8 @@ class RedisStore:
             raise AlreadyClaimed(answered=reply[1] == "answered")
         if status == "corrupt":
             raise CorruptSession(reply[1])
+        if status == "damaged":
+            raise DamagedState(reply[1])
         if status == "busy":
             raise SessionBusy()
         name = reply[1]
@@ -851,6 +965,7 @@ class RedisStore:
     async def current_session(self, scope: str) -> SessionInfo:
         async with self._available():
             row = await self._describe(keys=self._keys(scope), args=[self._prefix(scope)])
+        _refuse_damaged(row)
         if row[1] == "":  # an untouched scope: report the session it would create
             return SessionInfo(row[0], SessionSettings(self._policy.default_model), 0, 0.0, 0.0)
         return session_info(row)
@@ -865,10 +980,9 @@ class RedisStore:
                     self._policy.ttl_seconds,
                 ],
             )
-        return [
-            session_info(rows[i : i + _SUMMARY_FIELDS])
-            for i in range(0, len(rows), _SUMMARY_FIELDS)
-        ]
+        _refuse_damaged(rows)
+        summaries = [rows[i : i + _SUMMARY_FIELDS] for i in range(0, len(rows), _SUMMARY_FIELDS)]
+        return listed_sessions(summaries, self._policy.default_model)
 
     async def create_session(self, scope: str, name: str, settings: SessionSettings) -> SessionInfo:
         args: list[ScriptArg] = [
@@ -898,6 +1012,7 @@ class RedisStore:
             )
         if not row:
             raise UnknownSession(f"There is no session named {name!r}; /list shows them.")
+        _refuse_damaged(row)
         return session_info(row)
 
     async def clear_session(self, scope: str) -> SessionInfo:
@@ -921,7 +1036,9 @@ class RedisStore:
             self._policy.ttl_seconds,
         ]
         async with self._available():
-            return session_info(await self._update(keys=self._keys(scope), args=args))
+            row = await self._update(keys=self._keys(scope), args=args)
+        _refuse_damaged(row)
+        return session_info(row)
 
     async def forget_message(self, scope: str, user_ref: str) -> bool:
         self._recent.drop(scope)  # the window would not be reused after this
@@ -931,17 +1048,23 @@ class RedisStore:
         return bool(removed)
 
     async def scope_option(self, scope: str, option: str) -> str | None:
-        async with self._available():
-            value = await self._redis.hget(scope_key(scope, "state"), f"opt:{option}")
+        try:
+            async with self._available():
+                value = await self._redis.hget(scope_key(scope, "state"), f"opt:{option}")
+        except ResponseError:  # a state key of the wrong type: options read as never set
+            return None
         return None if value is None else str(value)
 
     async def set_scope_option(self, scope: str, option: str, value: str) -> None:
         state = scope_key(scope, "state")
-        async with self._available(), self._redis.pipeline(transaction=True) as tx:
-            tx.hset(state, f"opt:{option}", value)
-            if self._policy.ttl_seconds:
-                tx.expire(state, self._policy.ttl_seconds)
-            await tx.execute()
+        try:
+            async with self._available(), self._redis.pipeline(transaction=True) as tx:
+                tx.hset(state, f"opt:{option}", value)
+                if self._policy.ttl_seconds:
+                    tx.expire(state, self._policy.ttl_seconds)
+                await tx.execute()
+        except ResponseError:
+            raise DamagedState("its state key has the wrong type") from None
 
     async def read_history(self, scope: str, name: str) -> list[Message]:
         async with self._available():

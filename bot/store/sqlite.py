@@ -24,6 +24,7 @@ from typing import TypeVar
 
 from bot.errors import (
     CorruptSession,
+    DamagedState,
     InvalidInput,
     SessionBusy,
     SessionLimit,
@@ -50,7 +51,9 @@ from bot.store.base import (
     claim_lease,
     claim_order,
     decode_messages,
+    listed_sessions,
     mcp_json,
+    readable_name,
     session_info,
 )
 
@@ -89,6 +92,11 @@ SELECT s.name, s.format, s.model, s.mcp, s.created, s.updated,
 FROM sessions s WHERE s.scope = ?"""
 
 _PURGE_EVERY_SECONDS = 60.0
+
+
+def _number(value: object) -> float:
+    """A stored expiry as a number; junk (text where a number belongs) counts as lapsed."""
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 def _epoch() -> str:
@@ -157,8 +165,17 @@ class SqliteStore:
     # Helpers that run inside a transaction.
 
     def _current_name(self, db: sqlite3.Connection, scope: str) -> str | None:
+        """Raises `DamagedState` when the stored name is junk (`/clear` and `/new` replace it)."""
         row = db.execute("SELECT current FROM scopes WHERE scope = ?", (scope,)).fetchone()
-        return None if row is None else str(row[0])
+        if row is None:
+            return None
+        if not readable_name(row[0]):
+            raise DamagedState("its current session name is unreadable")
+        return str(row[0])
+
+    def _summary_row_exists(self, db: sqlite3.Connection, scope: str, name: str) -> bool:
+        found = db.execute("SELECT 1 FROM sessions WHERE scope = ? AND name = ?", (scope, name))
+        return found.fetchone() is not None
 
     def _summary(self, db: sqlite3.Connection, scope: str, name: str) -> SessionInfo | None:
         row = db.execute(_SUMMARY + " AND s.name = ?", (scope, name)).fetchone()
@@ -268,13 +285,23 @@ class SqliteStore:
                 " ON CONFLICT (scope, place) DO UPDATE SET deadline = excluded.deadline",
                 (scope, ticket.place, now + TICKET_TTL_MS / 1000),
             )
-            db.execute("DELETE FROM queue WHERE scope = ? AND deadline < ?", (scope, now))
+            db.execute(  # a deadline that is not a number is junk: it lapses too
+                "DELETE FROM queue WHERE scope = ? AND (deadline < ?"
+                " OR typeof(deadline) NOT IN ('integer', 'real'))",
+                (scope, now),
+            )
             (first,) = db.execute(
                 "SELECT min(place) FROM queue WHERE scope = ?", (scope,)
             ).fetchone()
             if first != ticket.place:
                 return SessionBusy()
-            name = self._current_or_create(db, scope)
+            try:
+                name = self._current_or_create(db, scope)
+            except DamagedState as damaged:
+                db.execute("DELETE FROM queue WHERE scope = ? AND place = ?", (scope, ticket.place))
+                if ticket.claim is not None:
+                    self._settle(db, scope, ticket.claim, token, answered=True)
+                return damaged
             fmt, expires, epoch = db.execute(
                 "SELECT format, lock_expires, epoch FROM sessions WHERE scope = ? AND name = ?",
                 (scope, name),
@@ -284,7 +311,7 @@ class SqliteStore:
                 if ticket.claim is not None:
                     self._settle(db, scope, ticket.claim, token, answered=True)
                 return CorruptSession(name)
-            if expires > now:
+            if _number(expires) > now:
                 return SessionBusy()
             db.execute("DELETE FROM queue WHERE scope = ? AND place = ?", (scope, ticket.place))
             db.execute(
@@ -325,7 +352,12 @@ class SqliteStore:
     ) -> AlreadyClaimed | None:
         """Take or renew this token's lease on `claim`; the refusal when another has it."""
         now = time.time()
-        db.execute("DELETE FROM claims WHERE scope = ? AND expires < ?", (scope, now))
+        db.execute(  # junk (an expiry not a number, a holder neither lease nor answer) lapses
+            "DELETE FROM claims WHERE scope = ? AND (expires < ?"
+            " OR typeof(expires) NOT IN ('integer', 'real')"
+            " OR (token != ? AND substr(token, 1, 6) != 'lease:'))",
+            (scope, now, CLAIM_ANSWERED),
+        )
         row = db.execute(
             "SELECT token FROM claims WHERE scope = ? AND claim = ?", (scope, claim)
         ).fetchone()
@@ -411,9 +443,9 @@ class SqliteStore:
             now = time.time()
             if row is not None and row[2] == turn.lock_token:
                 return True  # saved already: this call repeats one whose reply was lost
-            if row is None or (row[0] != turn.lock_token and row[1] > now):
+            if row is None or (row[0] != turn.lock_token and _number(row[1]) > now):
                 return False
-            held = row[0] == turn.lock_token and row[1] > now
+            held = row[0] == turn.lock_token and _number(row[1]) > now
             if bodies and user_ref is not None and self._deleted(db, scope, user_ref, now):
                 self._unlock(db, scope, name)  # its author deleted it meanwhile: keep neither
                 return True
@@ -509,7 +541,7 @@ class SqliteStore:
                 _SUMMARY + " ORDER BY s.updated DESC LIMIT ?",
                 (scope, self._policy.sessions_per_place),
             ).fetchall()
-            return [session_info(row) for row in rows]
+            return listed_sessions(rows, self._policy.default_model)
 
         return await self._run(work)
 
@@ -550,13 +582,28 @@ class SqliteStore:
 
     async def clear_session(self, scope: str) -> SessionInfo:
         def work(db: sqlite3.Connection) -> SessionInfo:
-            name = self._current_or_create(db, scope)
+            try:
+                name = self._current_or_create(db, scope)
+            except DamagedState:  # an unreadable current name: start afresh, under a free name
+                fresh, n = DEFAULT_SESSION, 0
+                while self._summary_row_exists(db, scope, fresh):
+                    n += 1
+                    fresh = f"chat-{n}"
+                self._set_current(db, scope, fresh)
+                name = self._current_or_create(db, scope)
             db.execute("DELETE FROM messages WHERE scope = ? AND name = ?", (scope, name))
-            db.execute(
-                "UPDATE sessions SET updated = ?, format = ?, epoch = ?, mcp = CASE"
-                " WHEN json_valid(mcp) AND json_type(mcp) = 'array' THEN mcp ELSE '[]' END"
+            now = time.time()
+            db.execute(  # keeps what the reader accepts, replaces the rest
+                "UPDATE sessions SET updated = ?, format = ?, epoch = ?, lock_expires = CASE"
+                " WHEN typeof(lock_expires) IN ('integer', 'real') THEN lock_expires ELSE 0 END,"
+                " mcp = CASE WHEN json_valid(mcp) AND json_type(mcp) = 'array'"
+                " AND NOT EXISTS (SELECT 1 FROM json_each(mcp) WHERE type != 'text')"
+                " THEN mcp ELSE '[]' END,"
+                " model = CASE WHEN typeof(model) = 'text' THEN model ELSE ? END,"
+                " created = CASE WHEN typeof(created) IN ('integer', 'real') THEN created"
+                " ELSE ? END"
                 " WHERE scope = ? AND name = ?",
-                (time.time(), STORE_FORMAT, _epoch(), scope, name),
+                (now, STORE_FORMAT, _epoch(), self._policy.default_model, now, scope, name),
             )
             cleared = self._summary(db, scope, name)
             assert cleared is not None
