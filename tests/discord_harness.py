@@ -85,7 +85,7 @@ class Harness:
     def answers(self, channel_id: int) -> list[PostedMessage]:
         return [m for m in self.discord.bot_messages(channel_id) if m.interaction_id is None]
 
-    async def settled(self, timeout: float = 20.0) -> None:  # noqa: ASYNC109
+    async def settled(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
         """Wait until the bot has finished handling every message it received: discord.py
         runs each event handler as a task named for its event, and the answer's last edit
         happens inside it (after the turn released its lock)."""

@@ -67,10 +67,10 @@ async def test_streaming_edits_stay_within_discords_edit_rate(harness: Harness) 
     text = " ".join(f"token{i}" for i in range(120))
     harness.api.reply_text(text, chunk_size=20, chunk_delay=0.15)  # about 6 s of streaming
     await harness.say(fake.general_id, fake.member, "a slow stream", mentions_bot=True)
-    await harness.answer(fake.general_id, timeout=20)
+    await harness.answer(fake.general_id, timeout=60)
     [reply] = await fake.wait_for(
         lambda: [m for m in harness.answers(fake.general_id) if m.content == text],
-        timeout=10,
+        timeout=30,
         what="the final edit",
     )
     assert len(reply.history) >= 4  # it was edited along the way...

@@ -98,7 +98,7 @@ async def test_an_expired_session_leaves_the_index_of_deletable_messages(
 ) -> None:
     """With a TTL, a session not used for it goes while its place stays in use; the place's
     index of deletable messages then drops that session's entries too."""
-    store = RedisStore.from_url(redis_url, StorePolicy(TEST_MODELS[0], ttl_seconds=1))
+    store = RedisStore.from_url(redis_url, StorePolicy(TEST_MODELS[0], ttl_seconds=3))
     await place_with_sessions(store, "p", 2)  # s0 then s1 (current), three refs each
     index = scope_key("p", "refindex")
     assert await raw_redis.hlen(index) == 6

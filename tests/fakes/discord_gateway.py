@@ -344,7 +344,7 @@ class FakeDiscord:
         *,
         options: dict[str, Any] | None = None,
         subcommand: str | None = None,
-        timeout: float = 10.0,  # noqa: ASYNC109 - see `wait_for`
+        timeout: float = 30.0,  # noqa: ASYNC109 - see `wait_for`
     ) -> list[dict[str, Any]]:
         """`user` types `value` into an autocomplete option; returns the choices the bot sent."""
         with self._lock:
@@ -464,7 +464,7 @@ class FakeDiscord:
     async def wait_for(
         self,
         predicate: Callable[[], T | None],
-        timeout: float = 10.0,  # noqa: ASYNC109 - the failure must show what was recorded
+        timeout: float = 30.0,  # noqa: ASYNC109 - the failure must show what was recorded
         *,
         what: str = "",
     ) -> T:
@@ -483,7 +483,7 @@ class FakeDiscord:
                 raise AssertionError(f"timed out after {timeout} s waiting for {wanted}\n{self}")
             await asyncio.sleep(0.01)
 
-    async def wait_ready(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    async def wait_ready(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
         """Until a client identified and was sent its GUILD_CREATE."""
 
         def delivered() -> bool:
@@ -496,7 +496,7 @@ class FakeDiscord:
         self,
         channel_id: int,
         count: int = 1,
-        timeout: float = 10.0,  # noqa: ASYNC109
+        timeout: float = 30.0,  # noqa: ASYNC109
     ) -> list[Message]:
         """Until the bot has at least `count` messages in the channel; returns them all."""
 
@@ -509,7 +509,7 @@ class FakeDiscord:
     async def wait_interaction_reply(
         self,
         interaction_id: int,
-        timeout: float = 10.0,  # noqa: ASYNC109
+        timeout: float = 30.0,  # noqa: ASYNC109
     ) -> InteractionReply:
         """Until the interaction's user sees something (not just "thinking..."); returns it."""
         return await self.wait_for(
