@@ -6,16 +6,17 @@ while the turn waits for its answer. A live turn during a /clear is not kept eit
 from __future__ import annotations
 
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 import redis
-import redis.asyncio as aioredis
 
 from bot.discord_bot.scopes import scope_for
 from bot.engine import NOT_KEPT_NOTE
@@ -67,13 +68,55 @@ def fakes() -> Iterator[tuple[FakeDiscord, FakeDedalusAPI]]:
         yield discord_fake, api
 
 
+class SharedStore:
+    """What the processes share (one Redis, or one SQLite file), read directly by the test."""
+
+    def __init__(self, backend: str, redis_url: str, directory: Path) -> None:
+        self.backend = backend
+        self.redis_url = redis_url
+        self.path = directory / "shared.sqlite3"
+        self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    def env(self, fake: FakeDiscord, api: FakeDedalusAPI) -> dict[str, str]:
+        settings = {"MODEL_MAX_RETRIES": "0", "TURN_LEASE_SECONDS": "1"}
+        if self.backend == "redis":
+            return bot_environment(fake, api, self.redis_url, **settings)
+        return bot_environment(fake, api, None, SQLITE_PATH=str(self.path), **settings)
+
+    def lock_held(self, scope: str) -> bool:
+        if self.backend == "redis":
+            return bool(self.redis.exists(session_key(scope, "default", "lock")))
+        with closing(sqlite3.connect(self.path)) as db:
+            row = db.execute(
+                "SELECT lock_expires FROM sessions WHERE scope = ? AND name = 'default'", (scope,)
+            ).fetchone()
+        return row is not None and row[0] > time.time()
+
+    def stored(self, scope: str) -> list[str]:
+        if self.backend == "redis":
+            return [
+                str(m) for m in self.redis.lrange(session_key(scope, "default", "messages"), 0, -1)
+            ]
+        with closing(sqlite3.connect(self.path)) as db:
+            rows = db.execute(
+                "SELECT body FROM messages WHERE scope = ? AND name = 'default' ORDER BY id",
+                (scope,),
+            ).fetchall()
+        return [str(row[0]) for row in rows]
+
+
+@pytest.fixture(params=["redis", "sqlite"])
+def shared(request: pytest.FixtureRequest, redis_url: str, tmp_path: Path) -> Iterator[SharedStore]:
+    store = SharedStore(request.param, redis_url, tmp_path)
+    yield store
+    store.redis.close()
+
+
 @pytest.fixture
 def bots(
-    fakes: tuple[FakeDiscord, FakeDedalusAPI], redis_url: str, tmp_path: Path
+    fakes: tuple[FakeDiscord, FakeDedalusAPI], shared: SharedStore, tmp_path: Path
 ) -> Iterator[BotProcesses]:
-    fake, api = fakes
-    env = bot_environment(fake, api, redis_url, MODEL_MAX_RETRIES="0", TURN_LEASE_SECONDS="1")
-    processes = BotProcesses(env, tmp_path)
+    processes = BotProcesses(shared.env(*fakes), tmp_path)
     try:
         yield processes
     finally:
@@ -84,14 +127,11 @@ def bots(
 async def test_a_turn_frozen_past_its_lease_saves_nothing_stale(
     fakes: tuple[FakeDiscord, FakeDedalusAPI],
     bots: BotProcesses,
-    raw_redis: aioredis.Redis,
-    redis_url: str,
+    shared: SharedStore,
     meanwhile: str,
 ) -> None:
     fake, api = fakes
-    sync_redis = redis.Redis.from_url(redis_url)
     scope = scope_for(fake.general_id)
-    lock = session_key(scope, "default", "lock")
     first = bots.start()
     fake.user_says(fake.general_id, fake.member, "before", mentions_bot=True)
     await fake.wait_bot_messages(fake.general_id, 1, timeout=60)
@@ -111,14 +151,14 @@ async def test_a_turn_frozen_past_its_lease_saves_nothing_stale(
             what="the other process's answer",
         )
     await fake.wait_for(
-        lambda: not sync_redis.exists(lock), timeout=60, what="the frozen turn's lease to lapse"
+        lambda: not shared.lock_held(scope), timeout=60, what="the frozen turn's lease to lapse"
     )
     if meanwhile == "clear":
         interaction = fake.invoke("clear", user=fake.admin, channel_id=fake.general_id)
         assert (await fake.wait_interaction_reply(interaction, timeout=60)).text.startswith(
             "Cleared session"
         )
-    stored_before_waking = await raw_redis.lrange(session_key(scope, "default", "messages"), 0, -1)
+    stored_before_waking = shared.stored(scope)
     first.send_signal(signal.SIGCONT)
 
     told = await fake.wait_for(
@@ -127,10 +167,9 @@ async def test_a_turn_frozen_past_its_lease_saves_nothing_stale(
         what="the frozen turn's user told to send again",
     )
     assert len(told) == 1
-    stored = await raw_redis.lrange(session_key(scope, "default", "messages"), 0, -1)
+    stored = shared.stored(scope)
     assert stored == stored_before_waking
     assert not any("old question" in item or "stale answer" in item for item in stored)
-    sync_redis.close()
 
 
 async def test_an_answer_written_during_a_clear_is_shown_but_not_kept(harness: Harness) -> None:

@@ -635,6 +635,14 @@ async def lapsed_turn(store: SessionStore, scope: str) -> Turn:
     return turn
 
 
+async def test_a_lapsed_lock_cannot_be_renewed(store: SessionStore) -> None:
+    """A frozen process that wakes must not revive its lock and pass for a live turn."""
+    stale = await lapsed_turn(store, "s1")
+    assert not await store.extend_lock(stale, 10_000)
+    await store.clear_session("s1")
+    assert not await store.finish_turn(stale, QUESTION, "m1")  # lost, not "cleared"
+
+
 async def test_a_lapsed_turn_saves_when_the_session_did_not_change(store: SessionStore) -> None:
     await save_turn(store, "s1", {"role": "user", "content": "before"})
     stale = await lapsed_turn(store, "s1")

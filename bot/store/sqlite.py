@@ -510,11 +510,12 @@ class SqliteStore:
 
     async def extend_lock(self, turn: Turn, lock_ms: int) -> bool:
         def work(db: sqlite3.Connection) -> bool:
-            expires = time.time() + lock_ms / 1000
-            cursor = db.execute(
+            now = time.time()
+            expires = now + lock_ms / 1000
+            cursor = db.execute(  # a lapsed lock stays lapsed, as a Redis key that expired
                 "UPDATE sessions SET lock_expires = ?"
-                " WHERE scope = ? AND name = ? AND lock_token = ?",
-                (expires, turn.scope, turn.session.name, turn.lock_token),
+                " WHERE scope = ? AND name = ? AND lock_token = ? AND lock_expires > ?",
+                (expires, turn.scope, turn.session.name, turn.lock_token, now),
             )
             if cursor.rowcount != 1:
                 return False
