@@ -26,8 +26,23 @@ async def ask(harness: Harness, channel_id: int, text: str, answers_before: int)
         ("rpush", "messages", '"a string, not a message"'),
         ("hset", "meta", "format", "99"),
         ("hset", "meta", "mcp", "not a list"),
+        ("hset", "meta", "mcp", "{}"),
+        ("hset", "meta", "mcp", "[1]"),
+        ("hset", "meta", "seq", "many"),
+        ("set", "meta", "not a hash"),
+        ("set", "messages", "not a list"),
     ],
-    ids=["broken-json", "not-a-message", "unknown-version", "broken-settings"],
+    ids=[
+        "broken-json",
+        "not-a-message",
+        "unknown-version",
+        "broken-settings",
+        "settings-object",
+        "settings-numbers",
+        "broken-counter",
+        "meta-wrong-type",
+        "messages-wrong-type",
+    ],
 )
 async def test_a_damaged_session_is_reported_and_repaired_by_clear(
     harness: Harness, raw_redis: aioredis.Redis, damage: tuple[str, ...]
