@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -26,8 +27,10 @@ def api() -> Iterator[FakeDedalusAPI]:
         yield fake
 
 
-def make_engine(store: SessionStore, api: FakeDedalusAPI, budget: int = 100_000) -> Engine:
-    model = DedalusModel.connect("test-key", api.base_url, timeout=1.0, max_retries=0)
+def make_engine(
+    store: SessionStore, api: FakeDedalusAPI, budget: int = 100_000, timeout: float = 30.0
+) -> Engine:
+    model = DedalusModel.connect("test-key", api.base_url, timeout=timeout, max_retries=0)
     return Engine(store, model, EngineLimits(system_prompt=SYSTEM, budget_bytes=budget))
 
 
@@ -95,7 +98,7 @@ async def test_a_streamed_reply_arrives_in_pieces_and_is_saved_whole(
     [
         (lambda api: api.reply_error(429), "rate limited"),
         (lambda api: api.reply_error(500), "unavailable"),
-        (lambda api: api.reply_text("late", delay=3), "timed out"),
+        (lambda api: api.reply_text("never", hold=threading.Event()), "timed out"),
         (lambda api: api.reply_malformed(), "could not read"),
         (lambda api: api.reply_malformed('{"hello": 1}'), "empty answer"),
     ],
@@ -106,8 +109,9 @@ async def test_model_faults_are_named_and_store_nothing(
 ) -> None:
     await engine.reply("chan", user("before"))
     script(api)  # type: ignore[operator]
+    impatient = make_engine(store, api, timeout=1.0) if said == "timed out" else engine
     with pytest.raises(ModelError, match=said):
-        await engine.reply("chan", user("lost?"))
+        await impatient.reply("chan", user("lost?"))
     history = await store.read_history("chan", "default")
     assert [m["content"] for m in history] == ["before", "echo: before"]
     after = await engine.reply("chan", user("after"))  # the session is not left locked
