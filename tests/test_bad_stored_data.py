@@ -102,3 +102,22 @@ async def test_junk_in_a_channels_own_state_is_named_and_repaired(
     assert (await ask(harness, fake.general_id, "after repair", 2)).startswith("echo: ")
     status = await harness.command("status", user=fake.member, channel_id=fake.general_id)
     assert "Messages: 2" in status
+
+
+async def test_a_damaged_session_that_is_not_current_leaves_the_channel_working(
+    harness: Harness, raw_redis: aioredis.Redis
+) -> None:
+    fake = harness.discord
+    await ask(harness, fake.general_id, "hello", 0)
+    assert await harness.command(
+        "new", {"name": "work"}, user=fake.member, channel_id=fake.general_id
+    )
+    key = session_key(scope_for(fake.general_id), "default", "meta")
+    await raw_redis.hset(key, "mcp", "{}")
+
+    listed = await harness.command("list", user=fake.member, channel_id=fake.general_id)
+    assert "default (unreadable: /load, then /clear)" in listed
+    assert "* work (0 messages)" in listed
+    started = await harness.command("new", user=fake.member, channel_id=fake.general_id)
+    assert started == "Started new session: chat-1"
+    assert (await ask(harness, fake.general_id, "in chat-1", 1)).startswith("echo: ")
