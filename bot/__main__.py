@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bot.commands import Commands
 from bot.config import Settings, load_settings
@@ -19,19 +20,25 @@ from bot.errors import BotError, SettingsError
 from bot.store import open_store
 from bot.store.base import SessionSettings, SessionStore
 
+if TYPE_CHECKING:
+    from bot.model import DedalusModel
+
 CONSOLE_SCOPE = "console"
 
 
-def build_engine(settings: Settings, store: SessionStore) -> Engine:
+def connect_model(settings: Settings) -> DedalusModel:
     from bot.model import DedalusModel
 
     assert settings.dedalus_api_key is not None
-    model = DedalusModel.connect(
+    return DedalusModel.connect(
         settings.dedalus_api_key,
         settings.dedalus_base_url,
         settings.model_timeout_seconds,
         settings.model_max_retries,
     )
+
+
+def build_engine(settings: Settings, store: SessionStore, model: DedalusModel) -> Engine:
     limits = EngineLimits(
         system_prompt=settings.system_prompt,
         budget_bytes=settings.context_budget_chars,
@@ -45,10 +52,12 @@ async def run_console(settings: Settings, scope: str) -> None:
     from bot.console import Console
 
     store = open_store(settings)
+    model = connect_model(settings)
     try:
-        engine = build_engine(settings, store)
+        engine = build_engine(settings, store, model)
         await Console(engine, Commands(store, settings.allowed_models), scope).run()
     finally:
+        await model.close()
         await store.close()
 
 
@@ -70,16 +79,24 @@ async def run_transfer(settings: Settings, action: str, path: Path, scope: str) 
 
 async def run_bot(settings: Settings) -> None:
     from bot.discord_bot.client import ChatBot, run_discord, setup_logging
+    from bot.engine import Backfill
 
     setup_logging(settings.log_level)
     store = open_store(settings)
+    model = connect_model(settings)
     try:
-        engine = build_engine(settings, store)
+        engine = build_engine(settings, store, model)
         commands = Commands(store, settings.allowed_models)
-        bot = ChatBot(engine, commands, dev_guild_id=settings.dev_guild_id)
+        bot = ChatBot(
+            engine,
+            commands,
+            dev_guild_id=settings.dev_guild_id,
+            backfill=Backfill(settings.backfill_max_age_seconds, settings.backfill_max_messages),
+        )
         assert settings.discord_token is not None
-        await run_discord(bot, settings.discord_token)
+        await run_discord(bot, settings.discord_token, settings.shutdown_grace_seconds)
     finally:
+        await model.close()
         await store.close()
 
 

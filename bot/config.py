@@ -52,6 +52,9 @@ class Settings:
     model_timeout_seconds: float  # MODEL_TIMEOUT_SECONDS
     model_max_retries: int  # MODEL_MAX_RETRIES
     turn_lease_seconds: float  # TURN_LEASE_SECONDS
+    shutdown_grace_seconds: float  # SHUTDOWN_GRACE_SECONDS
+    backfill_max_age_seconds: int  # BACKFILL_MAX_AGE_SECONDS; 0 answers nothing missed
+    backfill_max_messages: int  # BACKFILL_MAX_MESSAGES
     dev_guild_id: int | None  # DISCORD_DEV_GUILD_ID
     log_level: str  # LOG_LEVEL
 
@@ -110,6 +113,20 @@ def _non_negative_int(raw: str) -> int:
 def _positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0:
+        raise ValueError(raw)
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(raw)
+    return value
+
+
+def _up_to_100(raw: str) -> int:
+    value = int(raw)
+    if not 1 <= value <= 100:
         raise ValueError(raw)
     return value
 
@@ -213,6 +230,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         turn_lease_seconds=_parsed(
             env, "TURN_LEASE_SECONDS", 15.0, _lease_seconds, "a number of seconds from 1 to 600"
+        ),
+        shutdown_grace_seconds=_parsed(
+            env, "SHUTDOWN_GRACE_SECONDS", 20.0, _non_negative_float, "a number of seconds >= 0"
+        ),
+        backfill_max_age_seconds=_parsed(
+            env, "BACKFILL_MAX_AGE_SECONDS", 600, _non_negative_int, "whole seconds >= 0"
+        ),
+        backfill_max_messages=_parsed(
+            env, "BACKFILL_MAX_MESSAGES", 20, _up_to_100, "a whole number from 1 to 100"
         ),
         dev_guild_id=_parsed(env, "DISCORD_DEV_GUILD_ID", None, _positive_int, "a guild ID"),
         log_level=_parsed(env, "LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),

@@ -19,14 +19,15 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from bot.context import build_context, history_room, paired_tool_messages, within_size
 from bot.errors import BotError, MessageTooLarge, ModelError, SessionBusy, StoreUnavailable
 from bot.model import ContextTooLong, ModelClient, TextSink
 from bot.store.base import (
+    LAST_ANSWERED_OPTION,
     MESSAGE_CAP_KB,
     AlreadyClaimed,
     Message,
@@ -51,6 +52,10 @@ NOT_KEPT_NOTE = (
     "The conversation was cleared while this answer was written; this exchange was not kept."
 )
 """Shown under an answer whose `Reply.kept` is False."""
+HAND_BACK_SECONDS = 5.0
+"""At shutdown, how long turns cut short get to hand back their claims and locks."""
+PLACE_NOTE_SECONDS = 60.0
+"""A process notes a place it answers in at most this often (`SessionStore.note_place`)."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,16 @@ class EngineLimits:
     def claim_poll_seconds(self) -> float:
         """How often a message in progress in another process is looked at again."""
         return self.lock_ms / 5000
+
+
+@dataclass(frozen=True)
+class Backfill:
+    """What a start answers of what was said while no process ran (see `catch_up_from`)."""
+
+    max_age_seconds: int = 0
+    """Messages older than this are left alone; 0 answers nothing missed."""
+    max_messages: int = 20
+    """At most this many messages are read per place: the newest, answered oldest first."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +108,11 @@ class LostTurn(BotError):
         super().__init__("This conversation moved on while you waited; send your message again.")
 
 
+class ShuttingDown(Exception):
+    """The process is stopping: it takes no new turn (another process, or the next start,
+    answers the message)."""
+
+
 class Engine:
     def __init__(self, store: SessionStore, model: ModelClient, limits: EngineLimits) -> None:
         self._store = store
@@ -101,6 +121,68 @@ class Engine:
         self._scope_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
+        self._working: dict[asyncio.Task[Any], bool] = {}
+        """The tasks with a turn (or a claim) under way, True once it holds its message."""
+        self._draining = False
+        self._places_noted: dict[str, float] = {}
+
+    @property
+    def draining(self) -> bool:
+        """The process is stopping (`drain`): take no new work."""
+        return self._draining
+
+    @contextlib.asynccontextmanager
+    async def _scope_turn(self, scope: str) -> AsyncIterator[Callable[[], None]]:
+        """This process's turns of a scope one at a time, in arrival order, each tracked."""
+        lock = self._scope_locks.setdefault(scope, asyncio.Lock())
+        with self._working_on() as holding:
+            async with lock:
+                yield holding
+
+    @contextlib.contextmanager
+    def _working_on(self) -> Iterator[Callable[[], None]]:
+        """Track the current task while it waits for (and then holds, once it calls the
+        function it is handed) a message, and after, until it ends (it posts the answer),
+        so `drain` can find it."""
+        if self._draining:
+            raise ShuttingDown()
+        task = asyncio.current_task()
+        assert task is not None
+        outer = self._working.get(task)
+        if outer is None:  # tracked until it ends: the answer is posted after the turn
+            task.add_done_callback(lambda done: self._working.pop(done, None))
+        self._working[task] = False
+
+        def holding() -> None:
+            self._working[task] = True
+
+        try:
+            yield holding
+        finally:
+            self._working[task] = True if outer is None else outer
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking turns; let turns holding their message finish within `grace` seconds;
+        cancel the others (waiting ones at once), which hands their claims and locks back so
+        another process, or the next start, answers those messages."""
+        self._draining = True
+        cut: set[asyncio.Task[Any]] = set()
+
+        def cut_short(tasks: list[asyncio.Task[Any]]) -> None:
+            for task in tasks:
+                if task not in cut and not task.done():
+                    task.cancel()
+                    cut.add(task)
+
+        cut_short([task for task, holding in self._working.items() if not holding])
+        running = [task for task, holding in self._working.items() if holding]
+        if running:
+            log.info("finishing %d turn(s) in flight, for at most %s s", len(running), grace)
+            await asyncio.wait(running, timeout=grace)
+        cut_short([*running, *self._working])
+        if cut:
+            log.info("handing back %d message(s) not answered", len(cut))
+            await asyncio.wait(cut, timeout=HAND_BACK_SECONDS)
 
     async def reply(
         self,
@@ -131,8 +213,7 @@ class Engine:
                 await self._settle(scope, claim, token, answered=True)
             raise MessageTooLarge(size, cap)
         ticket = Ticket(order=order, claim=claim) if order is not None else Ticket.now(claim)
-        lock = self._scope_locks.setdefault(scope, asyncio.Lock())
-        async with lock:
+        async with self._scope_turn(scope) as holding:
             room = history_room(self._limits.system_prompt, user, self._limits.budget_bytes)
             try:
                 turn = await self._begin(scope, ticket, room)
@@ -140,8 +221,10 @@ class Engine:
                 if claim is not None:
                     await self._settle(scope, claim, ticket.token, answered=False)
                 raise
+            holding()
             saved = kept = False
             try:
+                await self._note_place(scope)
                 if on_begin is not None:
                     await on_begin()
                 async with self._lock_kept_alive(turn):
@@ -162,6 +245,26 @@ class Engine:
             if not saved:
                 raise LostTurn()
             return Reply(text=text, session=turn.session.name, shortened=shortened, kept=kept)
+
+    async def places_to_catch_up(
+        self, newest: Callable[[str], int | None], oldest: int
+    ) -> list[tuple[str, int]]:
+        """Where a message may wait that was addressed to the bot while no process ran: the
+        places answered in recently (most recently first), each with the id after which to
+        read, past both the last message answered there and `oldest` (the first message id
+        young enough to answer). `newest(scope)` is the newest message id known without
+        asking (None: unknown); a place where it is not newer is left alone, so an idle
+        place costs nothing."""
+        found: list[tuple[str, int]] = []
+        for scope in await self._store.recent_places():
+            known = newest(scope)
+            if known is not None and known <= oldest:
+                continue
+            last = await self._store.scope_option(scope, LAST_ANSWERED_OPTION)
+            after = max(oldest, int(last)) if last is not None and last.isdigit() else oldest
+            if known is None or known > after:
+                found.append((scope, after))
+        return found
 
     async def _save(self, turn: Turn, added: list[Message], user_ref: str | None) -> bool:
         """Save the turn, trying again on a storage fault: the model's answer is in hand, and
@@ -194,7 +297,16 @@ class Engine:
         it ends, handed back when it is cancelled. While another process has the message in
         progress this waits, as a turn does; `AlreadyClaimed` once it was answered."""
         token, lease_ms = uuid.uuid4().hex, self._limits.lock_ms
-        await self._until_claimed(lambda: self._store.claim(scope, claim, token, lease_ms))
+        with self._working_on() as holding:
+            await self._until_claimed(lambda: self._store.claim(scope, claim, token, lease_ms))
+            holding()
+            async with self._renewed(scope, claim, token):
+                yield
+
+    @contextlib.asynccontextmanager
+    async def _renewed(self, scope: str, claim: str, token: str) -> AsyncIterator[None]:
+        """Renew the claim's lease while the body runs; settle it when the body ends."""
+        lease_ms = self._limits.lock_ms
 
         async def renew() -> None:
             while True:
@@ -209,6 +321,7 @@ class Engine:
         renewer = asyncio.create_task(renew())
         answered = True
         try:
+            await self._note_place(scope)
             yield
         except asyncio.CancelledError:
             answered = False
@@ -232,6 +345,19 @@ class Engine:
                     log.debug("a message here is being answered by another process; waiting")
                     waiting = True
                 await asyncio.sleep(self._limits.claim_poll_seconds)
+
+    async def _note_place(self, scope: str) -> None:
+        """Remember the place for the start-up catch-up, at most once a minute per place."""
+        now = time.monotonic()
+        if now < self._places_noted.get(scope, 0.0):
+            return
+        if len(self._places_noted) > 10_000:
+            self._places_noted.clear()
+        self._places_noted[scope] = now + PLACE_NOTE_SECONDS
+        try:
+            await self._store.note_place(scope)
+        except StoreUnavailable:
+            log.warning("could not note a place answered in: storage unavailable")
 
     async def _settle(self, scope: str, claim: str, token: str, *, answered: bool) -> None:
         try:

@@ -49,7 +49,11 @@ class DedalusModel:
     """`ModelClient` over `DedalusRunner`."""
 
     def __init__(self, client: AsyncDedalus) -> None:
+        self._client = client
         self._runner = DedalusRunner(client)
+
+    async def close(self) -> None:
+        await self._client.close()
 
     @classmethod
     def connect(

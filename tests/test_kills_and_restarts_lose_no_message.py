@@ -110,3 +110,141 @@ async def test_a_message_whose_process_was_killed_mid_turn_is_answered_by_the_ot
     assert [m["role"] for m in history] == ["user", "assistant"] * 2
     assert api.request_count == 3
     assert "Traceback" not in waiting[0].text()
+
+
+async def stopped(bot: BotProcess, fake: FakeDiscord, within: float) -> int:
+    """Wait for the process to exit; its exit status."""
+    await fake.wait_for(lambda: bot.process.poll() is not None, timeout=within, what="its exit")
+    return bot.process.wait()
+
+
+async def test_sigterm_mid_turn_exits_at_once_and_the_other_process_answers(
+    fakes: tuple[FakeDiscord, FakeDedalusAPI],
+    environment: dict[str, str],
+    bots: list[BotProcess],
+    store: SessionStore,
+    tmp_path: Path,
+) -> None:
+    """Past the grace, the stopping process hands the message back: the other one answers
+    it long before the lease would have lapsed."""
+    fake, api = fakes
+    env = environment | {"SHUTDOWN_GRACE_SECONDS": "1", "TURN_LEASE_SECONDS": "60"}
+    bots += [BotProcess(env, tmp_path / f"bot{i}.log") for i in range(2)]
+    wait_connected(bots)
+    api.reply_text("never sent", delay=30)
+    said = fake.user_says(fake.general_id, fake.member, "still there?", mentions_bot=True)
+
+    def waiting_for_the_other() -> list[BotProcess]:
+        return [bot for bot in bots if WAITING in bot.text()] if api.request_count == 1 else []
+
+    waiting = await fake.wait_for(waiting_for_the_other, timeout=30, what="a turn in flight")
+    (answering,) = [bot for bot in bots if bot not in waiting]
+    answering.process.terminate()
+    asked = time.monotonic()
+    assert await stopped(answering, fake, within=25) == 0
+    await fake.wait_for(
+        lambda: fake.bot_messages(fake.general_id), timeout=40, what="the other's answer"
+    )
+    assert time.monotonic() - asked < 45  # handed back: the 60 s lease did not have to lapse
+    await asyncio.sleep(1)
+    (answer,) = fake.bot_messages(fake.general_id)
+    assert answer.reply_to == said
+    history = await store.read_history(scope_for(fake.general_id), "default")
+    assert [m["role"] for m in history] == ["user", "assistant"]
+    assert api.request_count == 2
+    assert "Traceback" not in answering.text() + waiting[0].text()
+
+
+async def test_sigterm_lets_the_turn_in_flight_finish_and_leaves_new_messages_to_the_next_start(
+    fakes: tuple[FakeDiscord, FakeDedalusAPI],
+    environment: dict[str, str],
+    bots: list[BotProcess],
+    store: SessionStore,
+    tmp_path: Path,
+) -> None:
+    fake, api = fakes
+    env = environment | {"SHUTDOWN_GRACE_SECONDS": "20"}
+    bots.append(BotProcess(env, tmp_path / "first.log"))
+    wait_connected(bots)
+    api.reply_text("worth the wait", delay=3)
+    fake.user_says(fake.general_id, fake.member, "in flight", mentions_bot=True)
+    await fake.wait_for(lambda: api.request_count == 1, timeout=30, what="the model call")
+    bots[0].process.terminate()
+    await fake.wait_for(lambda: "SIGTERM" in bots[0].text(), timeout=10, what="the signal")
+    later = fake.user_says(fake.general_id, fake.member, "while stopping", mentions_bot=True)
+    assert await stopped(bots[0], fake, within=30) == 0
+    (answer,) = fake.bot_messages(fake.general_id)
+    assert answer.content == "worth the wait"
+    assert api.request_count == 1  # the message sent while stopping was left alone
+
+    bots.append(BotProcess(env, tmp_path / "second.log"))
+    wait_connected(bots[1:])
+    answers = await fake.wait_for(
+        lambda: fake.bot_messages(fake.general_id)[1:], timeout=30, what="the next start's answer"
+    )
+    await asyncio.sleep(1)
+    assert (
+        [a.reply_to for a in fake.bot_messages(fake.general_id)[1:]]
+        == [later]
+        == [a.reply_to for a in answers]
+    )
+    history = await store.read_history(scope_for(fake.general_id), "default")
+    assert [m["content"] for m in history[1::2]] == [
+        "worth the wait",
+        f"echo: [Bob Member (user id {fake.member_id})]: while stopping",
+    ]
+    assert "Traceback" not in bots[0].text() + bots[1].text()
+
+
+async def test_what_was_said_while_no_process_ran_is_answered_at_start_once_oldest_first(
+    fakes: tuple[FakeDiscord, FakeDedalusAPI],
+    environment: dict[str, str],
+    bots: list[BotProcess],
+    store: SessionStore,
+    tmp_path: Path,
+) -> None:
+    fake, api = fakes
+    max_age = 20
+    env = environment | {"BACKFILL_MAX_AGE_SECONDS": str(max_age), "BACKFILL_MAX_MESSAGES": "3"}
+    dm = fake.dm_channel(fake.member)
+    bots.append(BotProcess(env, tmp_path / "before.log"))
+    wait_connected(bots)
+    hello = fake.user_says(fake.general_id, fake.member, "hello", mentions_bot=True)
+    fake.user_says(fake.random_id, fake.member, "hi", mentions_bot=True)
+    fake.user_says(dm, fake.member, "hey")
+    await fake.wait_for(
+        lambda: all(fake.bot_messages(c) for c in (fake.general_id, fake.random_id, dm)),
+        timeout=30,
+        what="the first answers",
+    )
+    bots[0].process.terminate()
+    assert await stopped(bots[0], fake, within=30) == 0
+
+    fake.user_says(fake.general_id, fake.member, "too old", mentions_bot=True)
+    await asyncio.sleep(max_age + 1)  # so that it is older than the limit at the next start
+    a = fake.user_says(fake.general_id, fake.member, "a", mentions_bot=True)
+    fake.user_says(fake.general_id, fake.member, "not for the bot")
+    hello_answer = fake.bot_messages(fake.general_id)[0].id
+    b = fake.user_says(fake.general_id, fake.member, "b", reply_to=hello_answer)
+    rs = [fake.user_says(fake.random_id, fake.member, f"r{i}", mentions_bot=True) for i in range(4)]
+    d = fake.user_says(dm, fake.member, "dm while away")
+
+    bots += [BotProcess(env, tmp_path / f"after{i}.log") for i in range(2)]  # both catch up
+    wait_connected(bots[1:])
+    expected = {fake.general_id: [hello, a, b], fake.random_id: rs[1:], dm: [d]}
+    expected[fake.random_id].insert(0, fake.bot_messages(fake.random_id)[0].reply_to or 0)
+    expected[dm].insert(0, fake.bot_messages(dm)[0].reply_to or 0)
+
+    def all_answered() -> bool:
+        return all(len(fake.bot_messages(c)) >= len(ids) for c, ids in expected.items())
+
+    await fake.wait_for(all_answered, timeout=60, what="the missed messages' answers")
+    await asyncio.sleep(2)  # a second answer, or a late one, would show up now
+    for channel, ids in expected.items():
+        assert [m.reply_to for m in fake.bot_messages(channel)] == ids
+    assert api.request_count == 9
+    history = await store.read_history(scope_for(fake.general_id), "default")
+    said = [m["content"].rsplit(": ", 1)[1] for m in history[0::2]]
+    assert said == ["hello", "a", "b"]
+    logs = "".join(bot.text() for bot in bots)
+    assert "Traceback" not in logs, logs[logs.index("Traceback") - 3000 :][:6000]

@@ -3,7 +3,9 @@ composition root), loads the cogs and syncs the slash commands in `setup_hook`."
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import uuid
 
 import aiohttp
@@ -17,7 +19,7 @@ from bot.discord_bot.cogs.settings import Settings as SettingsCog
 from bot.discord_bot.conversation import UNEXPECTED, Conversation
 from bot.discord_bot.render import NO_PINGS, PRIVATE, private_answer, respond
 from bot.discord_bot.scopes import scope_for
-from bot.engine import Engine
+from bot.engine import Backfill, Engine
 from bot.errors import BotError, SettingsError, StoreUnavailable
 from bot.store.base import AlreadyClaimed
 
@@ -98,6 +100,7 @@ class ChatBot(commands.Bot):
         session_commands: Commands,
         *,
         dev_guild_id: int | None = None,
+        backfill: Backfill | None = None,
         **options: object,
     ) -> None:
         super().__init__(
@@ -112,6 +115,8 @@ class ChatBot(commands.Bot):
         self.session_commands = session_commands
         self.conversation = Conversation(self)
         self._dev_guild_id = dev_guild_id
+        self._backfill = backfill or Backfill()
+        self._catching_up: asyncio.Task[None] | None = None
 
     async def setup_hook(self) -> None:
         await self.add_cog(self.conversation)
@@ -132,9 +137,17 @@ class ChatBot(commands.Bot):
             self.application_id,
             len(self.guilds),
         )
+        if self._catching_up is None:  # once per start, not after each reconnect
+            self._catching_up = asyncio.create_task(self.conversation.catch_up(self._backfill))
 
     async def on_message(self, message: discord.Message) -> None:
         """No prefix commands: conversation is handled by the `Conversation` cog."""
+
+    async def shut_down(self, grace: float) -> None:
+        """Take no new messages, let turns in flight finish within `grace` seconds, hand back
+        the others (another process, or the next start, answers them), then disconnect."""
+        await self.engine.drain(grace)
+        await self.close()
 
     async def _command_failed(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError
@@ -168,11 +181,23 @@ def setup_logging(level: str) -> None:
     )
 
 
-async def run_discord(bot: ChatBot, token: str) -> None:
-    """Run until stopped; a refused token or a missing intent ends with one clear line."""
+async def run_discord(bot: ChatBot, token: str, shutdown_grace: float = 0.0) -> None:
+    """Run until stopped; a refused token or a missing intent ends with one clear line.
+    SIGTERM (how Heroku, Docker and systemd stop a process) shuts down gracefully."""
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+
+    def stop() -> None:
+        if not stopping:
+            log.info("SIGTERM: stopping within %s s", shutdown_grace)
+            stopping.append(asyncio.create_task(bot.shut_down(shutdown_grace)))
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
     try:
         async with bot:
             await bot.start(token)
+        if stopping:
+            await stopping[0]
     except discord.LoginFailure:
         raise SettingsError("DISCORD_TOKEN", "was refused by Discord: check the token") from None
     except (aiohttp.ClientError, OSError) as error:
@@ -183,3 +208,5 @@ async def run_discord(bot: ChatBot, token: str) -> None:
             "belongs to a bot without the Message Content intent: switch it on in the "
             "Developer Portal (Bot -> Privileged Gateway Intents)",
         ) from None
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)

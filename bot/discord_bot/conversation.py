@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import re
 import time
@@ -19,8 +20,8 @@ from discord.ext import commands
 
 from bot.commands import ReplyMode
 from bot.discord_bot.render import LiveReply
-from bot.discord_bot.scopes import scope_for
-from bot.engine import NOT_KEPT_NOTE
+from bot.discord_bot.scopes import channel_of, scope_for
+from bot.engine import HAND_BACK_SECONDS, NOT_KEPT_NOTE, Backfill, ShuttingDown
 from bot.errors import BotError, StoreUnavailable
 from bot.store.base import AlreadyClaimed, Message
 
@@ -66,6 +67,7 @@ SHORTENED_NOTE = (
     "\n\n-# Earlier messages were left out: the conversation is too long for the model."
 )
 UNEXPECTED = "Something went wrong on the bot's side; the conversation is unchanged."
+INTERRUPTED = "The bot was stopped before it finished this answer; it answers again once back."
 
 _USER_MENTION = re.compile(r"<@!?(\d+)>")
 _ROLE_MENTION = re.compile(r"<@&(\d+)>")
@@ -169,6 +171,8 @@ class Conversation(commands.Cog):
         ordinary = (discord.MessageType.default, discord.MessageType.reply)
         if me is None or message.author.bot or message.type not in ordinary:
             return
+        if self.bot.engine.draining:
+            return  # stopping: another process, or the next start, answers it
         channel = message.channel
         scope = scope_for(channel.id)
         always = message.guild is None or (
@@ -213,7 +217,7 @@ class Conversation(commands.Cog):
             try:  # the message is this process's before a side effect outside a turn
                 async with self.bot.engine.claimed(scope, str(message.id)):
                     await self._answer_in_thread(message, channel, in_order)
-            except AlreadyClaimed:
+            except (AlreadyClaimed, ShuttingDown):
                 log.debug("message %s is answered elsewhere", message.id)
             except StoreUnavailable as error:
                 await LiveReply(channel, message).fail(str(error))
@@ -277,13 +281,69 @@ class Conversation(commands.Cog):
             notes = SHORTENED_NOTE if reply.shortened else ""
             notes += "" if reply.kept else f"\n\n-# {NOT_KEPT_NOTE}"
             await live.finish(reply.text + notes)
-        except AlreadyClaimed:
+        except (AlreadyClaimed, ShuttingDown):
             log.debug("message %s is answered elsewhere", message.id)
+        except asyncio.CancelledError:  # stopping: the message was handed back
+            if live.started:
+                with contextlib.suppress(discord.HTTPException, aiohttp.ClientError, TimeoutError):
+                    await asyncio.wait_for(live.fail(INTERRUPTED), HAND_BACK_SECONDS / 2)
+            raise
         except BotError as error:
             await live.fail(str(error))
         except Exception:
             log.exception("answering message %s in %s failed", message.id, scope)
             await live.fail(UNEXPECTED)
+
+    async def catch_up(self, backfill: Backfill) -> None:
+        """At start-up, answer what was addressed to the bot while no process ran: the core
+        picks the places and where to read from; each message read takes the normal path
+        (which decides whether it is for the bot), oldest first. Claims keep it to once,
+        with another process catching up or answering live at the same time. Of more
+        missed messages than the limit, the newest are read: so a second process catching
+        up, which sees some of them answered already, reads none that the first left out."""
+        if not backfill.max_age_seconds:
+            return
+        since = discord.utils.utcnow() - datetime.timedelta(seconds=backfill.max_age_seconds)
+        oldest = discord.utils.time_snowflake(since)
+
+        def newest(scope: str) -> int | None:
+            channel_id = channel_of(scope)
+            if channel_id is None:
+                return 0  # not a Discord place
+            channel = self.bot.get_channel(channel_id)
+            if channel is None:
+                return None  # a DM or an archived thread: only Discord knows
+            return getattr(channel, "last_message_id", None) or 0
+
+        try:
+            places = await self.bot.engine.places_to_catch_up(newest, oldest)
+        except StoreUnavailable:
+            log.warning("could not look for messages missed while stopped: storage unavailable")
+            return
+        if places:
+            log.info("reading %d place(s) for messages missed while stopped", len(places))
+        await asyncio.gather(
+            *(self._catch_up_in(scope, after, backfill.max_messages) for scope, after in places)
+        )
+
+    async def _catch_up_in(self, scope: str, after: int, limit: int) -> None:
+        channel_id = channel_of(scope)
+        assert channel_id is not None
+        try:
+            channel = self.bot.get_channel(channel_id) or await self.bot.fetch_channel(channel_id)
+            if not isinstance(channel, discord.abc.Messageable):
+                return
+            newest_first = channel.history(
+                limit=limit, after=discord.Object(after), oldest_first=False
+            )
+            missed = [m async for m in newest_first]
+        except (discord.HTTPException, aiohttp.ClientError) as error:
+            log.warning("could not read missed messages in %s: %s", scope, error)
+            return
+        for message in reversed(missed):
+            if self.bot.engine.draining:
+                return
+            await self.on_message(message)
 
     @commands.Cog.listener()
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
