@@ -55,7 +55,8 @@ async def run_console(settings: Settings, scope: str) -> None:
     model = connect_model(settings)
     try:
         engine = build_engine(settings, store, model)
-        await Console(engine, Commands(store, settings.allowed_models), scope).run()
+        commands = Commands(store, settings.allowed_models, settings.default_model)
+        await Console(engine, commands, scope).run()
     finally:
         await model.close()
         await store.close()
@@ -86,7 +87,7 @@ async def run_bot(settings: Settings) -> None:
     model = connect_model(settings)
     try:
         engine = build_engine(settings, store, model)
-        commands = Commands(store, settings.allowed_models)
+        commands = Commands(store, settings.allowed_models, settings.default_model)
         bot = ChatBot(
             engine,
             commands,

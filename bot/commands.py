@@ -72,10 +72,12 @@ def checked_mcp_server(raw: str) -> str:
 
 @dataclass(frozen=True)
 class Commands:
-    """The command set bound to a store and the allowed models."""
+    """The command set bound to a store, the allowed models and the default one
+    (`DEFAULT_MODEL`, for a session whose settings cannot be read)."""
 
     store: SessionStore
     allowed_models: tuple[str, ...]
+    default_model: str
 
     async def new(self, scope: str, name: str | None = None) -> str:
         """Start an empty session, keeping the current model and MCP servers (as the
@@ -83,7 +85,7 @@ class Commands:
         try:
             settings = (await self.store.current_session(scope)).settings
         except (CorruptSession, DamagedState):  # /new is a way out of both
-            settings = SessionSettings(self.allowed_models[0])
+            settings = SessionSettings(self.default_model)
         if name is None or not name.strip():
             try:
                 taken = {s.name for s in await self.store.list_sessions(scope)}

@@ -44,7 +44,7 @@ class Harness:
         engine = Engine(self.store, model, limits)
         bot = ChatBot(
             engine,
-            Commands(self.store, TEST_MODELS),
+            Commands(self.store, TEST_MODELS, self.policy.default_model),
             dev_guild_id=self.dev_guild_id,
             guild_ready_timeout=0.1,
         )

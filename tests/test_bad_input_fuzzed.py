@@ -51,7 +51,7 @@ class Fixture:
         self.store = SqliteStore(
             Path(self.directory.name) / "s.sqlite3", StorePolicy(TEST_MODELS[0])
         )
-        self.commands = Commands(self.store, TEST_MODELS)
+        self.commands = Commands(self.store, TEST_MODELS, TEST_MODELS[0])
 
     def run(self, coroutine: object) -> object:
         return asyncio.run(coroutine)  # type: ignore[arg-type]

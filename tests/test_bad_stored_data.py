@@ -3,6 +3,8 @@ clear error for that session only; other sessions are unaffected and /clear repa
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import redis.asyncio as aioredis
 
@@ -121,3 +123,49 @@ async def test_a_damaged_session_that_is_not_current_leaves_the_channel_working(
     started = await harness.command("new", user=fake.member, channel_id=fake.general_id)
     assert started == "Started new session: chat-1"
     assert (await ask(harness, fake.general_id, "in chat-1", 1)).startswith("echo: ")
+
+
+@pytest.mark.parametrize("damage", ["channel-state", "session-meta"])
+async def test_new_on_damaged_state_starts_with_the_configured_default_model(
+    harness: Harness, raw_redis: aioredis.Redis, damage: str
+) -> None:
+    """The settings of a damaged place or session cannot be read, so /new falls back to
+    DEFAULT_MODEL, not to whichever model happens to be allowed first."""
+    from bot.store.base import StorePolicy
+    from tests.conftest import TEST_MODELS
+    from tests.test_store_contract import scope_junk
+
+    fake = harness.discord
+    harness.policy = StorePolicy(TEST_MODELS[1])
+    await harness.restart()
+    assert harness.store is not None
+    await ask(harness, fake.general_id, "hello", 0)
+    scope = scope_for(fake.general_id)
+    if damage == "channel-state":
+        await scope_junk(harness.store, scope, "state-type")
+    else:
+        await raw_redis.delete(session_key(scope, "default", "meta"))
+        await raw_redis.set(session_key(scope, "default", "meta"), "not a hash")
+
+    reply = await harness.command("new", user=fake.member, channel_id=fake.general_id)
+    assert reply.startswith("Started new session: ")
+    status = await harness.command("status", user=fake.member, channel_id=fake.general_id)
+    assert f"Model: {TEST_MODELS[1]}" in status
+
+
+async def test_load_autocomplete_on_a_damaged_channel_offers_nothing_and_logs_one_line(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.test_store_contract import scope_junk
+
+    fake = harness.discord
+    assert harness.store is not None
+    await ask(harness, fake.general_id, "hello", 0)
+    await scope_junk(harness.store, scope_for(fake.general_id), "names-type")
+
+    choices = await fake.autocomplete("load", "name", "", fake.member, fake.general_id)
+    assert choices == []
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "/load" in r.message]
+    assert len(warnings) == 1, caplog.text
+    assert "damaged" in warnings[0].message
+    assert not [r for r in caplog.records if r.exc_info], caplog.text

@@ -172,7 +172,7 @@ async def test_history_beyond_the_budget_is_cut_without_orphaning_tool_results(
 async def test_commands_change_what_the_next_model_call_receives(
     engine: Engine, api: FakeDedalusAPI, store: SessionStore
 ) -> None:
-    commands = Commands(store, TEST_MODELS)
+    commands = Commands(store, TEST_MODELS, TEST_MODELS[0])
     await engine.reply("chan", user("in default"))
     await commands.model("chan", "2")
     await commands.mcp_add("chan", "acme/search@v1")

@@ -123,7 +123,7 @@ async def test_a_refused_token_is_reported_as_such(redis_url: str) -> None:
         store = RedisStore.from_url(redis_url, StorePolicy(TEST_MODELS[0]))
         model = DedalusModel.connect("test-key", api.base_url, timeout=1, max_retries=0)
         engine = Engine(store, model, EngineLimits("system", 10_000))
-        bot = ChatBot(engine, Commands(store, TEST_MODELS))
+        bot = ChatBot(engine, Commands(store, TEST_MODELS, TEST_MODELS[0]))
         with pytest.raises(SettingsError, match="DISCORD_TOKEN was refused by Discord"):
             await run_discord(bot, "not-the-token")
         await store.close()

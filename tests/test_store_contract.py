@@ -460,7 +460,7 @@ async def test_a_damaged_session_that_is_not_current_leaves_the_place_working(
     listed = {s.name: s.readable for s in await store.list_sessions("s1")}
     summary_damaged = what != "message"  # a bad message shows only when the history is read
     assert listed == {"default": not summary_damaged, "work": True}
-    commands = Commands(store, ("openai/gpt-5.1",))
+    commands = Commands(store, ("openai/gpt-5.1",), "openai/gpt-5.1")
     assert ("default (unreadable" in await commands.list("s1")) == summary_damaged
     assert await commands.new("s1") == "Started new session: chat-1"
     assert (await store.switch_session("s1", "work")).message_count == 1
@@ -859,7 +859,7 @@ async def test_junk_in_a_places_own_state_is_named_and_clear_or_new_repairs_it(
     if repair == "clear":
         await store.clear_session("s1")
     else:
-        assert await Commands(store, ("openai/gpt-5.1",)).new("s1", "fresh") == (
+        assert await Commands(store, ("openai/gpt-5.1",), "openai/gpt-5.1").new("s1", "fresh") == (
             "Started new session: fresh"
         )
     after: Message = {"role": "user", "content": "after"}

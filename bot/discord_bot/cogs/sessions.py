@@ -3,6 +3,7 @@ channel, thread or DM where they are used."""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import discord
@@ -11,11 +12,13 @@ from discord.ext import commands
 
 from bot.discord_bot.render import PRIVATE, respond
 from bot.discord_bot.scopes import scope_for
-from bot.errors import InvalidInput
+from bot.errors import BotError, InvalidInput
 from bot.store.base import checked_session_name
 
 if TYPE_CHECKING:
     from bot.discord_bot.client import ChatBot
+
+log = logging.getLogger(__name__)
 
 THREAD_NAME_MAX = 100
 """Discord's limit for a thread's name."""
@@ -67,9 +70,12 @@ class Sessions(commands.Cog):
     async def _session_names(
         self, interaction: discord.Interaction, typed: str
     ) -> list[app_commands.Choice[str]]:
-        sessions = await self.bot.session_commands.store.list_sessions(
-            scope_for(interaction.channel_id or 0)
-        )
+        scope = scope_for(interaction.channel_id or 0)
+        try:
+            sessions = await self.bot.session_commands.store.list_sessions(scope)
+        except BotError as error:  # storage down, or the place's own state damaged
+            log.warning("autocomplete for /load in %s offers nothing: %s", scope, error)
+            return []
         names = [s.name for s in sessions if typed.lower() in s.name.lower()]
         return [app_commands.Choice(name=n, value=n) for n in names[:25]]
 
