@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.discord_bot.conversation import INTERRUPTED
 from bot.discord_bot.scopes import scope_for
 from bot.store.base import SessionStore, StorePolicy
 from bot.store.redis import RedisStore
@@ -248,3 +249,40 @@ async def test_what_was_said_while_no_process_ran_is_answered_at_start_once_olde
     assert said == ["hello", "a", "b"]
     logs = "".join(bot.text() for bot in bots)
     assert "Traceback" not in logs, logs[logs.index("Traceback") - 3000 :][:6000]
+
+
+async def test_an_answer_cut_short_by_sigterm_says_so_and_the_next_start_answers_it(
+    fakes: tuple[FakeDiscord, FakeDedalusAPI],
+    environment: dict[str, str],
+    bots: list[BotProcess],
+    store: SessionStore,
+    tmp_path: Path,
+) -> None:
+    fake, api = fakes
+    env = environment | {"SHUTDOWN_GRACE_SECONDS": "1"}
+    bots.append(BotProcess(env, tmp_path / "first.log"))
+    wait_connected(bots)
+    api.reply_text("half of an answer that never ends", chunk_size=12, chunk_delay=30)
+    said = fake.user_says(fake.general_id, fake.member, "tell me", mentions_bot=True)
+    await fake.wait_for(
+        lambda: fake.bot_messages(fake.general_id), timeout=30, what="the first streamed words"
+    )
+    bots[0].process.terminate()
+    assert await stopped(bots[0], fake, within=30) == 0
+    (cut,) = fake.bot_messages(fake.general_id)
+    assert cut.content.startswith("half of an ")
+    assert INTERRUPTED in cut.content
+    assert await store.read_history(scope_for(fake.general_id), "default") == []
+
+    bots.append(BotProcess(env, tmp_path / "second.log"))
+    wait_connected(bots[1:])
+    await fake.wait_for(
+        lambda: fake.bot_messages(fake.general_id)[1:], timeout=30, what="the next start's answer"
+    )
+    await asyncio.sleep(1)
+    answers = fake.bot_messages(fake.general_id)
+    assert [a.reply_to for a in answers] == [said, said]
+    assert answers[1].content == f"echo: [Bob Member (user id {fake.member_id})]: tell me"
+    history = await store.read_history(scope_for(fake.general_id), "default")
+    assert [m["role"] for m in history] == ["user", "assistant"]
+    assert "Traceback" not in bots[0].text() + bots[1].text()
