@@ -45,6 +45,14 @@ ROOT = Path(__file__).resolve().parents[1]
             "error: HISTORY_CACHE_MB must be a whole number >= 0",
         ),
         (
+            {"DISCORD_TOKEN": "t", "DEDALUS_API_KEY": "k", "SESSIONS_PER_PLACE": "0"},
+            "error: SESSIONS_PER_PLACE must be a positive whole number",
+        ),
+        (
+            {"DISCORD_TOKEN": "t", "DEDALUS_API_KEY": "k", "MESSAGE_CAP_KB": "8192"},
+            "error: MESSAGE_CAP_KB is larger than HISTORY_CAP_MB",
+        ),
+        (
             {"DISCORD_TOKEN": "t", "DEDALUS_API_KEY": "k", "DEFAULT_MODEL": "gpt-2"},
             "error: DEFAULT_MODEL 'gpt-2' is not in ALLOWED_MODELS",
         ),
