@@ -114,6 +114,18 @@ async def test_an_expired_session_leaves_the_index_of_deletable_messages(
     await store.close()
 
 
+async def test_a_damaged_index_sweep_does_not_stop_the_place(
+    redis_url: str, raw_redis: aioredis.Redis
+) -> None:
+    store = RedisStore.from_url(redis_url, StorePolicy(TEST_MODELS[0], ttl_seconds=60))
+    await place_with_sessions(store, "p", 1)
+    await raw_redis.hset(scope_key("p", "state"), "sweep", "junk")  # a hand edit, a bug
+    turn = await store.begin_turn("p", Ticket.now(), 100_000, 10_000)  # turns go on
+    assert await store.finish_turn(turn, [{"role": "user", "content": "still here"}])
+    assert await raw_redis.hget(scope_key("p", "state"), "sweep") is None
+    await store.close()
+
+
 async def test_the_queue_of_a_place_expires_without_a_ttl(
     redis_url: str, raw_redis: aioredis.Redis
 ) -> None:

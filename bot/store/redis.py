@@ -182,6 +182,10 @@ local function sweep()  -- a few index entries per call, dropping those of expir
   local cursor = redis.call('HGET', KEYS[1], 'sweep')
   if not cursor then return end
   local index = prefix .. 'refindex'
+  if not tonumber(cursor) or redis.call('TYPE', index).ok ~= 'hash' then  -- damaged: give up
+    redis.call('HDEL', KEYS[1], 'sweep')
+    return
+  end
   local found = redis.call('HSCAN', index, cursor, 'COUNT', 50)
   local entries = found[2]
   for i = 1, #entries, 2 do
