@@ -9,6 +9,9 @@ A turn holds its message's claim as a lease, renewed with the lock: when another
 the message in progress, this one keeps it and asks again at the lease's pace, until it was
 answered (then it gives up) or the lease lapsed (its holder died: then it answers). A turn
 cancelled by a shutdown hands its claim back, so another process or the next start answers.
+A turn that learns another process took its message over (it was frozen past its lease)
+stops its model run and raises `AnsweredElsewhere`: the user sees the other process's answer
+only.
 """
 
 from __future__ import annotations
@@ -111,6 +114,21 @@ class LostTurn(BotError):
 class ShuttingDown(Exception):
     """The process is stopping: it takes no new turn (another process, or the next start,
     answers the message)."""
+
+
+class AnsweredElsewhere(AlreadyClaimed):
+    """This turn's lease lapsed (its process was frozen) and another process took its message
+    over: that process answers it, so this turn stopped, saved nothing, and what it already
+    showed of its answer is to be removed (not followed by "send your message again")."""
+
+    def __init__(self) -> None:
+        super().__init__(answered=True)
+
+
+@dataclass
+class _Held:
+    at: float
+    """When the turn's lock and lease were last known held (`time.monotonic()`)."""
 
 
 class Engine:
@@ -217,6 +235,7 @@ class Engine:
             room = history_room(self._limits.system_prompt, user, self._limits.budget_bytes)
             try:
                 turn = await self._begin(scope, ticket, room)
+                held = _Held(time.monotonic())
             except asyncio.CancelledError:
                 if claim is not None:
                     await self._settle(scope, claim, ticket.token, answered=False)
@@ -227,8 +246,10 @@ class Engine:
                 await self._note_place(scope)
                 if on_begin is not None:
                     await on_begin()
-                async with self._lock_kept_alive(turn):
-                    added, text, shortened = await self._run(turn, user, room, on_text)
+                added, text, shortened = await self._kept_alive(
+                    turn, held, self._run(turn, user, room, on_text)
+                )
+                await self._still_claimed(turn, held)
                 try:
                     saved = kept = await self._save(
                         turn, self._within_size([user, *added]), user_ref
@@ -429,17 +450,24 @@ class Engine:
             raise EmptyAnswer()
         return added, text
 
-    @contextlib.asynccontextmanager
-    async def _lock_kept_alive(self, turn: Turn) -> AsyncIterator[None]:
-        """Renew the session lock while the model works, so only a dead process's lock
-        expires."""
+    async def _kept_alive(self, turn: Turn, held: _Held, work: Awaitable[T]) -> T:
+        """Run `work` while renewing the session lock (and the claim's lease), so only a dead
+        process's lock expires. When a renewal fails because another process took the message
+        over (this one was frozen past its lease), `work` is cancelled: `AnsweredElsewhere`."""
         interval = self._limits.lock_ms / 3000
+        run = asyncio.ensure_future(work)
+        taken_over = False
 
         async def renew() -> None:
+            nonlocal taken_over
             while True:
                 try:
                     if not await self._store.extend_lock(turn, self._limits.lock_ms):
+                        if await self._taken_over(turn):
+                            taken_over = True
+                            run.cancel()
                         return
+                    held.at = time.monotonic()
                 except StoreUnavailable:
                     log.warning("could not renew the lock of a turn: storage unavailable")
                 await asyncio.sleep(interval)
@@ -453,11 +481,39 @@ class Engine:
 
         timer = asyncio.get_running_loop().call_later(interval, start_renewing)
         try:
-            yield
+            return await run
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if taken_over and (current is None or not current.cancelling()):
+                raise AnsweredElsewhere() from None
+            raise
         finally:
             timer.cancel()
+            run.cancel()
             if renewer is not None:
                 renewer.cancel()
+
+    async def _still_claimed(self, turn: Turn, held: _Held) -> None:
+        """Before saving, when the lease may have lapsed unseen (the process stalled, and its
+        renewals with it), take it again, or learn that another process took the message
+        over: `AnsweredElsewhere` then, and nothing is saved."""
+        if turn.claim is None or time.monotonic() - held.at < self._limits.lock_ms / 1500:
+            return
+        if await self._taken_over(turn):
+            raise AnsweredElsewhere()
+
+    async def _taken_over(self, turn: Turn) -> bool:
+        """Whether another process holds or answered this turn's message; if nobody took it,
+        this turn holds its lease again (its save is still fenced by the session's version)."""
+        if turn.claim is None:
+            return False
+        try:
+            await self._store.claim(turn.scope, turn.claim, turn.lock_token, self._limits.lock_ms)
+        except AlreadyClaimed:
+            return True
+        except StoreUnavailable:
+            log.warning("could not check the claim of a stalled turn: storage unavailable")
+        return False
 
     async def _release(self, turn: Turn) -> None:
         try:

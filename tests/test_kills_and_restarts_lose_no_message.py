@@ -4,6 +4,7 @@ is answered once. Real processes, real signals, one fake Discord, one store."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -286,3 +287,75 @@ async def test_an_answer_cut_short_by_sigterm_says_so_and_the_next_start_answers
     history = await store.read_history(scope_for(fake.general_id), "default")
     assert [m["role"] for m in history] == ["user", "assistant"]
     assert "Traceback" not in bots[0].text() + bots[1].text()
+
+
+@pytest.mark.parametrize("stream", ["still-streaming", "streamed-while-frozen"])
+async def test_a_process_frozen_mid_answer_removes_its_part_once_the_other_answered(
+    fakes: tuple[FakeDiscord, FakeDedalusAPI],
+    environment: dict[str, str],
+    bots: list[BotProcess],
+    store: SessionStore,
+    tmp_path: Path,
+    stream: str,
+) -> None:
+    """Frozen (SIGSTOP) while streaming, past its lease: the other process takes the message
+    over and answers it. On waking, the frozen one stops, deletes what it had posted, and
+    says nothing more: the user sees one answer, the survivor's. Its model's answer may
+    still be arriving then, or be all in already (it is about to save)."""
+    fake, api = fakes
+    bots += [BotProcess(environment, tmp_path / f"bot{i}.log") for i in range(2)]
+    wait_connected(bots)
+    if stream == "still-streaming":
+        api.reply_text("partial words " * 60, chunk_size=14, chunk_delay=0.3)  # about 18 s
+    else:  # about 3 s: done before the other process takes over, after a lease of 3 s
+        api.reply_text("partial words " * 20, chunk_size=14, chunk_delay=0.15)
+    said = fake.user_says(fake.general_id, fake.member, "who answers?", mentions_bot=True)
+
+    def waiting_for_the_other() -> list[BotProcess]:
+        return [bot for bot in bots if WAITING in bot.text()] if api.request_count == 1 else []
+
+    waiting = await fake.wait_for(
+        waiting_for_the_other,
+        timeout=30,
+        what="one process mid-turn and the other waiting for it",
+    )
+    (frozen,) = [bot for bot in bots if bot not in waiting]
+    (partial,) = await fake.wait_for(
+        lambda: fake.bot_messages(fake.general_id), timeout=30, what="the first part streamed"
+    )
+    assert partial.content.startswith("partial words")
+    frozen.process.send_signal(signal.SIGSTOP)
+    expected = f"echo: [Bob Member (user id {fake.member_id})]: who answers?"
+    await fake.wait_for(
+        lambda: any(m.content == expected for m in fake.bot_messages(fake.general_id)),
+        timeout=60,
+        what="the other process's answer, once the frozen one's lease lapsed",
+    )
+    frozen.process.send_signal(signal.SIGCONT)
+
+    def frozen_parts_deleted() -> bool:
+        everything = fake.messages_in(fake.general_id, include_deleted=True)
+        parts = [m for m in everything if m.content.startswith("partial words")]
+        return bool(parts) and all(m.deleted for m in parts)
+
+    await fake.wait_for(
+        frozen_parts_deleted, timeout=60, what="the frozen process's partial answer deleted"
+    )
+    await fake.wait_for(
+        lambda: "taken over by another process" in frozen.text(),
+        timeout=60,
+        what="the frozen process saying why it stopped",
+    )
+    # Later turns are saved after this one: once one is, nothing more comes of the first.
+    fake.user_says(fake.general_id, fake.member, "and later", mentions_bot=True)
+    deadline = time.monotonic() + 60
+    while len(history := await store.read_history(scope_for(fake.general_id), "default")) < 4:
+        assert time.monotonic() < deadline, "the later message's turn was never saved"
+        await asyncio.sleep(0.05)
+    answer, later = fake.bot_messages(fake.general_id)
+    assert (answer.content, answer.reply_to) == (expected, said)
+    assert later.content.endswith("and later")
+    assert [m["role"] for m in history] == ["user", "assistant"] * 2
+    assert history[1]["content"] == expected
+    for bot in bots:
+        assert "Traceback" not in bot.text()

@@ -21,7 +21,7 @@ from discord.ext import commands
 from bot.commands import ReplyMode
 from bot.discord_bot.render import LiveReply
 from bot.discord_bot.scopes import channel_of, scope_for
-from bot.engine import HAND_BACK_SECONDS, NOT_KEPT_NOTE, Backfill, ShuttingDown
+from bot.engine import HAND_BACK_SECONDS, NOT_KEPT_NOTE, AnsweredElsewhere, Backfill, ShuttingDown
 from bot.errors import BotError, StoreUnavailable
 from bot.store.base import AlreadyClaimed, Message
 
@@ -281,6 +281,14 @@ class Conversation(commands.Cog):
             notes = SHORTENED_NOTE if reply.shortened else ""
             notes += "" if reply.kept else f"\n\n-# {NOT_KEPT_NOTE}"
             await live.finish(reply.text + notes)
+        except AnsweredElsewhere:  # this process stalled; the other's answer is the one
+            deleted = await live.discard()
+            log.warning(
+                "message %s was taken over by another process while this one was stalled past "
+                "its lease; this answer stopped (%d partial message(s) deleted)",
+                message.id,
+                deleted,
+            )
         except (AlreadyClaimed, ShuttingDown):
             log.debug("message %s is answered elsewhere", message.id)
         except asyncio.CancelledError:  # stopping: the message was handed back

@@ -154,6 +154,26 @@ class LiveReply:
         self._text = f"{shown}\n\n⚠️ {problem}" if shown and self._posted else f"⚠️ {problem}"
         await self._flush()
 
+    async def discard(self) -> int:
+        """Delete what was posted of this answer (another process answers the message); how
+        many messages that was."""
+        await self._cancel_pending()
+        async with self._lock:
+            count = len(self._posted)
+            for posted in self._posted:
+                try:
+                    await posted.delete()
+                except discord.NotFound:
+                    pass
+                except discord.HTTPException as error:
+                    log.warning("could not delete part of a stale answer: HTTP %s", error.status)
+                except (aiohttp.ClientError, OSError) as error:
+                    log.warning("could not delete part of a stale answer: %s", type(error).__name__)
+            self._posted.clear()
+            self._shown.clear()
+            self._text = ""
+        return count
+
     async def _edit_slot(self) -> None:
         """Wait, if need be, until an edit stays within Discord's edit rate: periodic
         flushes alone stay under it, but the final edit can come right after one."""
