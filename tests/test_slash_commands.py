@@ -4,6 +4,7 @@ registered so Discord refuses them to members; bad input changes nothing."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 
@@ -235,3 +236,28 @@ async def test_a_command_answers_normally_once_a_stalled_storage_resumes(
         "Started new session: later",
         "⚠️ Storage is unavailable right now; nothing was changed. Try again shortly.",
     )
+
+
+async def test_an_error_reply_discord_refuses_is_one_warning_line(
+    harness: Harness, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A moderator deletes the public "thinking" message while storage stalls: the storage
+    line cannot replace it (Discord answers 404), which is logged as one line."""
+    fake = harness.discord
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        asked = fake.invoke("new", {"name": "later"}, user=fake.member, channel_id=fake.general_id)
+        thinking = await fake.wait_for(
+            lambda: fake.interaction_reply(asked).original, what="the thinking message"
+        )
+        fake.delete_user_message(fake.general_id, thinking.id)
+
+        def refused() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if "could not tell the user" in r.message]
+
+        [line] = await fake.wait_for(refused, timeout=60, what="the refusal logged")
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    assert line.levelno == logging.WARNING and not line.exc_info
+    assert line.message == "could not tell the user /new failed: HTTP 404 (code 10008)"

@@ -164,7 +164,18 @@ class ChatBot(commands.Bot):
                 exc_info=cause,
             )
             text = f"⚠️ {UNEXPECTED}"
-        await respond(interaction, text, ephemeral=True)
+        command = interaction.command and interaction.command.name
+        try:
+            await respond(interaction, text, ephemeral=True)
+        except discord.HTTPException as refused:  # e.g. its "thinking" message was deleted
+            log.warning(
+                "could not tell the user /%s failed: HTTP %s (code %s)",
+                command,
+                refused.status,
+                refused.code,
+            )
+        except (aiohttp.ClientError, OSError) as refused:
+            log.warning("could not tell the user /%s failed: %s", command, type(refused).__name__)
 
 
 class DiscordUnreachable(BotError):
