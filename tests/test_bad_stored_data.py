@@ -169,3 +169,37 @@ async def test_load_autocomplete_on_a_damaged_channel_offers_nothing_and_logs_on
     assert len(warnings) == 1, caplog.text
     assert "damaged" in warnings[0].message
     assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+@pytest.mark.parametrize("damage", ["channel", "session"])
+async def test_a_deletion_damaged_data_prevents_is_one_warning_line(
+    harness: Harness, raw_redis: aioredis.Redis, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    """Before, junk in the channel's ref index skipped the deletion silently, and a session
+    key of the wrong type ended in a traceback."""
+    from tests.test_store_contract import scope_junk
+
+    fake = harness.discord
+    assert harness.store is not None
+    said = await harness.say(fake.general_id, fake.member, "delete me later", mentions_bot=True)
+    await harness.answer(fake.general_id, 1)
+    scope = scope_for(fake.general_id)
+    if damage == "channel":
+        await scope_junk(harness.store, scope, "refindex-type")
+    else:
+        await raw_redis.delete(session_key(scope, "default", "refs"))
+        await raw_redis.set(session_key(scope, "default", "refs"), "junk")
+
+    fake.delete_user_message(fake.general_id, said)
+    [line] = await fake.wait_for(
+        lambda: [r for r in caplog.records if "could not forget" in r.message],
+        what="the deletion's warning",
+    )
+    await harness.settled()
+    assert line.levelno == logging.WARNING
+    named = {
+        "channel": "stored state is damaged (its refindex key has the wrong type)",
+        "session": "Session 'default' cannot be read",
+    }
+    assert named[damage] in line.message
+    assert not [r for r in caplog.records if r.exc_info], caplog.text

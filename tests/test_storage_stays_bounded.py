@@ -64,7 +64,7 @@ async def test_forgetting_a_message_costs_the_same_however_many_sessions(
             costs[scope].append(await commands_run(raw_redis) - before)
             assert forgotten == (ref != "never-stored")
     assert costs["few"] == costs["many"]
-    assert max(costs["many"]) < 20
+    assert max(costs["many"]) < 30  # type checks before writing included
     history = await store.read_history("many", "s0")
     assert {"role": "user", "content": "many 0 1"} not in history and len(history) == 5
     await store.close()

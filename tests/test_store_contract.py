@@ -879,3 +879,85 @@ async def test_junk_in_a_places_own_state_is_named_and_clear_or_new_repairs_it(
         before,
         {"role": "user", "content": "other place"},
     ]
+
+
+@pytest.mark.parametrize("what", ["current-name", "names-type", "meta-type"])
+async def test_a_deletion_over_damaged_data_is_carried_out_or_named(
+    store: SessionStore, what: str
+) -> None:
+    """A deleted message leaves the history, or the damage in the way is named and nothing
+    changes: never a script error, never a silent skip."""
+    from bot.errors import CorruptSession
+
+    deleted: Message = {"role": "user", "content": "deleted later"}
+    await save_turn(store, "s1", deleted, ref="m1")
+    junk = REDIS_SCOPE_JUNK if isinstance(store, RedisStore) else SQLITE_SCOPE_JUNK
+    if what.endswith("-type") and what != "meta-type" and what not in junk:
+        pytest.skip("not a state this backend can hold")
+    if what in junk:
+        await scope_junk(store, "s1", what)  # junk the deletion does not need
+    else:
+        await damage(store, "s1", what)
+    try:
+        removed = await store.forget_message("s1", "m1")
+    except CorruptSession as error:
+        assert error.name == "default"
+        assert await store.read_history("s1", "default") == [deleted]
+    else:
+        assert removed and await store.read_history("s1", "default") == []
+
+
+REDIS_DELETION_DAMAGE = {
+    # kind: what the store names
+    "state-type": "state is damaged (its state key has the wrong type)",
+    "unindexed-names-type": "state is damaged (its names key has the wrong type)",
+    "refindex-type": "state is damaged (its refindex key has the wrong type)",
+    "generations": "state is damaged (a counter is not a number)",
+    "meta-type": "Session 'default' cannot be read",
+    "messages-type": "Session 'default' cannot be read",
+    "refs-type": "Session 'default' cannot be read",
+    "refseq-type": "Session 'default' cannot be read",
+    "forgotten": "Session 'default' cannot be read",
+    "bytes": "Session 'default' cannot be read",
+    "unindexed-refs-type": "Session 'default' cannot be read",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REDIS_DELETION_DAMAGE))
+async def test_a_deletion_redis_cannot_carry_out_is_named_and_changes_nothing(
+    raw_redis_store: RedisStore, redis_url: str, kind: str
+) -> None:
+    """Keys of the wrong Redis type or counters that are not numbers, in the place or in the
+    session holding the message: checked before anything is written."""
+    import redis.asyncio as aioredis
+
+    from bot.errors import BotError
+    from bot.store.redis import scope_key
+
+    store = raw_redis_store
+    await save_turn(store, "s1", {"role": "user", "content": "deleted later"}, ref="m1")
+    raw = aioredis.Redis.from_url(redis_url)  # bytes, so DUMP can be compared
+    try:
+        part = kind.removeprefix("unindexed-").removesuffix("-type")
+        if kind in ("forgotten", "bytes"):
+            await raw.hset(session_key("s1", "default", "meta"), kind, "many")
+        elif kind.startswith("unindexed-"):  # stored before the index: it is built first
+            await raw.delete(scope_key("s1", "refindex"))
+            await raw.hdel(scope_key("s1", "state"), "refindex")
+            junk = scope_key("s1", part) if part == "names" else session_key("s1", "default", part)
+            await raw.delete(junk)
+            await raw.set(junk, "junk")
+        elif kind in ("state-type", "refindex-type", "generations"):
+            await scope_junk(store, "s1", kind)
+        else:
+            await raw.delete(session_key("s1", "default", part))
+            await raw.set(session_key("s1", "default", part), "junk")
+        keys = sorted(await raw.keys(scope_key("s1", "*")))
+        before = {k: await raw.dump(k) for k in keys}
+        with pytest.raises(BotError) as refused:
+            await store.forget_message("s1", "m1")
+        assert REDIS_DELETION_DAMAGE[kind] in str(refused.value)
+        assert sorted(await raw.keys(scope_key("s1", "*"))) == keys
+        assert {k: await raw.dump(k) for k in keys} == before
+    finally:
+        await raw.aclose()

@@ -22,7 +22,7 @@ from bot.commands import ReplyMode
 from bot.discord_bot.render import LiveReply
 from bot.discord_bot.scopes import channel_of, scope_for
 from bot.engine import HAND_BACK_SECONDS, NOT_KEPT_NOTE, AnsweredElsewhere, Backfill, ShuttingDown
-from bot.errors import BotError, StoreUnavailable
+from bot.errors import BotError, CorruptSession, DamagedState, StoreUnavailable
 from bot.store.base import AlreadyClaimed, Message
 
 if TYPE_CHECKING:
@@ -378,3 +378,13 @@ class Conversation(commands.Cog):
                     channel_id,
                 )
                 return
+            except DamagedState as damaged:  # nothing was changed; /clear or /new repairs it
+                log.warning(
+                    "could not forget %d deleted message(s) in %s: %s",
+                    len(message_ids),
+                    channel_id,
+                    damaged,
+                )
+                return
+            except CorruptSession as damaged:  # that session only; the others may be fine
+                log.warning("could not forget deleted message %s: %s", message_id, damaged)

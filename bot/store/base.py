@@ -399,7 +399,9 @@ class SessionStore(Protocol):
         ...
 
     async def forget_message(self, scope: str, user_ref: str) -> bool:
-        """Remove the stored user message named by `user_ref`; False if none is stored."""
+        """Remove the stored user message named by `user_ref`; False if none is stored.
+        Damaged data in the way raises `DamagedState` (the place's) or `CorruptSession`,
+        having changed nothing, so the deletion is reported rather than skipped silently."""
         ...
 
     async def scope_option(self, scope: str, option: str) -> str | None:

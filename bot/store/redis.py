@@ -664,21 +664,47 @@ return describe(name)
 # ref; a scope stored before the index existed gets it built once, on its first forget. A ref
 # not stored (yet) is remembered for a while, so a turn still answering that message saves
 # neither it nor its answer. Of identical stored copies, the one removed is the ref's own:
-# counted from the newest, after the copies that newer refs name.
+# counted from the newest, after the copies that newer refs name. Damaged keys it would use
+# (the scope's, or the session's) are checked before anything is written, and answered
+# {'$DAMAGED', what} or {'corrupt', name}; otherwise {number removed}.
 _FORGET = _lua(
     """
+-- Only the place's keys a deletion uses: junk elsewhere (its queue, its current name) does
+-- not keep a deleted message stored.
+for _, part in ipairs({'state', 'refindex'}) do
+  if not of_type(scope_keys[part], scope_types[part]) then
+    return {'$DAMAGED', 'its ' .. part .. ' key has the wrong type'}
+  end
+end
+local generations = redis.call('HGET', KEYS[1], 'generations')
+if generations and not string.find(generations, '^%d+$') then
+  return {'$DAMAGED', 'a counter is not a number'}
+end
 local index = prefix .. 'refindex'
-if not of_type(index, 'hash') then return 0 end  -- damaged: reported to whoever talks there
 local function not_found()
   redis.call('SET', prefix .. 'forgot:' .. ARGV[2], 1, 'EX', ARGV[3])
-  return 0
+  return {0}
+end
+local function intact(session)  -- the keys and counters this script reads or writes
+  for part, wanted in pairs({meta = 'hash', messages = 'list', refs = 'hash', refseq = 'zset'}) do
+    if not of_type(key(session, part), wanted) then return false end
+  end
+  local counts = redis.call('HMGET', key(session, 'meta'), 'forgotten', 'bytes')
+  for i = 1, 2 do
+    if counts[i] and not string.find(counts[i], '^%-?%d+$') then return false end
+  end
+  return true
 end
 local name = redis.call('HGET', index, ARGV[2])
 if not name then
-  if scope_damage() then return 0 end
   local marked = redis.call('HMGET', KEYS[1], 'current', 'refindex')
   if not marked[1] or marked[2] then return not_found() end
-  for _, session in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if not of_type(KEYS[2], 'zset') then return {'$DAMAGED', 'its names key has the wrong type'} end
+  local sessions = redis.call('ZRANGE', KEYS[2], 0, -1)
+  for _, session in ipairs(sessions) do
+    if not of_type(key(session, 'refs'), 'hash') then return {'corrupt', session} end
+  end
+  for _, session in ipairs(sessions) do
     for _, ref in ipairs(redis.call('HKEYS', key(session, 'refs'))) do
       redis.call('HSET', index, ref, session)
     end
@@ -687,6 +713,7 @@ if not name then
   name = redis.call('HGET', index, ARGV[2])
   if not name then return not_found() end
 end
+if not intact(name) then return {'corrupt', name} end
 redis.call('HDEL', index, ARGV[2])
 local refs, order = key(name, 'refs'), key(name, 'refseq')
 local stored = redis.call('HGET', refs, ARGV[2])
@@ -720,7 +747,7 @@ if removed > 0 then
     redis.call('HINCRBY', meta, 'bytes', -removed * #stored)
   end
 end
-return removed
+return {removed}
 """
 )
 
@@ -1048,8 +1075,11 @@ class RedisStore:
         self._recent.drop(scope)  # the window would not be reused after this
         async with self._available():
             args: list[ScriptArg] = [self._prefix(scope), user_ref, FORGOTTEN_TTL_SECONDS]
-            removed = await self._forget(keys=self._keys(scope), args=args)
-        return bool(removed)
+            reply = await self._forget(keys=self._keys(scope), args=args)
+        _refuse_damaged(reply)
+        if reply[0] == "corrupt":
+            raise CorruptSession(str(reply[1]))
+        return bool(reply[0])
 
     async def scope_option(self, scope: str, option: str) -> str | None:
         try:
