@@ -71,6 +71,24 @@ def bots(tmp_path: Path) -> Iterator[list[BotProcess]]:
         bot.stop()
 
 
+async def answering_and_waiting(
+    fake: FakeDiscord, api: FakeDedalusAPI, bots: list[BotProcess]
+) -> tuple[BotProcess, BotProcess]:
+    """Once the message's one model call is in flight and the other process says it waits
+    for it: the process answering it, and the one waiting."""
+
+    def waiting_for_the_other() -> list[BotProcess]:
+        return [bot for bot in bots if WAITING in bot.text()] if api.request_count == 1 else []
+
+    waiting = await fake.wait_for(
+        waiting_for_the_other,
+        timeout=30,
+        what="one process mid-turn and the other waiting for it",
+    )
+    (answering,) = [bot for bot in bots if bot not in waiting]
+    return answering, waiting[0]
+
+
 async def test_a_message_whose_process_was_killed_mid_turn_is_answered_by_the_other(
     fakes: tuple[FakeDiscord, FakeDedalusAPI],
     environment: dict[str, str],
@@ -84,15 +102,7 @@ async def test_a_message_whose_process_was_killed_mid_turn_is_answered_by_the_ot
     api.reply_text("never sent", delay=30)  # the first model call hangs: it is mid-turn
     said = fake.user_says(fake.general_id, fake.member, "who answers?", mentions_bot=True)
 
-    def waiting_for_the_other() -> list[BotProcess]:
-        return [bot for bot in bots if WAITING in bot.text()] if api.request_count == 1 else []
-
-    waiting = await fake.wait_for(
-        waiting_for_the_other,
-        timeout=30,
-        what="one process mid-turn and the other waiting for it",
-    )
-    (answering,) = [bot for bot in bots if bot not in waiting]
+    answering, waiting = await answering_and_waiting(fake, api, bots)
     answering.process.kill()
     killed = time.monotonic()
     await fake.wait_for(
@@ -111,7 +121,7 @@ async def test_a_message_whose_process_was_killed_mid_turn_is_answered_by_the_ot
     assert answer.reply_to == said
     assert [m["role"] for m in history] == ["user", "assistant"] * 2
     assert api.request_count == 3
-    assert "Traceback" not in waiting[0].text()
+    assert "Traceback" not in waiting.text()
 
 
 async def stopped(bot: BotProcess, fake: FakeDiscord, within: float) -> int:
@@ -136,11 +146,7 @@ async def test_sigterm_mid_turn_exits_at_once_and_the_other_process_answers(
     api.reply_text("never sent", delay=30)
     said = fake.user_says(fake.general_id, fake.member, "still there?", mentions_bot=True)
 
-    def waiting_for_the_other() -> list[BotProcess]:
-        return [bot for bot in bots if WAITING in bot.text()] if api.request_count == 1 else []
-
-    waiting = await fake.wait_for(waiting_for_the_other, timeout=30, what="a turn in flight")
-    (answering,) = [bot for bot in bots if bot not in waiting]
+    answering, waiting = await answering_and_waiting(fake, api, bots)
     answering.process.terminate()
     asked = time.monotonic()
     assert await stopped(answering, fake, within=25) == 0
@@ -154,7 +160,7 @@ async def test_sigterm_mid_turn_exits_at_once_and_the_other_process_answers(
     history = await store.read_history(scope_for(fake.general_id), "default")
     assert [m["role"] for m in history] == ["user", "assistant"]
     assert api.request_count == 2
-    assert "Traceback" not in answering.text() + waiting[0].text()
+    assert "Traceback" not in answering.text() + waiting.text()
 
 
 async def test_sigterm_lets_the_turn_in_flight_finish_and_leaves_new_messages_to_the_next_start(
@@ -311,15 +317,7 @@ async def test_a_process_frozen_mid_answer_removes_its_part_once_the_other_answe
         api.reply_text("partial words " * 20, chunk_size=14, chunk_delay=0.15)
     said = fake.user_says(fake.general_id, fake.member, "who answers?", mentions_bot=True)
 
-    def waiting_for_the_other() -> list[BotProcess]:
-        return [bot for bot in bots if WAITING in bot.text()] if api.request_count == 1 else []
-
-    waiting = await fake.wait_for(
-        waiting_for_the_other,
-        timeout=30,
-        what="one process mid-turn and the other waiting for it",
-    )
-    (frozen,) = [bot for bot in bots if bot not in waiting]
+    frozen, _ = await answering_and_waiting(fake, api, bots)
     (partial,) = await fake.wait_for(
         lambda: fake.bot_messages(fake.general_id), timeout=30, what="the first part streamed"
     )
