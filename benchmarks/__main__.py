@@ -40,6 +40,7 @@ class Plan:
     channel_history: int
     sdk_turns: int
     discord_messages: int
+    quick: bool = False
 
 
 FULL = Plan(
@@ -84,6 +85,7 @@ QUICK = Plan(
     channel_history=20,
     sdk_turns=3,
     discord_messages=3,
+    quick=True,
 )
 
 
@@ -113,7 +115,7 @@ async def run(plan: Plan, command: str) -> Results:
     progress = Progress()
     conversation = Conversation()
     load_before = os.getloadavg()
-    results = Results(command=command, grid=plan.grid, compare=plan.compare)
+    results = Results(command=command, grid=plan.grid, compare=plan.compare, quick=plan.quick)
     with redis_server() as server:
         client = aioredis.Redis.from_url(server.url, decode_responses=True)
         version = str((await client.info("server"))["redis_version"])
