@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bot.commands import Commands
-from bot.config import Settings, load_settings
+from bot.config import PERSONA_NOTE, Settings, load_settings
 from bot.engine import Engine, EngineLimits
 from bot.errors import BotError, SettingsError
 from bot.store import open_store
@@ -41,6 +41,7 @@ def connect_model(settings: Settings) -> DedalusModel:
 def build_engine(settings: Settings, store: SessionStore, model: DedalusModel) -> Engine:
     limits = EngineLimits(
         system_prompt=settings.system_prompt,
+        persona_note=PERSONA_NOTE,
         budget_bytes=settings.context_budget_chars,
         lock_ms=int(settings.turn_lease_seconds * 1000),
         message_cap_bytes=settings.message_cap_kb * 1024,

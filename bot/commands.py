@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import re
 import time
+import unicodedata
 import urllib.parse
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from bot.errors import CorruptSession, DamagedState, InvalidInput, InvalidMcpServer, UnknownModel
-from bot.store.base import SessionInfo, SessionSettings, SessionStore, checked_session_name
+from bot.store.base import (
+    PERSONA_OPTION,
+    SessionInfo,
+    SessionSettings,
+    SessionStore,
+    checked_session_name,
+)
 
 
 class ReplyMode(StrEnum):
@@ -68,6 +75,64 @@ def checked_mcp_server(raw: str) -> str:
     if not entry.isascii():
         raise InvalidMcpServer("Write the MCP server URL in ASCII (punycode for the host).")
     return "https://" + entry[len("https://") :]  # the SDK recognises URLs by this prefix
+
+
+PERSONA_MAX_CHARS = 4000
+"""The longest persona: a Discord modal's text field holds as much, and it leaves the
+default context budget (64,000 characters) most of its room for the conversation."""
+PERSONA_PREVIEW_CHARS = 80
+"""How much of a persona `/status` shows."""
+_ALLOWED_CONTROLS = frozenset("\n\t")
+
+
+def checked_persona(raw: str) -> str:
+    """A persona as it will be stored and sent: trimmed, line breaks as `\n`. Refused when
+    empty, longer than `PERSONA_MAX_CHARS`, or holding control characters other than line
+    breaks and tabs (invisible in /persona show, and unreadable to some providers)."""
+    text = raw.replace("\r\n", "\n").replace("\r", "\n").strip()
+    if not text:
+        raise InvalidInput("A persona cannot be empty; /persona clear returns to the default.")
+    if len(text) > PERSONA_MAX_CHARS:
+        raise InvalidInput(
+            f"A persona is at most {PERSONA_MAX_CHARS} characters; this one has {len(text)}. "
+            "Nothing was changed."
+        )
+    if any(
+        (unicodedata.category(c) == "Cc" and c not in _ALLOWED_CONTROLS)
+        or unicodedata.category(c) == "Cs"
+        for c in text
+    ):
+        raise InvalidInput(
+            "A persona cannot contain control characters (line breaks and tabs are fine). "
+            "Nothing was changed."
+        )
+    return text
+
+
+def persona_preview(persona: str) -> str:
+    """One short line of a persona, for /status and the replies of /persona."""
+    line = " ".join(persona.split())
+    if len(line) <= PERSONA_PREVIEW_CHARS:
+        return line
+    return line[: PERSONA_PREVIEW_CHARS - 1].rstrip() + "…"
+
+
+@dataclass(frozen=True)
+class Parent:
+    """The place a thread inherits its persona from, and how to name it to users."""
+
+    scope: str
+    label: str
+    """Such as "parent channel #general"."""
+
+
+@dataclass(frozen=True)
+class PersonaInEffect:
+    """The persona a place's turns use: its own, its parent's, or none (the default)."""
+
+    text: str | None
+    source: str
+    """Where it comes from, for users: "this thread", "parent channel #general", "default"."""
 
 
 @dataclass(frozen=True)
@@ -169,8 +234,55 @@ class Commands:
         await self.store.update_settings(scope, replace(settings, mcp_servers=()))
         return "Cleared MCP servers"
 
-    async def status(self, scope: str) -> str:
-        return describe_status(await self.store.current_session(scope))
+    async def status(
+        self, scope: str, here: str = "this place", parent: Parent | None = None
+    ) -> str:
+        """The session's state, and the persona in effect (`here` names the place itself)."""
+        session = await self.store.current_session(scope)
+        persona = await self.persona_in_effect(scope, here, parent)
+        if persona.text is None:
+            line = "Persona: default"
+        else:
+            line = f"Persona ({persona.source}): {persona_preview(persona.text)}"
+        return describe_status(session) + "\n" + line
+
+    async def persona_in_effect(
+        self, scope: str, here: str = "this place", parent: Parent | None = None
+    ) -> PersonaInEffect:
+        """The place's own persona, else its parent's (a thread's channel), else none."""
+        own = await self.store.scope_option(scope, PERSONA_OPTION)
+        if own:
+            return PersonaInEffect(own, here)
+        if parent is not None:
+            inherited = await self.store.scope_option(parent.scope, PERSONA_OPTION)
+            if inherited:
+                return PersonaInEffect(inherited, parent.label)
+        return PersonaInEffect(None, "default")
+
+    async def set_persona(self, scope: str, text: str) -> str:
+        persona = checked_persona(text)
+        await self.store.set_scope_option(scope, PERSONA_OPTION, persona)
+        return (
+            f"Persona set ({len(persona)} characters); the next message here uses it: "
+            f"{persona_preview(persona)}"
+        )
+
+    async def clear_persona(self, scope: str, parent: Parent | None = None) -> str:
+        had = await self.store.scope_option(scope, PERSONA_OPTION)
+        await self.store.set_scope_option(scope, PERSONA_OPTION, None)
+        now = await self.persona_in_effect(scope, parent=parent)
+        after = "the default" if now.text is None else f"the persona of the {now.source}"
+        if not had:
+            return f"This place had no persona of its own; it uses {after}."
+        return f"Persona cleared; the next message here uses {after}."
+
+    async def show_persona(
+        self, scope: str, here: str = "this place", parent: Parent | None = None
+    ) -> str:
+        persona = await self.persona_in_effect(scope, here, parent)
+        if persona.text is None:
+            return "No persona here: the bot's default system prompt applies."
+        return f"Persona from {persona.source} ({len(persona.text)} characters):\n{persona.text}"
 
     async def reply_mode(self, scope: str) -> ReplyMode:
         stored = await self.store.scope_option(scope, REPLY_MODE_OPTION)

@@ -21,11 +21,17 @@ REFERENCE_MODELS: tuple[str, ...] = (
     "anthropic/claude-opus-4-5-20251101",
     "google/gemini-3-pro-preview",
 )
+SPEAKERS_NOTE = (
+    "Several people may talk to you in one conversation; each user message starts with the "
+    "speaker's name in square brackets."
+)
 DEFAULT_SYSTEM_PROMPT = (
-    "You are a helpful assistant in a Discord chat. Several people may talk to you in one "
-    "conversation; each user message starts with the speaker's name in square brackets. "
+    f"You are a helpful assistant in a Discord chat. {SPEAKERS_NOTE} "
     "Answer concisely and use Discord markdown."
 )
+PERSONA_NOTE = f"(This conversation is a Discord chat. {SPEAKERS_NOTE} Discord markdown works.)"
+"""Sent after a channel's persona (`/persona`), which replaces the whole system prompt: who
+the model is changes, how the chat reaches it does not."""
 
 T = TypeVar("T")
 

@@ -95,6 +95,15 @@ def with_images_as_notes(message: Message) -> Message:
     return {**message, "content": "\n".join([*texts, IMAGE_NOTE])}
 
 
+def system_prompt(default: str, persona: str | None, persona_note: str = "") -> str:
+    """What the model is told first: a place's persona, which replaces the default prompt,
+    followed by the note on how the chat reaches the model (speakers, markdown), or the
+    default prompt when the place has no persona."""
+    if persona is None:
+        return default
+    return f"{persona}\n\n{persona_note}" if persona_note else persona
+
+
 def history_room(system_prompt: str, user: Message, budget_bytes: int) -> int:
     """What the budget leaves for history beside the system prompt and the new message."""
     system: Message = {"role": "system", "content": system_prompt}

@@ -26,12 +26,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from bot.context import build_context, history_room, paired_tool_messages, within_size
+from bot.context import (
+    build_context,
+    history_room,
+    paired_tool_messages,
+    system_prompt,
+    within_size,
+)
 from bot.errors import BotError, MessageTooLarge, ModelError, SessionBusy, StoreUnavailable
 from bot.model import ContextTooLong, ModelClient, TextSink
 from bot.store.base import (
     LAST_ANSWERED_OPTION,
     MESSAGE_CAP_KB,
+    PERSONA_OPTION,
     AlreadyClaimed,
     Message,
     SessionCleared,
@@ -64,6 +71,7 @@ PLACE_NOTE_SECONDS = 60.0
 @dataclass(frozen=True)
 class EngineLimits:
     system_prompt: str
+    """The default system prompt, for places without a persona."""
     budget_bytes: int
     lock_ms: int = 15_000
     """A crashed process blocks its session, and the message it was answering, at most this
@@ -73,6 +81,10 @@ class EngineLimits:
     message_cap_bytes: int = MESSAGE_CAP_KB * 1024
     """A user message over this stored size is refused before the model sees it; a longer
     answer or tool result is stored cut, with a note (the user saw it whole)."""
+
+    persona_note: str = ""
+    """Sent after a place's persona, which replaces `system_prompt` (see
+    `bot.context.system_prompt`)."""
 
     @property
     def claim_poll_seconds(self) -> float:
@@ -212,6 +224,7 @@ class Engine:
         claim: str | None = None,
         on_text: TextSink | None = None,
         on_begin: Callable[[], Awaitable[None]] | None = None,
+        parent: str | None = None,
     ) -> Reply:
         """Answer `user` in the scope's current session. With `on_text`, the answer streams:
         each text delta is handed to it as it arrives, and the full text is saved at the end.
@@ -219,7 +232,9 @@ class Engine:
         that answers gets there (a typing indicator starts there, not in every process).
         `user_ref` names the stored user message so it can be forgotten later. Turns of a
         scope go in increasing `order` (default: now) across processes; a `claim` (a message
-        id) is answered once, later tries raising `AlreadyClaimed`."""
+        id) is answered once, later tries raising `AlreadyClaimed`. The scope's persona, else
+        `parent`'s (a thread's channel), replaces the default system prompt; both are read
+        at the turn's start, so a change made by any process counts from the next turn."""
         cap = self._limits.message_cap_bytes
         size = message_size(user)
         if size > cap:
@@ -232,6 +247,8 @@ class Engine:
             raise MessageTooLarge(size, cap)
         ticket = Ticket(order=order, claim=claim) if order is not None else Ticket.now(claim)
         async with self._scope_turn(scope) as holding:
+            # The history loaded: what fits beside the default prompt. The place's persona
+            # comes with the turn, and the context is then cut to the room beside it.
             room = history_room(self._limits.system_prompt, user, self._limits.budget_bytes)
             try:
                 turn = await self._begin(scope, ticket, room)
@@ -244,10 +261,12 @@ class Engine:
             saved = kept = False
             try:
                 await self._note_place(scope)
+                system = await self._system_prompt(turn, parent)
+                room = history_room(system, user, self._limits.budget_bytes)
                 if on_begin is not None:
                     await on_begin()
                 added, text, shortened = await self._kept_alive(
-                    turn, held, self._run(turn, user, room, on_text)
+                    turn, held, self._run(turn, system, user, room, on_text)
                 )
                 await self._still_claimed(turn, held)
                 try:
@@ -409,16 +428,24 @@ class Engine:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, BUSY_POLL_MAX_SECONDS)
 
+    async def _system_prompt(self, turn: Turn, parent: str | None) -> str:
+        """The turn's system prompt. The scope's own persona came with the turn; a parent's
+        is in another place of the store (another Redis hash slot), so a thread without a
+        persona of its own asks for it: one more read, never cached, so it is current."""
+        persona = turn.persona
+        if persona is None and parent is not None:
+            persona = await self._store.scope_option(parent, PERSONA_OPTION) or None
+        limits = self._limits
+        return system_prompt(limits.system_prompt, persona, limits.persona_note)
+
     async def _run(
-        self, turn: Turn, user: Message, room: int, on_text: TextSink | None
+        self, turn: Turn, system: str, user: Message, room: int, on_text: TextSink | None
     ) -> tuple[list[Message], str, bool]:
         """Call the model; when the provider says the context is too long, once more with
         half of the history that was sent."""
         measured: int | None = turn.recent_bytes
         for shortened in (False, True):
-            context = build_context(
-                self._limits.system_prompt, turn.recent, user, room, measured, turn.as_stored
-            )
+            context = build_context(system, turn.recent, user, room, measured, turn.as_stored)
             try:
                 added, text = await self._call_model(context, turn.session.settings, on_text)
                 return added, text, shortened

@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 from bot.commands import Commands
+from bot.config import PERSONA_NOTE
 from bot.discord_bot.client import ChatBot
 from bot.discord_bot.scopes import scope_for
 from bot.engine import Engine, EngineLimits
@@ -39,7 +40,10 @@ class Harness:
         self.store = RedisStore.from_url(self.redis_url, self.policy)
         model = DedalusModel.connect("test-key", self.api.base_url, timeout=60, max_retries=0)
         limits = EngineLimits(
-            SYSTEM, self.budget_bytes, message_cap_bytes=self.policy.message_cap_bytes
+            SYSTEM,
+            self.budget_bytes,
+            message_cap_bytes=self.policy.message_cap_bytes,
+            persona_note=PERSONA_NOTE,
         )
         engine = Engine(self.store, model, limits)
         bot = ChatBot(

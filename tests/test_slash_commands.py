@@ -15,7 +15,7 @@ from tests.conftest import TEST_MODELS, RedisServer
 from tests.discord_harness import Harness
 from tests.fakes.discord_gateway import CommandRefused
 
-ADMIN_ONLY = {"clear", "model", "mcp", "mode"}
+ADMIN_ONLY = {"clear", "model", "mcp", "mode", "persona"}
 
 
 async def ask(harness: Harness, text: str, answers_before: int) -> None:
@@ -26,7 +26,17 @@ async def ask(harness: Harness, text: str, answers_before: int) -> None:
 
 async def test_commands_are_registered_with_their_permissions(harness: Harness) -> None:
     registered = {c["name"]: c for c in harness.discord.commands()}
-    assert set(registered) == {"new", "list", "load", "clear", "status", "model", "mcp", "mode"}
+    assert set(registered) == {
+        "new",
+        "list",
+        "load",
+        "clear",
+        "status",
+        "model",
+        "mcp",
+        "mode",
+        "persona",
+    }
     manage_guild = str(discord.Permissions(manage_guild=True).value)
     for name, command in registered.items():
         expected = manage_guild if name in ADMIN_ONLY else None
@@ -38,7 +48,7 @@ async def test_a_development_guild_gets_the_commands_at_once(harness: Harness) -
     harness.dev_guild_id = fake.guild_id
     await harness.restart()
     in_guild = {c["name"] for c in fake.commands(fake.guild_id)}
-    assert in_guild == {"new", "list", "load", "clear", "status", "model", "mcp", "mode"}
+    assert in_guild == {"new", "list", "load", "clear", "status", "model", "mcp", "mode", "persona"}
     said = await harness.command("status", user=fake.member, channel_id=fake.general_id)
     assert "Session: default" in said
 

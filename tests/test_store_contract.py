@@ -11,6 +11,7 @@ import pytest
 from bot.errors import InvalidInput, MessageTooLarge, SessionBusy, SessionLimit, UnknownSession
 from bot.store.base import (
     LAST_ANSWERED_OPTION,
+    PERSONA_OPTION,
     AlreadyClaimed,
     Message,
     SessionSettings,
@@ -238,6 +239,37 @@ async def test_scope_options_are_kept_per_scope(store: SessionStore) -> None:
     await store.set_scope_option("s1", "reply_mode", "threads")
     assert await store.scope_option("s1", "reply_mode") == "threads"
     assert await store.scope_option("s2", "reply_mode") is None
+
+
+async def test_a_scope_option_set_to_none_is_gone(store: SessionStore) -> None:
+    await store.set_scope_option("s1", "reply_mode", "all")
+    await store.set_scope_option("s1", PERSONA_OPTION, "You are a pirate.")
+    await store.set_scope_option("s1", PERSONA_OPTION, None)
+    assert await store.scope_option("s1", PERSONA_OPTION) is None
+    assert await store.scope_option("s1", "reply_mode") == "all"  # the others stay
+    await store.set_scope_option("s2", PERSONA_OPTION, None)  # never set: nothing happens
+    assert await store.scope_option("s2", PERSONA_OPTION) is None
+
+
+async def test_a_turn_reads_its_scopes_persona_as_it_begins(store: SessionStore) -> None:
+    """Read in the turn's own step, so a change by any process counts from the next turn."""
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    assert turn.persona is None
+    await store.finish_turn(turn, [{"role": "user", "content": "hi"}])
+    persona = "You are Captain Hook.\n\tYou answer in rhymes, ☠️ included."
+    await store.set_scope_option("s1", PERSONA_OPTION, persona)
+    await store.set_scope_option("s2", PERSONA_OPTION, "Another place's persona.")
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    assert turn.persona == persona
+    assert turn.recent == [{"role": "user", "content": "hi"}]
+    await store.finish_turn(turn, [])
+    await store.set_scope_option("s1", PERSONA_OPTION, None)
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    assert turn.persona is None
+    await store.finish_turn(turn, [])
+    turn = await store.begin_turn("s3", Ticket.now(), BIG, 10_000)
+    assert turn.persona is None  # personas stay in their place
+    await store.finish_turn(turn, [])
 
 
 async def test_idle_sessions_expire_after_the_ttl(

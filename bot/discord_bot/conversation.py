@@ -20,7 +20,7 @@ from discord.ext import commands
 
 from bot.commands import ReplyMode
 from bot.discord_bot.render import LiveReply
-from bot.discord_bot.scopes import channel_of, scope_for
+from bot.discord_bot.scopes import channel_of, parent_of, scope_for
 from bot.engine import HAND_BACK_SECONDS, NOT_KEPT_NOTE, AnsweredElsewhere, Backfill, ShuttingDown
 from bot.errors import BotError, CorruptSession, DamagedState, StoreUnavailable
 from bot.store.base import AlreadyClaimed, Message
@@ -257,6 +257,7 @@ class Conversation(commands.Cog):
         reference = message if channel == message.channel else None
         live = LiveReply(channel, reference)
         scope = scope_for(channel.id)  # type: ignore[attr-defined]
+        parent = parent_of(channel)
         try:
             async with contextlib.AsyncExitStack() as typing:
 
@@ -277,6 +278,7 @@ class Conversation(commands.Cog):
                     claim=None if claimed else str(message.id),
                     on_text=live.feed,
                     on_begin=show_typing,
+                    parent=parent.scope if parent else None,
                 )
             notes = SHORTENED_NOTE if reply.shortened else ""
             notes += "" if reply.kept else f"\n\n-# {NOT_KEPT_NOTE}"

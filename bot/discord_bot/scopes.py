@@ -1,7 +1,12 @@
 """Where a Discord conversation lives: every channel, thread and DM has its own channel ID,
-so that ID alone names the scope (a thread never shares its parent's history)."""
+so that ID alone names the scope (a thread never shares its parent's history, but inherits
+its persona)."""
 
 from __future__ import annotations
+
+import discord
+
+from bot.commands import Parent
 
 _PREFIX = "discord:"
 
@@ -14,3 +19,19 @@ def channel_of(scope: str) -> int | None:
     """The channel a scope belongs to; None for a scope that is not Discord's (the console)."""
     rest = scope.removeprefix(_PREFIX)
     return int(rest) if rest != scope and rest.isdigit() else None
+
+
+def parent_of(channel: object) -> Parent | None:
+    """The channel a thread inherits its persona from; None for anything else."""
+    if isinstance(channel, discord.Thread) and channel.parent_id:
+        return Parent(scope_for(channel.parent_id), f"parent channel <#{channel.parent_id}>")
+    return None
+
+
+def place_name(channel: object) -> str:
+    """How users are told about the place itself ("this thread")."""
+    if isinstance(channel, discord.Thread):
+        return "this thread"
+    if isinstance(channel, discord.DMChannel):
+        return "this DM"
+    return "this channel"

@@ -120,6 +120,9 @@ CLAIM_ANSWERED = "answered"
 """A claim's value once its message was answered; a lease's value is `claim_lease(token)`."""
 LAST_ANSWERED_OPTION = "last_answered"
 """The scope option holding the newest claim answered there (the start-up catch-up reads it)."""
+PERSONA_OPTION = "persona"
+"""The scope option holding the place's own persona (`/persona`), which `begin_turn` reads
+in the same step, so every process's next turn there uses the newest one."""
 PLACES_KEPT = 1_000
 """`note_place` keeps at most this many places, the most recently noted."""
 PLACES_KEPT_SECONDS = 7 * 86_400
@@ -193,6 +196,8 @@ class Turn:
     sequence: int = 0
     """The session's position when the turn began (it grows with every save): a turn whose
     lock lapsed saves only if the session is still exactly there."""
+    persona: str | None = None
+    """The scope's own persona (`PERSONA_OPTION`) when the turn began; None when it has none."""
 
 
 HISTORY_CACHE_MB = 32
@@ -408,7 +413,9 @@ class SessionStore(Protocol):
         """A per-scope option (such as when the bot answers), or None when never set."""
         ...
 
-    async def set_scope_option(self, scope: str, option: str, value: str) -> None: ...
+    async def set_scope_option(self, scope: str, option: str, value: str | None) -> None:
+        """Set a per-scope option; None removes it (it reads as never set again)."""
+        ...
 
     async def read_history(self, scope: str, name: str) -> list[Message]:
         """A session's whole stored history, oldest first (for export)."""

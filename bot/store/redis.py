@@ -5,6 +5,7 @@ and a script touches a single slot, as Redis Cluster requires; running on a Clus
 14 and not tested yet: the scripts also build session keys not passed to them in KEYS):
 
     {prefix}:{scope}:state              hash    current -> session name; opt:{option} -> value
+                                                (`/mode`, `/persona`, the last message answered)
     {prefix}:{scope}:names              zset    session name -> last use (unix seconds)
     {prefix}:{scope}:refindex           hash    user ref -> name of the session storing it
     {prefix}:{scope}:queue              zset    waiting turns' places, in text order (score 0)
@@ -72,6 +73,7 @@ from bot.store.base import (
     DEFAULT_SESSION,
     FORGOTTEN_TTL_SECONDS,
     LAST_ANSWERED_OPTION,
+    PERSONA_OPTION,
     PLACES_KEPT,
     PLACES_KEPT_SECONDS,
     STORE_FORMAT,
@@ -295,6 +297,7 @@ def _lua(body: str) -> str:
         ("$DEFAULT", DEFAULT_SESSION),
         ("$ANSWERED", CLAIM_ANSWERED),
         ("$LAST", LAST_ANSWERED_OPTION),
+        ("$PERSONA", PERSONA_OPTION),
         ("$DAMAGED", DAMAGED),
     ):
         script = script.replace(name, value)
@@ -377,6 +380,7 @@ end
 local head = #out
 out[head + 1], out[head + 2], out[head + 3], out[head + 4] = gen, seq, '', ''
 out[head + 5] = stamp[4] or ''
+out[head + 6] = redis.call('HGET', KEYS[1], 'opt:$PERSONA') or ''  -- read at every turn
 -- (mode and sizes are set below)
 local messages, budget, used = key(name, 'messages'), tonumber(ARGV[4]), 0
 local stop, first, full = count, count - wanted, false
@@ -860,8 +864,9 @@ class RedisStore:
         if status == "busy":
             raise SessionBusy()
         name = reply[1]
-        generation, sequence, mode, sizes, epoch = reply[1 + _SUMMARY_FIELDS : 6 + _SUMMARY_FIELDS]
-        loaded = reply[6 + _SUMMARY_FIELDS :]
+        stamp = reply[1 + _SUMMARY_FIELDS : 7 + _SUMMARY_FIELDS]
+        generation, sequence, mode, sizes, epoch, persona = stamp
+        loaded = reply[7 + _SUMMARY_FIELDS :]
         loaded.reverse()
         try:
             session = session_info(reply[1 : 1 + _SUMMARY_FIELDS])
@@ -896,6 +901,7 @@ class RedisStore:
             ticket.claim,
             epoch,
             int(sequence),
+            persona or None,
         )
 
     async def claim(self, scope: str, claim: str, token: str, lease_ms: int) -> None:
@@ -1089,11 +1095,14 @@ class RedisStore:
             return None
         return None if value is None else str(value)
 
-    async def set_scope_option(self, scope: str, option: str, value: str) -> None:
+    async def set_scope_option(self, scope: str, option: str, value: str | None) -> None:
         state = scope_key(scope, "state")
         try:
             async with self._available(), self._redis.pipeline(transaction=True) as tx:
-                tx.hset(state, f"opt:{option}", value)
+                if value is None:
+                    tx.hdel(state, f"opt:{option}")
+                else:
+                    tx.hset(state, f"opt:{option}", value)
                 if self._policy.ttl_seconds:
                     tx.expire(state, self._policy.ttl_seconds)
                 await tx.execute()

@@ -36,6 +36,7 @@ from bot.store.base import (
     DEFAULT_SESSION,
     FORGOTTEN_TTL_SECONDS,
     LAST_ANSWERED_OPTION,
+    PERSONA_OPTION,
     PLACES_KEPT,
     PLACES_KEPT_SECONDS,
     STORE_FORMAT,
@@ -272,7 +273,7 @@ class SqliteStore:
 
         def work(
             db: sqlite3.Connection,
-        ) -> tuple[SessionInfo, list[str], int, str, int] | Exception:
+        ) -> tuple[SessionInfo, list[str], int, str, int, str | None] | Exception:
             """Returns the refusal instead of raising it, so the claim and the place in
             the queue are committed even when the turn must wait."""
             now = time.time()
@@ -331,14 +332,23 @@ class SqliteStore:
                     break
                 used += size
                 recent.append(body)
-            return session, recent[::-1], used, epoch, _position(db, scope, name)
+            persona = self._option(db, scope, PERSONA_OPTION)
+            return session, recent[::-1], used, epoch, _position(db, scope, name), persona
 
         outcome = await self._run(work)
         if isinstance(outcome, Exception):
             raise outcome
-        session, bodies, used, epoch, position = outcome
+        session, bodies, used, epoch, position, persona = outcome
         turn = Turn(
-            scope, session, [], used, token, claim=ticket.claim, epoch=epoch, sequence=position
+            scope,
+            session,
+            [],
+            used,
+            token,
+            claim=ticket.claim,
+            epoch=epoch,
+            sequence=position,
+            persona=persona,
         )
         try:
             recent = decode_messages(session.name, bodies)
@@ -644,16 +654,22 @@ class SqliteStore:
 
         return await self._run(work)
 
+    @staticmethod
+    def _option(db: sqlite3.Connection, scope: str, option: str) -> str | None:
+        row = db.execute(
+            "SELECT value FROM scope_options WHERE scope = ? AND option = ?", (scope, option)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
     async def scope_option(self, scope: str, option: str) -> str | None:
-        def work(db: sqlite3.Connection) -> str | None:
-            row = db.execute(
-                "SELECT value FROM scope_options WHERE scope = ? AND option = ?", (scope, option)
-            ).fetchone()
-            return None if row is None else str(row[0])
+        return await self._run(lambda db: self._option(db, scope, option))
 
-        return await self._run(work)
-
-    def _set_option(self, db: sqlite3.Connection, scope: str, option: str, value: str) -> None:
+    def _set_option(
+        self, db: sqlite3.Connection, scope: str, option: str, value: str | None
+    ) -> None:
+        if value is None:
+            db.execute("DELETE FROM scope_options WHERE scope = ? AND option = ?", (scope, option))
+            return
         db.execute(
             "INSERT INTO scope_options (scope, option, value, updated) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (scope, option)"
@@ -661,7 +677,7 @@ class SqliteStore:
             (scope, option, value, time.time()),
         )
 
-    async def set_scope_option(self, scope: str, option: str, value: str) -> None:
+    async def set_scope_option(self, scope: str, option: str, value: str | None) -> None:
         await self._run(lambda db: self._set_option(db, scope, option, value))
 
     async def read_history(self, scope: str, name: str) -> list[Message]:

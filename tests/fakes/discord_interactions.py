@@ -320,6 +320,15 @@ class Interactions:
                 kind == BOOLEAN
             ):
                 raise CommandRefused(f"option {spec['name']!r} takes type {kind}, got {value!r}")
+            shortest, longest = spec.get("min_length"), spec.get("max_length")
+            if isinstance(value, str) and (
+                (shortest is not None and len(value) < shortest)
+                or (longest is not None and len(value) > longest)
+            ):  # Discord's client refuses to send it
+                raise CommandRefused(
+                    f"option {spec['name']!r} takes {shortest}..{longest} characters, "
+                    f"got {len(value)}"
+                )
             choices = [c["value"] for c in spec.get("choices") or []]
             if choices and value not in choices:
                 raise CommandRefused(f"{value!r} is not one of the choices {choices}")

@@ -11,7 +11,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord_bot.render import PRIVATE, respond
-from bot.discord_bot.scopes import scope_for
+from bot.discord_bot.scopes import parent_of, place_name, scope_for
 from bot.errors import BotError, InvalidInput
 from bot.store.base import checked_session_name
 
@@ -86,8 +86,12 @@ class Sessions(commands.Cog):
         await respond(interaction, text)
 
     @app_commands.command(
-        description="Show this place's session, model and MCP servers", extras={PRIVATE: True}
+        description="Show this place's session, model, MCP servers and persona",
+        extras={PRIVATE: True},
     )
     async def status(self, interaction: discord.Interaction) -> None:
-        text = await self.bot.session_commands.status(scope_for(interaction.channel_id or 0))
+        channel = interaction.channel
+        text = await self.bot.session_commands.status(
+            scope_for(interaction.channel_id or 0), place_name(channel), parent_of(channel)
+        )
         await respond(interaction, text)

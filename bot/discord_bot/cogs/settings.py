@@ -1,7 +1,7 @@
-"""`/model`, `/mcp` and `/mode`: what the model is, which tools it has, when the bot
-answers. In servers these are for members with Manage Server (Discord enforces the
-command's default permissions; admins can change them in the server's settings); in DMs the
-user owns their session."""
+"""`/model`, `/mcp`, `/mode` and `/persona`: what the model is, which tools it has, when
+the bot answers, who it is in this channel. In servers these are for members with Manage
+Server (Discord enforces the command's default permissions; admins can change them in the
+server's settings); in DMs the user owns their session."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.commands import REPLY_MODE_HELP, ReplyMode
+from bot.commands import PERSONA_MAX_CHARS, REPLY_MODE_HELP, ReplyMode
 from bot.discord_bot.render import PRIVATE, respond
-from bot.discord_bot.scopes import scope_for
+from bot.discord_bot.scopes import parent_of, place_name, scope_for
 
 if TYPE_CHECKING:
     from bot.discord_bot.client import ChatBot
@@ -32,6 +32,11 @@ def _scope(interaction: discord.Interaction) -> str:
 class Settings(commands.Cog):
     mcp = app_commands.Group(
         name="mcp", description="The MCP servers (tools) of this session", default_permissions=ADMIN
+    )
+    persona = app_commands.Group(
+        name="persona",
+        description="Who the bot is here: a system prompt replacing the default",
+        default_permissions=ADMIN,
     )
 
     def __init__(self, bot: ChatBot) -> None:
@@ -91,4 +96,33 @@ class Settings(commands.Cog):
         scope = _scope(interaction)
         text = await self.bot.session_commands.set_reply_mode(scope, mode)
         self.bot.conversation.remember_mode(scope, ReplyMode(mode))
+        await respond(interaction, text)
+
+    @persona.command(name="set", description="Give the bot a persona in this channel or thread")
+    @app_commands.describe(
+        text=f"Who the bot is and how it answers (up to {PERSONA_MAX_CHARS} characters)"
+    )
+    async def persona_set(
+        self,
+        interaction: discord.Interaction,
+        text: app_commands.Range[str, 1, PERSONA_MAX_CHARS],
+    ) -> None:
+        reply = await self.bot.session_commands.set_persona(_scope(interaction), text)
+        await respond(interaction, reply)
+
+    @persona.command(
+        name="show", description="Show the persona in effect here", extras={PRIVATE: True}
+    )
+    async def persona_show(self, interaction: discord.Interaction) -> None:
+        channel = interaction.channel
+        text = await self.bot.session_commands.show_persona(
+            _scope(interaction), place_name(channel), parent_of(channel)
+        )
+        await respond(interaction, text)
+
+    @persona.command(name="clear", description="Remove this place's own persona")
+    async def persona_clear(self, interaction: discord.Interaction) -> None:
+        text = await self.bot.session_commands.clear_persona(
+            _scope(interaction), parent_of(interaction.channel)
+        )
         await respond(interaction, text)
