@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import string
 import tempfile
+import unicodedata
 from pathlib import Path
 
 from dedalus_labs.lib.mcp.wire import serialize_mcp_servers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot.commands import Commands, checked_mcp_server
+from bot.commands import PERSONA_MAX_CHARS, Commands, PersonaInEffect, checked_mcp_server
 from bot.errors import InvalidInput
 from bot.store.base import SessionInfo, StorePolicy, checked_session_name
 from bot.store.sqlite import SqliteStore
@@ -146,5 +147,38 @@ def test_reply_modes_and_mcp_removals() -> None:
             fixture.run(fixture.commands.mcp_add("s", "acme/tool"))
         except InvalidInput as refused:
             assert "is not active" in str(refused) and fixture.snapshot() == before
+
+    check()
+
+
+def test_personas() -> None:
+    """Any text: stored as given (trimmed, line breaks as `\\n`) and sent from the next turn,
+    or refused with one line, leaving the persona there was."""
+    fixture = Fixture()
+    fixture.run(fixture.commands.set_persona("s", "You are the first persona."))
+
+    @FUZZ
+    @given(
+        st.one_of(
+            nasty_text,
+            st.text(min_size=PERSONA_MAX_CHARS - 5, max_size=PERSONA_MAX_CHARS + 5),
+            st.sampled_from(["a\r\nb", "\tx\ty\n", "a\x7fb", "a\u0085b", "\ud800", "🙂" * 4000]),
+        )
+    )
+    def check(text: str) -> None:
+        before = fixture.run(fixture.commands.persona_in_effect("s"))
+        try:
+            said = fixture.run(fixture.commands.set_persona("s", text))
+        except InvalidInput as refused:
+            assert "\n" not in str(refused) and 0 < len(str(refused)) < 200
+            assert fixture.run(fixture.commands.persona_in_effect("s")) == before
+            return
+        assert isinstance(said, str) and "\n" not in said
+        stored = fixture.run(fixture.commands.persona_in_effect("s"))
+        assert isinstance(stored, PersonaInEffect) and stored.text is not None
+        assert stored.text == text.replace("\r\n", "\n").replace("\r", "\n").strip()
+        assert 0 < len(stored.text) <= PERSONA_MAX_CHARS
+        assert all(c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cs") for c in stored.text)
+        stored.text.encode()  # storable and sendable as UTF-8
 
     check()
