@@ -17,6 +17,7 @@ from bot.commands import Commands
 from bot.config import PERSONA_NOTE, Settings, load_settings
 from bot.engine import Engine, EngineLimits
 from bot.errors import BotError, SettingsError
+from bot.logs import LogFormat, use_json_lines
 from bot.store import open_store
 from bot.store.base import SessionSettings, SessionStore
 
@@ -83,7 +84,7 @@ async def run_bot(settings: Settings) -> None:
     from bot.discord_bot.client import ChatBot, run_discord, setup_logging
     from bot.engine import Backfill
 
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     store = open_store(settings)
     model = connect_model(settings)
     try:
@@ -122,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         if args.mode == "console":
             settings.require("DEDALUS_API_KEY")
-            logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+            if settings.log_format is LogFormat.JSON:
+                use_json_lines("WARNING")
+            else:
+                logging.basicConfig(
+                    level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+                )
             asyncio.run(run_console(settings, args.scope))
         elif args.mode in ("import", "export"):
             print(asyncio.run(run_transfer(settings, args.mode, args.file, args.scope)))

@@ -14,6 +14,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from bot.errors import SettingsError
+from bot.logs import LogFormat
 from bot.store.base import HISTORY_CACHE_MB, HISTORY_CAP_MB, MESSAGE_CAP_KB, SESSIONS_PER_PLACE
 
 REFERENCE_MODELS: tuple[str, ...] = (
@@ -63,6 +64,7 @@ class Settings:
     backfill_max_messages: int  # BACKFILL_MAX_MESSAGES
     dev_guild_id: int | None  # DISCORD_DEV_GUILD_ID
     log_level: str  # LOG_LEVEL
+    log_format: LogFormat  # LOG_FORMAT: text (for people) or json (one object per line)
 
     @property
     def context_budget_chars(self) -> int:
@@ -248,4 +250,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         dev_guild_id=_parsed(env, "DISCORD_DEV_GUILD_ID", None, _positive_int, "a guild ID"),
         log_level=_parsed(env, "LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
+        log_format=_parsed(
+            env, "LOG_FORMAT", LogFormat.TEXT, lambda raw: LogFormat(raw.lower()), "text or json"
+        ),
     )

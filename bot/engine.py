@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from bot.context import (
     build_context,
@@ -34,6 +35,7 @@ from bot.context import (
     within_size,
 )
 from bot.errors import BotError, MessageTooLarge, ModelError, SessionBusy, StoreUnavailable
+from bot.logs import about_turn, note_session
 from bot.model import ContextTooLong, ModelClient, TextSink
 from bot.store.base import (
     LAST_ANSWERED_OPTION,
@@ -143,6 +145,24 @@ class _Held:
     """When the turn's lock and lease were last known held (`time.monotonic()`)."""
 
 
+P = ParamSpec("P")
+TurnMethod = Callable[Concatenate["Engine", str, Message, P], Coroutine[Any, Any, Reply]]
+
+
+def _about_the_turn(method: TurnMethod[P]) -> TurnMethod[P]:
+    """Every line logged during the turn names its scope and message (see `bot.logs`)."""
+
+    @functools.wraps(method)
+    async def logged(
+        self: Engine, scope: str, user: Message, /, *a: P.args, **k: P.kwargs
+    ) -> Reply:
+        message = k.get("claim") or k.get("user_ref")
+        with about_turn(scope, None if message is None else str(message)):
+            return await method(self, scope, user, *a, **k)
+
+    return logged
+
+
 class Engine:
     def __init__(self, store: SessionStore, model: ModelClient, limits: EngineLimits) -> None:
         self._store = store
@@ -214,6 +234,7 @@ class Engine:
             log.info("handing back %d message(s) not answered", len(cut))
             await asyncio.wait(cut, timeout=HAND_BACK_SECONDS)
 
+    @_about_the_turn
     async def reply(
         self,
         scope: str,
@@ -253,6 +274,7 @@ class Engine:
             try:
                 turn = await self._begin(scope, ticket, room)
                 held = _Held(time.monotonic())
+                note_session(turn.session.name)
             except asyncio.CancelledError:
                 if claim is not None:
                     await self._settle(scope, claim, ticket.token, answered=False)

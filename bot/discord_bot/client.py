@@ -21,6 +21,7 @@ from bot.discord_bot.render import NO_PINGS, PRIVATE, private_answer, respond
 from bot.discord_bot.scopes import scope_for
 from bot.engine import Backfill, Engine
 from bot.errors import BotError, SettingsError, StoreUnavailable
+from bot.logs import LogFormat, keep_payloads_out, use_json_lines
 from bot.store.base import AlreadyClaimed
 
 log = logging.getLogger(__name__)
@@ -183,10 +184,14 @@ class DiscordUnreachable(BotError):
         super().__init__(f"Cannot reach Discord ({cause}); check the network and try again.")
 
 
-def setup_logging(level: str) -> None:
-    """discord.py's own log format and handler, at the configured level, without the start-up
-    warnings about voice support, which this bot does not use."""
-    discord.utils.setup_logging(level=logging.getLevelName(level), root=True)
+def setup_logging(level: str, form: LogFormat = LogFormat.TEXT) -> None:
+    """discord.py's own log format and handler (or JSON lines), at the configured level,
+    without the start-up warnings about voice support, which this bot does not use."""
+    if form is LogFormat.JSON:
+        use_json_lines(level)
+    else:
+        discord.utils.setup_logging(level=logging.getLevelName(level), root=True)
+        keep_payloads_out()
     logging.getLogger("discord.client").addFilter(
         lambda record: "voice will NOT be supported" not in record.getMessage()
     )
