@@ -18,6 +18,7 @@ from bot.config import PERSONA_NOTE, Settings, load_settings
 from bot.engine import Engine, EngineLimits
 from bot.errors import BotError, SettingsError
 from bot.logs import LogFormat, use_json_lines
+from bot.metrics import Metrics
 from bot.store import open_store
 from bot.store.base import SessionSettings, SessionStore
 
@@ -39,7 +40,9 @@ def connect_model(settings: Settings) -> DedalusModel:
     )
 
 
-def build_engine(settings: Settings, store: SessionStore, model: DedalusModel) -> Engine:
+def build_engine(
+    settings: Settings, store: SessionStore, model: DedalusModel, metrics: Metrics | None = None
+) -> Engine:
     limits = EngineLimits(
         system_prompt=settings.system_prompt,
         persona_note=PERSONA_NOTE,
@@ -47,7 +50,7 @@ def build_engine(settings: Settings, store: SessionStore, model: DedalusModel) -
         lock_ms=int(settings.turn_lease_seconds * 1000),
         message_cap_bytes=settings.message_cap_kb * 1024,
     )
-    return Engine(store, model, limits)
+    return Engine(store, model, limits, metrics)
 
 
 async def run_console(settings: Settings, scope: str) -> None:
@@ -81,14 +84,26 @@ async def run_transfer(settings: Settings, action: str, path: Path, scope: str) 
 
 
 async def run_bot(settings: Settings) -> None:
-    from bot.discord_bot.client import ChatBot, run_discord, setup_logging
+    from aiohttp import web
+
+    from bot.discord_bot.client import (
+        ChatBot,
+        gateway_check,
+        gateway_latencies,
+        run_discord,
+        setup_logging,
+    )
     from bot.engine import Backfill
+    from bot.health import HealthServer, store_check
 
     setup_logging(settings.log_level, settings.log_format)
     store = open_store(settings)
     model = connect_model(settings)
+    metrics = Metrics()
+    metrics.watch_store(store.stats)
+    listener: web.AppRunner | None = None
     try:
-        engine = build_engine(settings, store, model)
+        engine = build_engine(settings, store, model, metrics)
         commands = Commands(store, settings.allowed_models, settings.default_model)
         bot = ChatBot(
             engine,
@@ -97,8 +112,20 @@ async def run_bot(settings: Settings) -> None:
             backfill=Backfill(settings.backfill_max_age_seconds, settings.backfill_max_messages),
         )
         assert settings.discord_token is not None
+        if settings.health_port:
+            metrics.watch_gauge(
+                "dcbot_gateway_latency_seconds",
+                "Heartbeat round trip to Discord's gateway, per shard.",
+                "shard",
+                lambda: gateway_latencies(bot),
+            )
+            checks = [("discord", gateway_check(bot)), ("store", store_check(store))]
+            server = HealthServer(settings.health_host, settings.health_port, checks, metrics)
+            listener = await server.start()
         await run_discord(bot, settings.discord_token, settings.shutdown_grace_seconds)
     finally:
+        if listener is not None:
+            await listener.cleanup()
         await model.close()
         await store.close()
 

@@ -65,6 +65,8 @@ class Settings:
     dev_guild_id: int | None  # DISCORD_DEV_GUILD_ID
     log_level: str  # LOG_LEVEL
     log_format: LogFormat  # LOG_FORMAT: text (for people) or json (one object per line)
+    health_host: str  # HEALTH_HOST: the address /healthz and /metrics listen on
+    health_port: int  # HEALTH_PORT; 0 (the default) turns the listener off
 
     @property
     def context_budget_chars(self) -> int:
@@ -172,6 +174,13 @@ def _http_url(raw: str) -> str:
     return raw
 
 
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError(raw)
+    return value
+
+
 def _log_level(raw: str) -> str:
     level = raw.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -250,6 +259,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         dev_guild_id=_parsed(env, "DISCORD_DEV_GUILD_ID", None, _positive_int, "a guild ID"),
         log_level=_parsed(env, "LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
+        health_host=env.get("HEALTH_HOST", "").strip() or "127.0.0.1",
+        health_port=_parsed(env, "HEALTH_PORT", 0, _port, "a port number from 0 to 65535"),
         log_format=_parsed(
             env, "LOG_FORMAT", LogFormat.TEXT, lambda raw: LogFormat(raw.lower()), "text or json"
         ),

@@ -36,6 +36,7 @@ from bot.context import (
 )
 from bot.errors import BotError, MessageTooLarge, ModelError, SessionBusy, StoreUnavailable
 from bot.logs import about_turn, note_session
+from bot.metrics import Metrics, TurnOutcome, TurnPart
 from bot.model import ContextTooLong, ModelClient, TextSink
 from bot.store.base import (
     LAST_ANSWERED_OPTION,
@@ -117,7 +118,9 @@ class Reply:
 
 class EmptyAnswer(ModelError):
     def __init__(self) -> None:
-        super().__init__("The model sent back an empty answer. Send your message again.")
+        super().__init__(
+            "The model sent back an empty answer. Send your message again.", "empty_answer"
+        )
 
 
 class LostTurn(BotError):
@@ -150,21 +153,55 @@ TurnMethod = Callable[Concatenate["Engine", str, Message, P], Coroutine[Any, Any
 
 
 def _about_the_turn(method: TurnMethod[P]) -> TurnMethod[P]:
-    """Every line logged during the turn names its scope and message (see `bot.logs`)."""
+    """Every line logged during the turn names its scope and message (see `bot.logs`), and
+    the turn is counted by its outcome (see `bot.metrics`)."""
 
     @functools.wraps(method)
-    async def logged(
+    async def observed(
         self: Engine, scope: str, user: Message, /, *a: P.args, **k: P.kwargs
     ) -> Reply:
         message = k.get("claim") or k.get("user_ref")
-        with about_turn(scope, None if message is None else str(message)):
-            return await method(self, scope, user, *a, **k)
+        started = time.perf_counter()
+        outcome = TurnOutcome.FAILED
+        try:
+            with about_turn(scope, None if message is None else str(message)):
+                reply = await method(self, scope, user, *a, **k)
+            outcome = TurnOutcome.ANSWERED if reply.kept else TurnOutcome.NOT_KEPT
+            self.metrics.place_answered(scope)
+            return reply
+        except (AlreadyClaimed, ShuttingDown):
+            outcome = TurnOutcome.ELSEWHERE
+            raise
+        except (MessageTooLarge, SessionBusy):
+            outcome = TurnOutcome.REFUSED
+            raise
+        except ModelError as error:
+            outcome = TurnOutcome.MODEL_ERROR
+            self.metrics.model_errors.labels(error.kind).inc()
+            raise
+        except StoreUnavailable:
+            outcome = TurnOutcome.STORE_UNAVAILABLE
+            raise
+        except asyncio.CancelledError:
+            outcome = TurnOutcome.HANDED_BACK
+            raise
+        finally:
+            self.metrics.turn_ended(outcome, time.perf_counter() - started)
 
-    return logged
+    return observed
 
 
 class Engine:
-    def __init__(self, store: SessionStore, model: ModelClient, limits: EngineLimits) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        model: ModelClient,
+        limits: EngineLimits,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.metrics = metrics or Metrics()
+        """Counted here, whoever serves them (`bot.health`); a bot without the listener
+        counts into a registry nobody reads."""
         self._store = store
         self._model = model
         self._limits = limits
@@ -287,14 +324,16 @@ class Engine:
                 room = history_room(system, user, self._limits.budget_bytes)
                 if on_begin is not None:
                     await on_begin()
-                added, text, shortened = await self._kept_alive(
-                    turn, held, self._run(turn, system, user, room, on_text)
-                )
+                with self.metrics.timed(TurnPart.MODEL):
+                    added, text, shortened = await self._kept_alive(
+                        turn, held, self._run(turn, system, user, room, on_text)
+                    )
                 await self._still_claimed(turn, held)
                 try:
-                    saved = kept = await self._save(
-                        turn, self._within_size([user, *added]), user_ref
-                    )
+                    with self.metrics.timed(TurnPart.STORE):
+                        saved = kept = await self._save(
+                            turn, self._within_size([user, *added]), user_ref
+                        )
                 except SessionCleared:  # the store released the lock
                     saved = True
             except asyncio.CancelledError:
@@ -435,12 +474,20 @@ class Engine:
         deadline: float | None = None
         pause = 0.005
 
+        started = last_try = time.perf_counter()
+
         async def attempt() -> Turn:
+            nonlocal last_try
+            last_try = time.perf_counter()
             return await self._store.begin_turn(scope, ticket, room, limits.lock_ms)
 
         while True:
             try:
-                return await self._until_claimed(attempt)
+                turn = await self._until_claimed(attempt)
+                loaded = time.perf_counter()
+                self.metrics.turn_seconds.labels(TurnPart.QUEUE.value).observe(last_try - started)
+                self.metrics.turn_seconds.labels(TurnPart.STORE.value).observe(loaded - last_try)
+                return turn
             except SessionBusy:
                 deadline = deadline or time.monotonic() + limits.wait_seconds
                 if time.monotonic() + pause > deadline:

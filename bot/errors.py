@@ -103,4 +103,9 @@ class SessionBusy(BotError):
 
 
 class ModelError(BotError):
-    """The model call failed; the turn was not saved, so the message can simply be sent again."""
+    """The model call failed; the turn was not saved, so the message can simply be sent again.
+    `kind` is one word for the metrics (timeout, rate_limited, ...): never the message."""
+
+    def __init__(self, message: str, kind: str = "other") -> None:
+        super().__init__(message)
+        self.kind = kind

@@ -28,7 +28,9 @@ class ContextTooLong(ModelError):
     """The provider refused the conversation as too long for the model's context window."""
 
     def __init__(self) -> None:
-        super().__init__("This conversation is too long for the model; use /clear or /new.")
+        super().__init__(
+            "This conversation is too long for the model; use /clear or /new.", "context_too_long"
+        )
 
 
 class ModelClient(Protocol):
@@ -122,25 +124,48 @@ def _model_errors() -> Iterator[None]:
 
 def _translate(error: BaseException) -> ModelError | None:
     if isinstance(error, dedalus_labs.APITimeoutError):
-        return ModelError("The model timed out. Send your message again, or ask something shorter.")
+        return ModelError(
+            "The model timed out. Send your message again, or ask something shorter.",
+            "timeout",
+        )
     if isinstance(error, dedalus_labs.RateLimitError):
-        return ModelError("The model is rate limited right now. Wait a minute and send it again.")
+        return ModelError(
+            "The model is rate limited right now. Wait a minute and send it again.",
+            "rate_limited",
+        )
     if isinstance(error, dedalus_labs.AuthenticationError | dedalus_labs.PermissionDeniedError):
-        return ModelError("The model service refused the bot's API key; tell the bot's admin.")
+        return ModelError(
+            "The model service refused the bot's API key; tell the bot's admin.",
+            "refused_key",
+        )
     if isinstance(error, dedalus_labs.InternalServerError | dedalus_labs.APIConnectionError):
-        return ModelError("The model service is unavailable right now. Try again shortly.")
+        return ModelError(
+            "The model service is unavailable right now. Try again shortly.",
+            "unavailable",
+        )
     if isinstance(error, httpx.HTTPError):  # a stream cut mid-answer is not wrapped by the SDK
-        return ModelError("The model service broke off its answer. Send your message again.")
+        return ModelError(
+            "The model service broke off its answer. Send your message again.",
+            "broken_off",
+        )
     if isinstance(error, dedalus_labs.APIStatusError) and error.status_code < 400:
         # An `event: error` inside a stream that had already started with 200.
-        return ModelError("The model service broke off its answer. Send your message again.")
+        return ModelError(
+            "The model service broke off its answer. Send your message again.",
+            "broken_off",
+        )
     if isinstance(error, dedalus_labs.APIStatusError):
         if "context_length_exceeded" in str(error.body) or "context length" in str(error.body):
             return ContextTooLong()
-        return ModelError(f"The model refused the request (HTTP {error.status_code}).")
+        return ModelError(
+            f"The model refused the request (HTTP {error.status_code}).", "refused_request"
+        )
     if isinstance(
         error, dedalus_labs.APIError | ValueError | KeyError | TypeError | AttributeError
     ):
         # The SDK surfaces an unparseable answer as one of these, from deep inside the runner.
-        return ModelError("The model service sent an answer the bot could not read. Try again.")
+        return ModelError(
+            "The model service sent an answer the bot could not read. Try again.",
+            "unreadable",
+        )
     return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import uuid
 
@@ -21,6 +22,7 @@ from bot.discord_bot.render import NO_PINGS, PRIVATE, private_answer, respond
 from bot.discord_bot.scopes import scope_for
 from bot.engine import Backfill, Engine
 from bot.errors import BotError, SettingsError, StoreUnavailable
+from bot.health import Check
 from bot.logs import LogFormat, keep_payloads_out, use_json_lines
 from bot.store.base import AlreadyClaimed
 
@@ -73,7 +75,13 @@ class OncePerInteraction(app_commands.CommandTree["ChatBot"]):
             )
             return False
         interaction.extras[PRIVATE] = private
+        self._count(interaction)
         return True
+
+    def _count(self, interaction: discord.Interaction[ChatBot]) -> None:
+        """Counted by the process that runs it, so the sum over processes is what people did."""
+        command = interaction.command.qualified_name if interaction.command else "unknown"
+        self.client.engine.metrics.interactions.labels(command).inc()
 
     async def _claimed(self, interaction: discord.Interaction[ChatBot]) -> bool:
         """An autocomplete request cannot be deferred (its one response is the choices), so
@@ -91,7 +99,32 @@ class OncePerInteraction(app_commands.CommandTree["ChatBot"]):
         except StoreUnavailable:
             log.warning("autocomplete %s not answered: storage unavailable", interaction.id)
             return False
+        self._count(interaction)
         return True
+
+
+def gateway_check(bot: ChatBot) -> Check:
+    """For `/healthz`: healthy while the gateway connection is up."""
+
+    async def connected() -> str | None:
+        if bot.is_closed():
+            return "gateway closed"
+        if not bot.is_ready():
+            return "gateway not connected yet"
+        if bot.ws is None or not bot.ws.open:
+            return "gateway disconnected; reconnecting"
+        return None
+
+    return connected
+
+
+def gateway_latencies(bot: ChatBot) -> list[tuple[str, float]]:
+    """Heartbeat round trip per shard, for `/metrics` (none before the first heartbeat)."""
+    return [
+        (str(shard), latency)
+        for shard, latency in [(bot.shard_id or 0, bot.latency)]
+        if math.isfinite(latency)
+    ]
 
 
 class ChatBot(commands.Bot):

@@ -23,6 +23,7 @@ from bot.discord_bot.render import LiveReply
 from bot.discord_bot.scopes import channel_of, parent_of, scope_for
 from bot.engine import HAND_BACK_SECONDS, NOT_KEPT_NOTE, AnsweredElsewhere, Backfill, ShuttingDown
 from bot.errors import BotError, CorruptSession, DamagedState, StoreUnavailable
+from bot.metrics import TurnPart
 from bot.store.base import AlreadyClaimed, Message
 
 if TYPE_CHECKING:
@@ -282,7 +283,8 @@ class Conversation(commands.Cog):
                 )
             notes = SHORTENED_NOTE if reply.shortened else ""
             notes += "" if reply.kept else f"\n\n-# {NOT_KEPT_NOTE}"
-            await live.finish(reply.text + notes)
+            with self.bot.engine.metrics.timed(TurnPart.DISCORD):
+                await live.finish(reply.text + notes)
         except AnsweredElsewhere:  # this process stalled; the other's answer is the one
             deleted = await live.discard()
             log.warning(

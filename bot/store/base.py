@@ -210,6 +210,18 @@ HISTORY_CAP_MB = 4
 """Default most stored MB of one session's history."""
 
 
+@dataclass
+class StoreStats:
+    """Counts a store keeps for the metrics, which read them when scraped: the store needs
+    nothing of Prometheus."""
+
+    unavailable: int = 0
+    """Calls that failed because storage did not answer, or not in time."""
+    cache_hits: int = 0
+    """Turns whose recent messages this process held (Redis), loading only what was added."""
+    cache_misses: int = 0
+
+
 @dataclass(frozen=True)
 class StorePolicy:
     """Limits every backend applies; read from the settings by the composition root."""
@@ -328,6 +340,12 @@ def mcp_json(settings: SessionSettings) -> str:
 
 class SessionStore(Protocol):
     """Async session storage. Every method raises `StoreUnavailable` when storage is down."""
+
+    stats: StoreStats
+
+    async def ping(self) -> None:
+        """Return once storage answers (the health check); `StoreUnavailable` otherwise."""
+        ...
 
     async def begin_turn(self, scope: str, ticket: Ticket, budget_bytes: int, lock_ms: int) -> Turn:
         """Lock the current session (creating `default` if the scope has none) and return the

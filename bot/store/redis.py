@@ -84,6 +84,7 @@ from bot.store.base import (
     SessionInfo,
     SessionSettings,
     StorePolicy,
+    StoreStats,
     Ticket,
     Turn,
     decode_message_array,
@@ -781,6 +782,7 @@ class RedisStore:
         self._owns_client = owns_client
         self._call_timeout = call_timeout
         self._recent = RecentCache(policy.history_cache_bytes)
+        self.stats = StoreStats()
         self._load_bytes = 0
         """The largest budget asked for so far: windows are loaded and kept to it, so a turn
         whose new message is shorter than the last one's still finds its history cached."""
@@ -827,7 +829,12 @@ class RedisStore:
             async with asyncio.timeout(seconds or self._call_timeout):
                 yield
         except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            self.stats.unavailable += 1
             raise StoreUnavailable() from error
+
+    async def ping(self) -> None:
+        async with self._available():
+            await self._redis.ping()
 
     @staticmethod
     def _keys(scope: str) -> list[str]:
@@ -878,11 +885,14 @@ class RedisStore:
             await self.finish_turn(turn, [])
             raise
         if mode != "delta" or cached is None:
+            self.stats.cache_misses += 1
             base = RecentWindow(name, generation, 0, 0, load_bytes, mode == "all")
         elif cached.complete:  # holding everything, it may keep up to any bound
             base = replace(cached, bound=max(cached.bound, load_bytes))
         else:
             base = cached
+        if mode == "delta" and cached is not None:
+            self.stats.cache_hits += 1
         window = base.extended(
             messages,
             [int(size) for size in reversed(sizes.split(",")) if size],

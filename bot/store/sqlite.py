@@ -47,6 +47,7 @@ from bot.store.base import (
     SessionInfo,
     SessionSettings,
     StorePolicy,
+    StoreStats,
     Ticket,
     Turn,
     claim_lease,
@@ -116,6 +117,7 @@ def _position(db: sqlite3.Connection, scope: str, name: str) -> int:
 class SqliteStore:
     def __init__(self, path: Path | str, policy: StorePolicy) -> None:
         self._policy = policy
+        self.stats = StoreStats()
         self._db = sqlite3.connect(
             str(path), isolation_level=None, check_same_thread=False, timeout=10
         )
@@ -161,7 +163,11 @@ class SqliteStore:
         try:
             return await asyncio.to_thread(transaction)
         except sqlite3.OperationalError as error:
+            self.stats.unavailable += 1
             raise StoreUnavailable() from error
+
+    async def ping(self) -> None:
+        await self._run(lambda db: db.execute("SELECT 1").fetchone())
 
     # Helpers that run inside a transaction.
 

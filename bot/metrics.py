@@ -1,0 +1,153 @@
+"""What an operator watches: Prometheus metrics of turns, model and store errors, commands and
+the gateway, served at `/metrics` by `bot.health`.
+
+Label values come from fixed sets only (outcomes, parts of a turn, error classes, command
+names, shard ids), never from content, people, places or secrets: those must not leave the
+bot, and would make the number of series grow without bound. Each `Metrics` has its own
+registry, so several bots in one process (the tests) never mix their counts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from bot.store.base import StoreStats
+
+ACTIVE_SECONDS = 3600.0
+"""`dcbot_places_active` counts the places this process answered in within this long."""
+
+Readings = Callable[[], Iterable[tuple[str, float]]]
+"""A gauge's (label value, reading) pairs, read when scraped."""
+
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class TurnOutcome(StrEnum):
+    ANSWERED = "answered"
+    NOT_KEPT = "not_kept"  # answered, but the session changed meanwhile: not stored
+    REFUSED = "refused"  # too large, or the session was busy too long
+    MODEL_ERROR = "model_error"
+    STORE_UNAVAILABLE = "store_unavailable"
+    ELSEWHERE = "answered_elsewhere"  # another process has or had the message
+    HANDED_BACK = "handed_back"  # stopping, or cut short
+    FAILED = "failed"  # any other error
+
+
+class TurnPart(StrEnum):
+    TOTAL = "total"
+    QUEUE = "queue"  # waiting for the place's earlier turns or the session's lock
+    STORE = "store"  # loading the history and saving the turn
+    MODEL = "model"
+    DISCORD = "discord"  # posting the finished answer
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self.turns = Counter("dcbot_turns", "Turns by outcome.", ["outcome"], registry=registry)
+        self.turn_seconds = Histogram(
+            "dcbot_turn_seconds",
+            "Time of a turn and of its parts.",
+            ["part"],
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.model_errors = Counter(
+            "dcbot_model_errors", "Failed model calls by kind.", ["kind"], registry=registry
+        )
+        self.interactions = Counter(
+            "dcbot_interactions",
+            "Slash commands and autocompletes this process ran, by command.",
+            ["command"],
+            registry=registry,
+        )
+        self._active: dict[str, float] = {}
+        Gauge(
+            "dcbot_places_active",
+            "Channels, threads and DMs this process answered in during the last hour.",
+            registry=registry,
+        ).set_function(self._count_active)
+        for outcome in TurnOutcome:  # every series exists from the start, at 0
+            self.turns.labels(outcome.value)
+
+    def turn_ended(self, outcome: TurnOutcome, seconds: float) -> None:
+        self.turns.labels(outcome.value).inc()
+        self.turn_seconds.labels(TurnPart.TOTAL.value).observe(seconds)
+
+    def place_answered(self, place: str) -> None:
+        """Only counted, never exported: the label-free gauge reads how many there are."""
+        self._active[place] = time.monotonic()
+        if len(self._active) > 100_000:
+            self._count_active()
+
+    @contextmanager
+    def timed(self, part: TurnPart) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.turn_seconds.labels(part.value).observe(time.perf_counter() - started)
+
+    def watch_store(self, stats: StoreStats) -> None:
+        self.registry.register(_StoreCollector(stats))
+
+    def watch_gauge(
+        self,
+        name: str,
+        documentation: str,
+        label: str,
+        read: Readings,
+    ) -> None:
+        """A gauge read when scraped (the gateway's latency per shard, say)."""
+        self.registry.register(_ReadGauge(name, documentation, label, read))
+
+    def _count_active(self) -> float:
+        since = time.monotonic() - ACTIVE_SECONDS
+        for place in [p for p, when in self._active.items() if when < since]:
+            del self._active[place]
+        return float(len(self._active))
+
+
+class _StoreCollector(Collector):
+    def __init__(self, stats: StoreStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        errors = CounterMetricFamily(
+            "dcbot_store_errors", "Store calls that failed: storage unreachable or too slow."
+        )
+        errors.add_metric([], self._stats.unavailable)
+        cache = CounterMetricFamily(
+            "dcbot_history_cache",
+            "Turns that found the session's recent messages in this process's memory (hit) "
+            "or loaded them from Redis (miss).",
+            labels=["result"],
+        )
+        cache.add_metric(["hit"], self._stats.cache_hits)
+        cache.add_metric(["miss"], self._stats.cache_misses)
+        return [errors, cache]
+
+
+class _ReadGauge(Collector):
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        label: str,
+        read: Readings,
+    ) -> None:
+        self._name, self._documentation, self._label, self._read = name, documentation, label, read
+
+    def collect(self) -> Iterable[Metric]:
+        gauge = GaugeMetricFamily(self._name, self._documentation, labels=[self._label])
+        for value, reading in self._read():
+            gauge.add_metric([value], reading)
+        return [gauge]
