@@ -259,6 +259,10 @@ class Commands:
                 return PersonaInEffect(inherited, parent.label)
         return PersonaInEffect(None, "default")
 
+    async def own_persona(self, scope: str) -> str | None:
+        """The place's own persona (not one it inherits), to edit it."""
+        return await self.store.scope_option(scope, PERSONA_OPTION) or None
+
     async def set_persona(self, scope: str, text: str) -> str:
         persona = checked_persona(text)
         await self.store.set_scope_option(scope, PERSONA_OPTION, persona)

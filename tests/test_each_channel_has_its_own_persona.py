@@ -51,6 +51,26 @@ def with_note(persona_text: str) -> str:
     return f"{persona_text}\n\n{PERSONA_NOTE}"
 
 
+def text_input(form: dict[str, Any]) -> dict[str, Any]:
+    """The form's one text input, wherever it sits (in a label, or an action row)."""
+    found: dict[str, Any]
+    [found] = [
+        inner
+        for outer in form["components"]
+        for inner in [outer.get("component"), *(outer.get("components") or [])]
+        if inner and inner["type"] == 4
+    ]
+    return found
+
+
+async def open_form(harness: Harness, channel_id: int) -> tuple[int, dict[str, Any]]:
+    """`/persona set` without text: the form the bot answers with."""
+    fake = harness.discord
+    opened = fake.invoke("persona", user=fake.admin, channel_id=channel_id, subcommand="set")
+    form = await fake.wait_for(lambda: fake.modal(opened), what="the /persona form")
+    return opened, form
+
+
 async def test_each_channel_sends_its_own_persona(harness: Harness) -> None:
     fake = harness.discord
     interaction = fake.invoke(
@@ -127,6 +147,34 @@ async def test_in_a_dm_the_user_sets_their_own_persona(harness: Harness) -> None
     assert "Persona: default" in others
     await persona(harness, "clear", dm, user=fake.member)
     assert await system_prompt_of_answer(harness, dm, "again", mention=False) == SYSTEM
+
+
+async def test_a_form_keeps_line_breaks_and_holds_the_persona_to_edit(harness: Harness) -> None:
+    fake = harness.discord
+    opened, form = await open_form(harness, fake.general_id)
+    assert fake.interaction_reply(opened).response_types == [9]  # the form is the answer
+    field = text_input(form)
+    assert (field["style"], field["max_length"]) == (2, PERSONA_MAX_CHARS)  # a paragraph
+    assert not field.get("value")  # nothing to edit yet
+    lines = "You are a dungeon master.\nDescribe each room.\n\tThen ask what they do."
+    submitted = fake.submit_modal(opened, {field["custom_id"]: lines})
+    reply = await fake.wait_interaction_reply(submitted)
+    assert reply.text.startswith("Persona set (") and not reply.ephemeral
+    assert await system_prompt_of_answer(harness, fake.general_id, "go") == with_note(lines)
+
+    opened, form = await open_form(harness, fake.general_id)
+    field = text_input(form)
+    assert field["value"] == lines  # the persona to edit
+    with pytest.raises(CommandRefused):  # Discord's client refuses it
+        fake.submit_modal(opened, {field["custom_id"]: "x" * (PERSONA_MAX_CHARS + 1)})
+    submitted = fake.submit_modal(opened, {field["custom_id"]: "A bell\x07 rings."})
+    reply = await fake.wait_interaction_reply(submitted)
+    assert reply.text == (
+        "⚠️ A persona cannot contain control characters (line breaks and tabs are fine). "
+        "Nothing was changed."
+    )
+    assert reply.ephemeral
+    assert await system_prompt_of_answer(harness, fake.general_id, "on") == with_note(lines)
 
 
 @pytest.mark.parametrize("action", ["set", "show", "clear"])
@@ -266,6 +314,18 @@ async def test_a_change_made_in_one_process_counts_in_anothers_next_turn(
             await fake.wait_interaction_reply(clear, timeout=30)
             assert await prompt_for(general, "eight") == DEFAULT_SYSTEM_PROMPT
             assert await prompt_for(thread, "nine") == with_note(BARD)
+
+            opened = fake.invoke("persona", user=fake.admin, channel_id=general, subcommand="set")
+            form = await fake.wait_for(lambda: fake.modal(opened), 30, what="the form")
+            field = text_input(form)
+            submitted = fake.submit_modal(opened, {field["custom_id"]: "Line one.\nLine two."})
+            reply = await fake.wait_interaction_reply(submitted, timeout=30)
+            assert reply.text.startswith("Persona set (")  # by the process that sent the form
+            assert await prompt_for(general, "ten") == with_note("Line one.\nLine two.")
+            shown = [r.status for r in fake.requests if f"/interactions/{opened}/" in r.path]
+            assert sorted(shown) == [200, 400]  # one form: the other process was refused
+            logged = "".join(bot.text() for bot in bots)
+            assert "Traceback" not in logged and " ERROR " not in logged, logged
         finally:
             for bot in bots:
                 bot.stop()

@@ -18,7 +18,14 @@ from bot.commands import Commands
 from bot.discord_bot.cogs.sessions import Sessions
 from bot.discord_bot.cogs.settings import Settings as SettingsCog
 from bot.discord_bot.conversation import UNEXPECTED, Conversation
-from bot.discord_bot.render import NO_PINGS, PRIVATE, private_answer, respond
+from bot.discord_bot.render import (
+    ANSWERED_ELSEWHERE,
+    NO_PINGS,
+    PRIVATE,
+    opens_form,
+    private_answer,
+    respond,
+)
 from bot.discord_bot.scopes import scope_for
 from bot.engine import Backfill, Engine
 from bot.errors import BotError, SettingsError, StoreUnavailable
@@ -28,9 +35,6 @@ from bot.store.base import AlreadyClaimed
 
 log = logging.getLogger(__name__)
 
-ANSWERED_ELSEWHERE = frozenset({40060, 10062})
-"""Discord's codes for an acknowledgement it refused: already acknowledged (by another
-process), or unknown interaction (too late: another process took it, or nobody did in 3 s)."""
 AUTOCOMPLETE_LEASE_MS = 60_000
 """How long an autocomplete request stays claimed; Discord waits 3 s for its choices."""
 
@@ -58,6 +62,8 @@ class OncePerInteraction(app_commands.CommandTree["ChatBot"]):
     async def interaction_check(self, interaction: discord.Interaction[ChatBot], /) -> bool:
         if interaction.type is discord.InteractionType.autocomplete:
             return await self._claimed(interaction)
+        if opens_form(interaction):  # the form it answers with is its acknowledgement
+            return True
         private = private_answer(interaction)
         try:
             await interaction.response.defer(ephemeral=private, thinking=True)

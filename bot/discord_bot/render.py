@@ -233,6 +233,13 @@ class LiveReply:
                 self._shown.append(piece)
 
 
+ANSWERED_ELSEWHERE = frozenset({40060, 10062})
+"""Discord's codes for an acknowledgement it refused: already acknowledged (by another
+process), or unknown interaction (too late: another process took it, or nobody did in 3 s)."""
+FORM = "form"
+"""Key of a slash command's `extras`: a function of the options given, True when the command
+answers with a form (a modal), which must be its first response: such a command is not
+acknowledged beforehand, and the form, sent by `show_form`, is the acknowledgement."""
 PRIVATE = "private"
 """Key of a slash command's `extras`: True, or a function of the options given, when its
 answer is for the person who asked only (lists, views). Read when the command is
@@ -246,6 +253,25 @@ def private_answer(interaction: discord.Interaction) -> bool:
         return True
     private = command.extras.get(PRIVATE, False)
     return bool(private(interaction.namespace) if callable(private) else private)
+
+
+def opens_form(interaction: discord.Interaction) -> bool:
+    command = interaction.command
+    form = command.extras.get(FORM) if command is not None else None
+    return bool(form(interaction.namespace)) if callable(form) else False
+
+
+async def show_form(interaction: discord.Interaction, form: discord.ui.Modal) -> None:
+    """Answer with `form`, unless another process answered the interaction first (Discord
+    takes one acknowledgement): then this process stays silent, as for other commands. The
+    form's submission comes back to this process only (discord.py routes it to the form)."""
+    try:
+        await interaction.response.send_modal(form)
+    except discord.HTTPException as error:
+        if error.code not in ANSWERED_ELSEWHERE:
+            raise
+        form.stop()
+        log.debug("interaction %s answered elsewhere (%s)", interaction.id, error.code)
 
 
 async def respond(

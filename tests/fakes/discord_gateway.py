@@ -334,6 +334,22 @@ class FakeDiscord:
             self._gateway.dispatch_locked("INTERACTION_CREATE", payload)
         return int(payload["id"])
 
+    def submit_modal(self, opened_by: int, values: dict[str, str]) -> int:
+        """The user submits the modal the bot answered interaction `opened_by` with
+        (INTERACTION_CREATE of type MODAL_SUBMIT); returns the new interaction's id.
+        `values` maps text inputs' `custom_id` to what the user typed; Discord's client
+        refuses (CommandRefused) a value outside an input's limits."""
+        with self._lock:
+            payload = self._interactions.create_modal_submit(opened_by, values)
+            self._gateway.dispatch_locked("INTERACTION_CREATE", payload)
+        return int(payload["id"])
+
+    def modal(self, interaction_id: int) -> dict[str, Any] | None:
+        """The modal (callback `data`) the bot answered an interaction with, if any."""
+        with self._lock:
+            state = self._interactions.by_id.get(interaction_id)
+            return None if state is None or state.modal is None else dict(state.modal)
+
     async def autocomplete(
         self,
         command_name: str,

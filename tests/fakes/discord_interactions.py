@@ -27,11 +27,12 @@ from tests.fakes.discord_world import (
     unknown_message,
 )
 
-APPLICATION_COMMAND, AUTOCOMPLETE = 2, 4
+APPLICATION_COMMAND, AUTOCOMPLETE, MODAL_SUBMIT = 2, 4, 5
 SUBCOMMAND, SUBCOMMAND_GROUP = 1, 2
 STRING, INTEGER, BOOLEAN, USER, CHANNEL, ROLE, MENTIONABLE, NUMBER, ATTACHMENT = range(3, 12)
 GUILD_CONTEXT, BOT_DM_CONTEXT = 0, 1
-MESSAGE_RESPONSE, DEFERRED_RESPONSE, AUTOCOMPLETE_RESULT = 4, 5, 8
+MESSAGE_RESPONSE, DEFERRED_RESPONSE, AUTOCOMPLETE_RESULT, MODAL_RESPONSE = 4, 5, 8, 9
+ACTION_ROW, TEXT_INPUT, LABEL = 1, 4, 18
 ATTACHMENT_SIZE_LIMIT = 10 * 1024 * 1024
 
 
@@ -88,6 +89,7 @@ class InteractionState:
     original_id: int | None = None
     followup_ids: list[int] = field(default_factory=list)
     choices: list[dict[str, Any]] | None = None
+    modal: dict[str, Any] | None = None  # the modal the bot answered with (its `data`)
 
 
 def unknown_webhook() -> DiscordError:
@@ -190,9 +192,6 @@ class Interactions:
             raise CommandRefused(f"/{name} was never registered by the bot (known: {known})")
         self._check_allowed(command, user_id, channel)
         data_options, resolved = self._options(command, options, subcommand, focused, channel)
-
-        iid = world.ids.next()
-        token = f"interaction-token-{iid}"
         data: dict[str, Any] = {
             "id": command["id"],
             "name": name,
@@ -202,6 +201,57 @@ class Interactions:
         }
         if "guild_id" in command:
             data["guild_id"] = command["guild_id"]
+        return self._envelope(itype, name, data, user_id, channel)
+
+    def create_modal_submit(self, opened_by: int, values: dict[str, str]) -> dict[str, Any]:
+        """The user fills in and submits the modal the bot answered interaction `opened_by`
+        with: `values` by text input `custom_id` (an input left out keeps its pre-filled
+        value). Discord's client refuses a value outside the input's length limits, or a
+        required one left empty."""
+        opened = self.by_id.get(opened_by)
+        if opened is None or opened.modal is None:
+            raise ValueError(f"interaction {opened_by} was not answered with a modal")
+        unused = set(values)
+
+        def submitted(component: dict[str, Any]) -> dict[str, Any] | None:
+            kind = component["type"]
+            if kind == ACTION_ROW:
+                inner = [c for c in map(submitted, component["components"]) if c is not None]
+                return {"type": ACTION_ROW, "components": inner}
+            if kind == LABEL:
+                inner_one = submitted(component["component"])
+                return None if inner_one is None else {"type": LABEL, "component": inner_one}
+            if kind != TEXT_INPUT:
+                return None
+            custom_id = component["custom_id"]
+            unused.discard(custom_id)
+            value = values.get(custom_id, component.get("value") or "")
+            shortest = component.get("min_length") or 0
+            longest = component.get("max_length") or 4000
+            if component.get("required", True) and not value:
+                raise CommandRefused(f"text input {custom_id!r} is required")
+            if value and not shortest <= len(value) <= longest:
+                raise CommandRefused(
+                    f"text input {custom_id!r} takes {shortest}..{longest} characters, "
+                    f"got {len(value)}"
+                )
+            return {"type": TEXT_INPUT, "custom_id": custom_id, "value": value}
+
+        modal = opened.modal
+        components = [c for c in map(submitted, modal["components"]) if c is not None]
+        if unused:
+            raise ValueError(f"the modal has no text inputs {sorted(unused)}")
+        data = {"custom_id": modal["custom_id"], "components": components}
+        channel = self.world.channels[opened.channel_id]
+        return self._envelope(MODAL_SUBMIT, modal["custom_id"], data, opened.user_id, channel)
+
+    def _envelope(
+        self, itype: int, name: str, data: dict[str, Any], user_id: int, channel: Channel
+    ) -> dict[str, Any]:
+        """An interaction payload around `data`, as Discord sends it to the bot."""
+        world = self.world
+        iid = world.ids.next()
+        token = f"interaction-token-{iid}"
         payload: dict[str, Any] = {
             "id": str(iid),
             "application_id": str(BOT_ID),
@@ -379,6 +429,11 @@ class Interactions:
             message = self._original(state, data, files, loading=rtype == DEFERRED_RESPONSE)
         elif rtype == AUTOCOMPLETE_RESULT:
             state.choices = list(data.get("choices") or [])
+        elif rtype == MODAL_RESPONSE:
+            if state.type not in (APPLICATION_COMMAND,):  # not to a modal's own submission
+                state.responses.pop()
+                raise DiscordError(400, 50035, "Invalid Form Body")
+            state.modal = copy.deepcopy(data)
         answer: dict[str, Any] = {"interaction": {"id": str(state.id), "type": state.type}}
         resource: dict[str, Any] = {"type": rtype}
         if message is not None:

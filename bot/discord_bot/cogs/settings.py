@@ -5,20 +5,28 @@ server's settings); in DMs the user owns their session."""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
+import aiohttp
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from bot.commands import PERSONA_MAX_CHARS, REPLY_MODE_HELP, ReplyMode
-from bot.discord_bot.render import PRIVATE, respond
+from bot.discord_bot.conversation import UNEXPECTED
+from bot.discord_bot.render import FORM, PRIVATE, respond, show_form
 from bot.discord_bot.scopes import parent_of, place_name, scope_for
+from bot.errors import BotError
 
 if TYPE_CHECKING:
     from bot.discord_bot.client import ChatBot
 
+log = logging.getLogger(__name__)
+
 ADMIN = discord.Permissions(manage_guild=True)
+FORM_TIMEOUT_SECONDS = 15 * 60
+"""How long a /persona form waits for its submission (Discord's interaction lifetime)."""
 MODE_CHOICES = [
     app_commands.Choice(name=f"{mode.value}: {REPLY_MODE_HELP[mode]}", value=mode.value)
     for mode in ReplyMode
@@ -27,6 +35,49 @@ MODE_CHOICES = [
 
 def _scope(interaction: discord.Interaction) -> str:
     return scope_for(interaction.channel_id or 0)
+
+
+class PersonaForm(discord.ui.Modal):
+    """`/persona set` without text: a paragraph field (line breaks kept), holding the place's
+    own persona when it has one. Its submission is a new interaction that only this process
+    receives a form for, so it is handled once."""
+
+    def __init__(self, bot: ChatBot, scope: str, title: str, current: str | None) -> None:
+        super().__init__(title=title, timeout=FORM_TIMEOUT_SECONDS)
+        self.bot, self.scope = bot, scope
+        self.text: discord.ui.TextInput[PersonaForm] = discord.ui.TextInput(
+            style=discord.TextStyle.paragraph,
+            default=current,
+            placeholder="You are a patient tutor for this channel. You answer with examples.",
+            min_length=1,
+            max_length=PERSONA_MAX_CHARS,
+        )
+        self.add_item(
+            discord.ui.Label(
+                text="Who the bot is here, and how it answers",
+                description="Replaces the default system prompt; line breaks are kept.",
+                component=self.text,
+            )
+        )
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer(thinking=True)
+        reply = await self.bot.session_commands.set_persona(self.scope, self.text.value)
+        await respond(interaction, reply)
+
+    async def on_error(  # type: ignore[override]
+        self, interaction: discord.Interaction, error: Exception
+    ) -> None:
+        """As a command's error: a `BotError`'s one line, privately; anything else logged."""
+        if isinstance(error, BotError):
+            text = f"⚠️ {error}"
+        else:
+            log.error("the /persona form failed", exc_info=error)
+            text = f"⚠️ {UNEXPECTED}"
+        try:
+            await respond(interaction, text, ephemeral=True)
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as refused:
+            log.warning("could not tell the user /persona failed: %s", type(refused).__name__)
 
 
 class Settings(commands.Cog):
@@ -98,16 +149,26 @@ class Settings(commands.Cog):
         self.bot.conversation.remember_mode(scope, ReplyMode(mode))
         await respond(interaction, text)
 
-    @persona.command(name="set", description="Give the bot a persona in this channel or thread")
+    @persona.command(
+        name="set",
+        description="Give the bot a persona in this channel or thread",
+        extras={FORM: lambda options: "text" not in options},
+    )
     @app_commands.describe(
-        text=f"Who the bot is and how it answers (up to {PERSONA_MAX_CHARS} characters)"
+        text=f"Who the bot is (up to {PERSONA_MAX_CHARS} characters); leave out for a form"
     )
     async def persona_set(
         self,
         interaction: discord.Interaction,
-        text: app_commands.Range[str, 1, PERSONA_MAX_CHARS],
+        text: app_commands.Range[str, 1, PERSONA_MAX_CHARS] | None = None,
     ) -> None:
-        reply = await self.bot.session_commands.set_persona(_scope(interaction), text)
+        scope = _scope(interaction)
+        if text is None:  # a form, which keeps line breaks, holding the persona to edit
+            current = await self.bot.session_commands.own_persona(scope)
+            title = f"Persona for {place_name(interaction.channel)}"
+            await show_form(interaction, PersonaForm(self.bot, scope, title, current))
+            return
+        reply = await self.bot.session_commands.set_persona(scope, text)
         await respond(interaction, reply)
 
     @persona.command(
