@@ -45,6 +45,7 @@ class Settings:
     dedalus_base_url: str | None  # DEDALUS_BASE_URL
     discord_token: str | None  # DISCORD_TOKEN
     redis_url: str | None  # REDIS_URL; unset means the SQLite store
+    redis_cluster: bool  # REDIS_CLUSTER: REDIS_URL names a node of a Redis Cluster
     sqlite_path: Path  # SQLITE_PATH
     default_model: str  # DEFAULT_MODEL
     allowed_models: tuple[str, ...]  # ALLOWED_MODELS, comma-separated
@@ -166,12 +167,25 @@ def _redis_url(raw: str) -> str:
     return raw
 
 
+def _cluster_url(url: str) -> bool:
+    """A cluster has one database, 0, and no Unix sockets (redis-py refuses both there)."""
+    parts = urlsplit(url)
+    return parts.scheme in ("redis", "rediss") and parts.path.strip("/") in ("", "0")
+
+
 def _http_url(raw: str) -> str:
     parts = urlsplit(raw)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("scheme or host")
     _ = parts.port  # raises ValueError for a port that is not a number in range
     return raw
+
+
+def _yes_or_no(raw: str) -> bool:
+    answers = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if raw.lower() not in answers:
+        raise ValueError(raw)
+    return answers[raw.lower()]
 
 
 def _port(raw: str) -> int:
@@ -201,6 +215,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     default_model = _text(env, "DEFAULT_MODEL", allowed[0]) or allowed[0]
     if default_model not in allowed:
         raise SettingsError("DEFAULT_MODEL", f"{default_model!r} is not in ALLOWED_MODELS")
+    redis_url = _parsed(env, "REDIS_URL", None, _redis_url, "a redis:// URL", secret=True)
+    redis_cluster = _parsed(env, "REDIS_CLUSTER", False, _yes_or_no, "true or false")
+    if redis_cluster and redis_url and not _cluster_url(redis_url):
+        raise SettingsError(
+            "REDIS_URL",
+            "must name a cluster node as redis://host:port (database 0) with REDIS_CLUSTER",
+        )
     history_cap_mb = _parsed(
         env, "HISTORY_CAP_MB", HISTORY_CAP_MB, _positive_int, "a positive whole number"
     )
@@ -217,7 +238,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             env, "DEDALUS_BASE_URL", None, _http_url, "an http(s) URL", secret=True
         ),
         discord_token=_text(env, "DISCORD_TOKEN", None),
-        redis_url=_parsed(env, "REDIS_URL", None, _redis_url, "a redis:// URL", secret=True),
+        redis_url=redis_url,
+        redis_cluster=redis_cluster,
         sqlite_path=Path(_text(env, "SQLITE_PATH", "sessions.sqlite3") or "sessions.sqlite3"),
         default_model=default_model,
         allowed_models=allowed,

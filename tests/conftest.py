@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -86,6 +87,115 @@ class RedisServer:
             self.process = None
 
 
+class RedisClusterNodes:
+    """A real Redis Cluster: three primaries on free loopback ports, joined by redis-cli as
+    an operator would, each owning a third of the hash slots."""
+
+    def __init__(self, directory: Path, nodes: int = 3) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None or shutil.which("redis-cli") is None:
+            pytest.fail("redis-server and redis-cli are not installed; .ci/run installs them")
+        self.ports = [_free_node_port() for _ in range(nodes)]
+        self.processes = [
+            subprocess.Popen(
+                [
+                    binary,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    f"nodes-{port}.conf",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(directory),
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+            for port in self.ports
+        ]
+        for port in self.ports:
+            _until_answers(port)
+        subprocess.run(
+            ["redis-cli", "--cluster", "create"]
+            + [f"127.0.0.1:{port}" for port in self.ports]
+            + ["--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 30
+        for port in self.ports:
+            client = redis.Redis(port=port, decode_responses=True)
+            while client.cluster("info").get("cluster_state") != "ok":
+                assert time.monotonic() < deadline, "the cluster never came up"
+                time.sleep(0.05)
+            client.close()
+
+    @property
+    def url(self) -> str:
+        """One node; the client learns the others from it."""
+        return f"redis://127.0.0.1:{self.ports[0]}"
+
+    def flush(self) -> None:
+        for port in self.ports:
+            client = redis.Redis(port=port)
+            client.flushall()
+            client.close()
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            process.wait(10)
+
+
+def _free_node_port() -> int:
+    """A free port whose cluster bus port (10000 above it, by Redis's rule) is free too and
+    still a port: an ephemeral port above 55535 would leave the node unable to start."""
+    while True:
+        port = random.randrange(20_000, 55_000)
+        with socket.socket() as node, socket.socket() as bus:
+            try:
+                node.bind(("127.0.0.1", port))
+                bus.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+        return port
+
+
+def _until_answers(port: int) -> None:
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
+    nodes = RedisClusterNodes(tmp_path_factory.mktemp("cluster"))
+    yield nodes
+    nodes.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisClusterNodes) -> str:
+    redis_cluster.flush()
+    return redis_cluster.url
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))
@@ -109,14 +219,17 @@ def policy() -> StorePolicy:
     return StorePolicy(default_model=TEST_MODELS[0], ttl_seconds=0, history_cap=1000)
 
 
-@pytest.fixture(params=["redis", "sqlite"])
+@pytest.fixture(params=["redis", "redis-cluster", "sqlite"])
 async def store(
-    request: pytest.FixtureRequest, redis_url: str, tmp_path: Path, policy: StorePolicy
+    request: pytest.FixtureRequest, tmp_path: Path, policy: StorePolicy
 ) -> AsyncIterator[SessionStore]:
-    """Each contract test runs once per backend."""
+    """Each contract test runs once per backend: Redis, Redis Cluster and SQLite."""
     backend: SessionStore
     if request.param == "redis":
-        backend = RedisStore.from_url(redis_url, policy)
+        backend = RedisStore.from_url(request.getfixturevalue("redis_url"), policy)
+    elif request.param == "redis-cluster":
+        url = request.getfixturevalue("redis_cluster_url")
+        backend = RedisStore.from_url(url, policy, cluster=True)
     else:
         backend = SqliteStore(tmp_path / "sessions.sqlite3", policy)
     yield backend

@@ -37,6 +37,19 @@ ROOT = Path(__file__).resolve().parents[1]
             "error: REDIS_URL must be a redis:// URL",
         ),
         (
+            {
+                "DISCORD_TOKEN": "t",
+                "DEDALUS_API_KEY": "k",
+                "REDIS_URL": "redis://node:7000/2",
+                "REDIS_CLUSTER": "true",
+            },
+            "error: REDIS_URL must name a cluster node as redis://host:port (database 0)",
+        ),
+        (
+            {"DISCORD_TOKEN": "t", "DEDALUS_API_KEY": "k", "REDIS_CLUSTER": "maybe"},
+            "error: REDIS_CLUSTER must be true or false",
+        ),
+        (
             {"DISCORD_TOKEN": "t", "DEDALUS_API_KEY": "k", "CONTEXT_BUDGET_TOKENS": "lots"},
             "error: CONTEXT_BUDGET_TOKENS must be a positive whole number",
         ),

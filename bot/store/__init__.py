@@ -27,7 +27,9 @@ def open_store(settings: Settings) -> SessionStore:
     if settings.redis_url:
         from bot.store.redis import RedisStore
 
-        return RedisStore.from_url(settings.redis_url, policy_from(settings))
+        return RedisStore.from_url(
+            settings.redis_url, policy_from(settings), cluster=settings.redis_cluster
+        )
     from bot.store.sqlite import SqliteStore
 
     return SqliteStore(settings.sqlite_path, policy_from(settings))

@@ -55,8 +55,9 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ClusterError, RedisClusterException, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bot.errors import (
@@ -771,7 +772,7 @@ class RedisStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | RedisCluster,
         policy: StorePolicy,
         *,
         owns_client: bool = False,
@@ -802,8 +803,26 @@ class RedisStore:
 
     @classmethod
     def from_url(
-        cls, url: str, policy: StorePolicy, *, call_timeout: float = CALL_TIMEOUT_SECONDS
+        cls,
+        url: str,
+        policy: StorePolicy,
+        *,
+        call_timeout: float = CALL_TIMEOUT_SECONDS,
+        cluster: bool = False,
     ) -> RedisStore:
+        """`cluster`: `url` names one node of a Redis Cluster, which tells the client the
+        rest. Every script and transaction touches the keys of one place, which share a hash
+        slot (`{scope}` in each key), so each runs whole on the node that owns the place."""
+        if cluster:
+            nodes = RedisCluster.from_url(
+                url,
+                max_connections=MAX_CONNECTIONS,
+                decode_responses=True,
+                socket_connect_timeout=2,
+                socket_timeout=None,
+                health_check_interval=30,
+            )
+            return cls(nodes, policy, owns_client=True, call_timeout=call_timeout)
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=MAX_CONNECTIONS,
@@ -828,7 +847,14 @@ class RedisStore:
         try:
             async with asyncio.timeout(seconds or self._call_timeout):
                 yield
-        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+        except (
+            RedisConnectionError,
+            RedisTimeoutError,
+            OSError,
+            ClusterError,  # a slot without a primary: during a failover
+            RedisClusterException,  # no node reachable, or a slot not covered
+            TryAgainError,  # a slot moving between nodes
+        ) as error:
             self.stats.unavailable += 1
             raise StoreUnavailable() from error
 
