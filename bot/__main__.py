@@ -43,14 +43,23 @@ def connect_model(settings: Settings) -> DedalusModel:
 def build_engine(
     settings: Settings, store: SessionStore, model: DedalusModel, metrics: Metrics | None = None
 ) -> Engine:
+    # A summary call may take its full timeout on every try: the lease outlasts all of them.
+    attempts = settings.model_max_retries + 1
     limits = EngineLimits(
         system_prompt=settings.system_prompt,
         persona_note=PERSONA_NOTE,
         budget_bytes=settings.context_budget_chars,
         lock_ms=int(settings.turn_lease_seconds * 1000),
         message_cap_bytes=settings.message_cap_kb * 1024,
+        summary_lease_ms=int((settings.model_timeout_seconds * attempts + 30) * 1000),
     )
     return Engine(store, model, limits, metrics)
+
+
+def build_commands(settings: Settings, store: SessionStore, engine: Engine) -> Commands:
+    return Commands(
+        store, settings.allowed_models, settings.default_model, summarizer=engine.summaries
+    )
 
 
 async def run_console(settings: Settings, scope: str) -> None:
@@ -60,7 +69,7 @@ async def run_console(settings: Settings, scope: str) -> None:
     model = connect_model(settings)
     try:
         engine = build_engine(settings, store, model)
-        commands = Commands(store, settings.allowed_models, settings.default_model)
+        commands = build_commands(settings, store, engine)
         await Console(engine, commands, scope).run()
     finally:
         await model.close()
@@ -104,7 +113,7 @@ async def run_bot(settings: Settings) -> None:
     listener: web.AppRunner | None = None
     try:
         engine = build_engine(settings, store, model, metrics)
-        commands = Commands(store, settings.allowed_models, settings.default_model)
+        commands = build_commands(settings, store, engine)
         bot = ChatBot(
             engine,
             commands,

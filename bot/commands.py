@@ -1,6 +1,6 @@
-"""The session commands of the reference (`/new /list /load /clear /model /mcp /status`), as
-plain async functions over a store. Discord and the console both call these and show the
-text they return; bad input raises an `InvalidInput` and changes nothing."""
+"""The session commands of the reference (`/new /list /load /clear /model /mcp /status`) and
+`/compact`, as plain async functions over a store. Discord and the console both call these
+and show the text they return; bad input raises an `InvalidInput` and changes nothing."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import unicodedata
 import urllib.parse
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from bot.errors import CorruptSession, DamagedState, InvalidInput, InvalidMcpServer, UnknownModel
 from bot.store.base import (
@@ -17,8 +18,12 @@ from bot.store.base import (
     SessionInfo,
     SessionSettings,
     SessionStore,
+    Summary,
     checked_session_name,
 )
+
+if TYPE_CHECKING:
+    from bot.summary import Summarizer
 
 
 class ReplyMode(StrEnum):
@@ -138,11 +143,13 @@ class PersonaInEffect:
 @dataclass(frozen=True)
 class Commands:
     """The command set bound to a store, the allowed models and the default one
-    (`DEFAULT_MODEL`, for a session whose settings cannot be read)."""
+    (`DEFAULT_MODEL`, for a session whose settings cannot be read), and the engine's
+    summarizer (for `/compact`)."""
 
     store: SessionStore
     allowed_models: tuple[str, ...]
     default_model: str
+    summarizer: Summarizer | None = None
 
     async def new(self, scope: str, name: str | None = None) -> str:
         """Start an empty session, keeping the current model and MCP servers (as the
@@ -182,6 +189,12 @@ class Commands:
     async def clear(self, scope: str) -> str:
         session = await self.store.clear_session(scope)
         return f"Cleared session: {session.name}"
+
+    async def compact(self, scope: str) -> str:
+        """Fold the current session's whole history into its summary now."""
+        if self.summarizer is None:
+            raise InvalidInput("Summaries are not available here.")
+        return await self.summarizer.compact(scope)
 
     def resolve_model(self, choice: str) -> str:
         """A number from the model list or an allowed name (case-insensitive)."""
@@ -244,7 +257,8 @@ class Commands:
             line = "Persona: default"
         else:
             line = f"Persona ({persona.source}): {persona_preview(persona.text)}"
-        return describe_status(session) + "\n" + line
+        summary = await self.store.read_summary(scope, session.name)
+        return describe_status(session, summary) + "\n" + line
 
     async def persona_in_effect(
         self, scope: str, here: str = "this place", parent: Parent | None = None
@@ -303,15 +317,22 @@ class Commands:
         return f"Reply mode: {mode.value} (the bot {REPLY_MODE_HELP[mode]})."
 
 
-def describe_status(session: SessionInfo) -> str:
+def describe_status(session: SessionInfo, summary: Summary | None = None) -> str:
     servers = session.settings.mcp_servers
     used = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(session.updated_at))
+    covered = (
+        f"covers the first {_count(summary.covered)} (they stay stored; the model sees the "
+        "summary instead)"
+        if summary
+        else "none (nothing summarized yet)"
+    )
     return "\n".join(
         [
             f"Session: {session.name}",
             f"Model: {session.settings.model}",
             f"MCP Servers: {', '.join(servers) if servers else 'None'}",
             f"Messages: {session.message_count}",
+            f"Summary: {covered}",
             f"Last used: {used if session.updated_at else 'never'}",
         ]
     )

@@ -15,6 +15,7 @@ HELP = """Commands:
   /list             - List sessions
   /load <name>      - Load session
   /clear            - Clear current session
+  /compact          - Summarize the session's history now
   /model            - List available models
   /model <num|name> - Switch model
   /mcp              - List active MCP servers
@@ -104,6 +105,8 @@ class Console:
             self._say(await commands.load(scope, arg) if arg else "Usage: /load <name>")
         elif name == "/clear":
             self._say(await commands.clear(scope))
+        elif name == "/compact":
+            self._say(await commands.compact(scope))
         elif name == "/model":
             self._say(await commands.model(scope, arg or None))
         elif name == "/mcp":

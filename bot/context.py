@@ -11,6 +11,7 @@ message. That keeps the per-turn work independent of how many messages the windo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from bot.store.base import Message, message_size, newest_fitting
 
@@ -105,36 +106,115 @@ def system_prompt(default: str, persona: str | None, persona_note: str = "") -> 
 
 
 def history_room(system_prompt: str, user: Message, budget_bytes: int) -> int:
-    """What the budget leaves for history beside the system prompt and the new message."""
+    """What the budget leaves for history beside the system prompt and the new message: the
+    most a turn loads from the store (`build_context` then fits the other parts in)."""
     system: Message = {"role": "system", "content": system_prompt}
     return max(budget_bytes - message_size(system) - message_size(user), 0)
 
 
+SUMMARY_HEADING = (
+    "Summary of the earlier part of this conversation (those messages are not shown):\n"
+)
+
+
+def summary_message(text: str) -> Message:
+    """The one message that stands for the summarized history, ahead of the rest."""
+    return {"role": "system", "content": SUMMARY_HEADING + text}
+
+
+@dataclass(frozen=True)
+class Context:
+    """What is sent, and how the budget was spent on it."""
+
+    messages: list[Message]
+    history_room: int
+    """What the budget left for history once the other parts were in."""
+    history_bytes: int
+    history_from: int
+    """Index in `recent` of the oldest message sent (`len(recent)` when none was): the ones
+    before it fell out (or were skipped so the history starts at a user message)."""
+    total_bytes: int
+    """The stored size of every message sent: never over the budget, unless the system
+    prompt and the new message alone are (they are always sent)."""
+
+
 def build_context(
     system_prompt: str,
+    summary: str | None,
+    channel_context: Sequence[Message],
     recent: Sequence[Message],
     user: Message,
-    room: int,
+    budget: int,
+    *,
     recent_bytes: int | None = None,
     as_stored: bool = False,
-) -> list[Message]:
-    """System prompt, then as much recent history as fits in `room` (see `history_room`),
-    then the new message. `recent_bytes`, when the store already measured `recent`, spares
-    measuring it again whenever it fits whole (the common case); `as_stored`, when the
-    store knows that no message of `recent` needs rewriting, spares looking at each."""
-    fits = recent_bytes is not None and recent_bytes <= room
-    window = recent if fits else newest_within(recent, room)
+) -> Context:
+    """The one place that decides what is sent, counting each part's stored size against
+    `budget`, in this order of precedence: the system prompt (the channel's persona, when it
+    has one) and the new message, always; then the summary of the older history; then the
+    channel's messages around a mention (the newest that fit); then the newest history that
+    fits, starting at a user message so no tool result comes without its call. They are sent
+    as system prompt, summary, history, channel context, new message.
+
+    `recent_bytes`, when the store already measured `recent`, spares measuring it again
+    whenever it fits whole (the common case); `as_stored`, when the store knows that no
+    message of `recent` needs rewriting, spares looking at each."""
     system: Message = {"role": "system", "content": system_prompt}
+    used = message_size(system) + message_size(user)
+    head = [system]
+    if summary:
+        note = summary_message(summary)
+        size = message_size(note)
+        if used + size <= budget:
+            head.append(note)
+            used += size
+    channel = newest_within(channel_context, max(budget - used, 0))
+    used += sum(map(message_size, channel))
+    room = max(budget - used, 0)
+    if recent_bytes is not None and recent_bytes <= room:
+        start, window_bytes = 0, recent_bytes
+    else:
+        count, window_bytes = newest_fitting(map(message_size, reversed(recent)), room)
+        start = len(recent) - count
+    skipped = _first_user(recent[start:])
+    if skipped:
+        window_bytes -= sum(map(message_size, recent[start : start + skipped]))
+        start += skipped
     if as_stored:
-        return [system, *window[_first_user(window) :], user]
-    # One pass: stored system messages are dropped (ours is sent instead), and plain text
-    # needs no rewriting, which is checked first to keep the pass cheap.
-    return [
-        system,
-        *(
-            m if type(m.get("content")) is str else with_images_as_notes(m)
-            for m in window[_first_user(window) :]
-            if m.get("role") != "system"
-        ),
-        user,
-    ]
+        history = list(recent[start:])
+    else:
+        history, window_bytes, dropped = _sendable(recent[start:], window_bytes, room)
+        start = start + dropped if history else len(recent)
+    return Context(
+        messages=[*head, *history, *channel, user],
+        history_room=room,
+        history_bytes=window_bytes,
+        history_from=start,
+        total_bytes=used + window_bytes,
+    )
+
+
+def _sendable(window: Sequence[Message], size: int, room: int) -> tuple[list[Message], int, int]:
+    """`window` as it may be sent, its size, and how many of its oldest messages had to go:
+    stored system messages are dropped (ours is sent instead), images become notes. Plain
+    text needs no rewriting, which is checked first to keep the pass cheap; only what changes
+    is measured again. A note may be longer than the image part it replaces, so the oldest
+    messages go again while the window does not fit."""
+    kept: list[tuple[int, Message]] = []
+    for i, message in enumerate(window):
+        if message.get("role") == "system":
+            size -= message_size(message)
+            continue
+        if type(message.get("content")) is str:
+            kept.append((i, message))
+            continue
+        sent = with_images_as_notes(message)
+        if sent is not message:
+            size += message_size(sent) - message_size(message)
+        kept.append((i, sent))
+    first = 0
+    while first < len(kept) and (size > room or kept[first][1].get("role") != "user"):
+        size -= message_size(kept[first][1])
+        first += 1
+    dropped = kept[first][0] if first < len(kept) else len(window)
+    return [m for _, m in kept[first:]], size, dropped

@@ -28,13 +28,21 @@ from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from bot.context import (
+    Context,
     build_context,
     history_room,
     paired_tool_messages,
     system_prompt,
     within_size,
 )
-from bot.errors import BotError, MessageTooLarge, ModelError, SessionBusy, StoreUnavailable
+from bot.errors import (
+    BotError,
+    MessageTooLarge,
+    ModelError,
+    SessionBusy,
+    StoreUnavailable,
+    SummaryInProgress,
+)
 from bot.logs import about_turn, note_session
 from bot.metrics import Metrics, TurnOutcome, TurnPart
 from bot.model import ContextTooLong, ModelClient, TextSink
@@ -51,6 +59,7 @@ from bot.store.base import (
     Turn,
     message_size,
 )
+from bot.summary import Summarizer
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +78,12 @@ HAND_BACK_SECONDS = 5.0
 """At shutdown, how long turns cut short get to hand back their claims and locks."""
 PLACE_NOTE_SECONDS = 60.0
 """A process notes a place it answers in at most this often (`SessionStore.note_place`)."""
+SUMMARY_RETRY_SECONDS = 60.0
+"""After a failed summary call, a session's older messages are cut as before for this long
+before the next try, so a model outage does not double the calls of every turn."""
+SUMMARY_START_SHARE = 0.75
+"""A summary is brought up to date once the history sent takes this share of the room the
+budget leaves it (or some of it had to be left out): it then keeps half of that room."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,11 @@ class EngineLimits:
     message_cap_bytes: int = MESSAGE_CAP_KB * 1024
     """A user message over this stored size is refused before the model sees it; a longer
     answer or tool result is stored cut, with a note (the user saw it whole)."""
+    summaries: bool = True
+    """Whether the older history is summarized (see `bot.summary`) rather than only cut."""
+    summary_lease_ms: int = 300_000
+    """A process that dies while summarizing keeps others from summarizing that session
+    at most this long; it should outlast a model call with its retries."""
 
     persona_note: str = ""
     """Sent after a place's persona, which replaces `system_prompt` (see
@@ -212,6 +232,10 @@ class Engine:
         """The tasks with a turn (or a claim) under way, True once it holds its message."""
         self._draining = False
         self._places_noted: dict[str, float] = {}
+        self.summaries = Summarizer(store, model, limits.budget_bytes, limits.summary_lease_ms)
+        self._summarizing: dict[str, asyncio.Task[None]] = {}
+        """The summaries being written in the background, by scope (one at a time each)."""
+        self._summary_paused: dict[str, float] = {}
 
     @property
     def draining(self) -> bool:
@@ -263,10 +287,11 @@ class Engine:
 
         cut_short([task for task, holding in self._working.items() if not holding])
         running = [task for task, holding in self._working.items() if holding]
+        running += self._summarizing.values()
         if running:
             log.info("finishing %d turn(s) in flight, for at most %s s", len(running), grace)
             await asyncio.wait(running, timeout=grace)
-        cut_short([*running, *self._working])
+        cut_short([*running, *self._working, *self._summarizing.values()])
         if cut:
             log.info("handing back %d message(s) not answered", len(cut))
             await asyncio.wait(cut, timeout=HAND_BACK_SECONDS)
@@ -321,19 +346,17 @@ class Engine:
             try:
                 await self._note_place(scope)
                 system = await self._system_prompt(turn, parent)
-                room = history_room(system, user, self._limits.budget_bytes)
                 if on_begin is not None:
                     await on_begin()
                 with self.metrics.timed(TurnPart.MODEL):
-                    added, text, shortened = await self._kept_alive(
-                        turn, held, self._run(turn, system, user, room, on_text)
+                    added, text, shortened, context = await self._kept_alive(
+                        turn, held, self._run(turn, system, user, on_text)
                     )
                 await self._still_claimed(turn, held)
+                stored = self._within_size([user, *added])
                 try:
                     with self.metrics.timed(TurnPart.STORE):
-                        saved = kept = await self._save(
-                            turn, self._within_size([user, *added]), user_ref
-                        )
+                        saved = kept = await self._save(turn, stored, user_ref)
                 except SessionCleared:  # the store released the lock
                     saved = True
             except asyncio.CancelledError:
@@ -345,6 +368,8 @@ class Engine:
                     await self._release(turn)
             if not saved:
                 raise LostTurn()
+            if kept:
+                self._summarize_if_due(turn, context, stored)
             return Reply(text=text, session=turn.session.name, shortened=shortened, kept=kept)
 
     async def places_to_catch_up(
@@ -508,25 +533,93 @@ class Engine:
         return system_prompt(limits.system_prompt, persona, limits.persona_note)
 
     async def _run(
-        self, turn: Turn, system: str, user: Message, room: int, on_text: TextSink | None
-    ) -> tuple[list[Message], str, bool]:
+        self, turn: Turn, system: str, user: Message, on_text: TextSink | None
+    ) -> tuple[list[Message], str, bool, Context]:
         """Call the model; when the provider says the context is too long, once more with
         half of the history that was sent."""
-        measured: int | None = turn.recent_bytes
+        recent, budget = self._unsummarized(turn), self._limits.budget_bytes
+        measured = turn.recent_bytes if len(recent) == len(turn.recent) else None
         for shortened in (False, True):
-            context = build_context(system, turn.recent, user, room, measured, turn.as_stored)
+            context = build_context(
+                system,
+                turn.summary.text if turn.summary else None,
+                (),
+                recent,
+                user,
+                budget,
+                recent_bytes=measured,
+                as_stored=turn.as_stored,
+            )
             try:
-                added, text = await self._call_model(context, turn.session.settings, on_text)
-                return added, text, shortened
+                added, text = await self._call_model(
+                    context.messages, turn.session.settings, on_text
+                )
+                return added, text, shortened, context
             except ContextTooLong:
-                if shortened or len(context) <= 2:
+                if shortened or not context.history_bytes:
                     raise
                 log.warning(
                     "context too long for %s; retrying with half", turn.session.settings.model
                 )
-                room = sum(message_size(m) for m in context[1:-1]) // 2
+                budget = context.total_bytes - context.history_bytes // 2
                 measured = None
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _unsummarized(turn: Turn) -> list[Message]:
+        """The turn's recent messages that its summary does not cover."""
+        if turn.pending is None or turn.pending >= len(turn.recent):
+            return turn.recent
+        return turn.recent[len(turn.recent) - turn.pending :]
+
+    def _summarize_if_due(self, turn: Turn, context: Context, stored: list[Message]) -> None:
+        """After a saved turn, bring the summary up to date in the background when the history
+        no longer fits (some was left out) or soon will not: the oldest uncovered messages
+        are folded in, all but the newest that fill half the room the budget leaves history.
+        One summary at a time per scope in this process (the store's lease covers the
+        others); none while shutting down."""
+        scope = turn.scope
+        if not self._limits.summaries or self._draining or scope in self._summarizing:
+            return
+        if time.monotonic() < self._summary_paused.get(scope, 0.0):
+            return
+        recent = self._unsummarized(turn)
+        pending = turn.session.message_count if turn.pending is None else turn.pending
+        left_out = context.history_from > 0 or pending > len(recent)
+        added_bytes = sum(map(message_size, stored))
+        room = context.history_room
+        if not left_out and context.history_bytes + added_bytes <= room * SUMMARY_START_SHARE:
+            return
+        keep, used = 0, 0
+        for message in reversed([*recent[context.history_from :], *stored]):
+            used += message_size(message)
+            if used > room // 2:
+                break
+            keep += 1
+        task = asyncio.create_task(
+            self._summarize(scope, turn.session.name, turn.session.settings.model, keep)
+        )
+        self._summarizing[scope] = task
+        task.add_done_callback(lambda _: self._summarizing.pop(scope, None))
+
+    async def _summarize(self, scope: str, name: str, model: str, keep: int) -> None:
+        """Fold older messages into the summary; a failure leaves the history cut as before
+        (nothing is lost: the messages stay stored) and is logged as one line."""
+        try:
+            await self.summaries.fold(scope, name, model, keep)
+        except SummaryInProgress:
+            pass
+        except BotError as error:
+            self._summary_paused[scope] = time.monotonic() + SUMMARY_RETRY_SECONDS
+            if len(self._summary_paused) > 10_000:
+                self._summary_paused.clear()
+            log.warning(
+                "no summary of older messages in %s (%s); they are left out of what is sent",
+                scope,
+                error,
+            )
+        except Exception:
+            log.exception("summarizing older messages in %s failed unexpectedly", scope)
 
     async def _call_model(
         self, context: list[Message], settings: SessionSettings, on_text: TextSink | None

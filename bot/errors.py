@@ -109,3 +109,19 @@ class ModelError(BotError):
     def __init__(self, message: str, kind: str = "other") -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class SummaryInProgress(BotError):
+    """Another turn or process is writing this session's summary (the store's lease)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "A summary of this conversation is being written right now; try again in a minute."
+        )
+
+
+class SummaryFailed(ModelError):
+    """The summary call failed: nothing changed, and the older messages are cut as before."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"The summary could not be written ({reason}); nothing was changed.")

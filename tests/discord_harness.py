@@ -48,7 +48,7 @@ class Harness:
         engine = Engine(self.store, model, limits)
         bot = ChatBot(
             engine,
-            Commands(self.store, TEST_MODELS, self.policy.default_model),
+            Commands(self.store, TEST_MODELS, self.policy.default_model, engine.summaries),
             dev_guild_id=self.dev_guild_id,
             guild_ready_timeout=0.1,
         )

@@ -132,9 +132,20 @@ async def scenario(redis_url: str, steps: list[Step]) -> None:
                 if step.image:
                     image = {"type": "image_url", "image_url": {"url": "https://cdn/x.png"}}
                     user["content"] = [{"type": "text", "text": user["content"]}, image]
-                context = build_context("system", turn.recent, user, step.room, turn.recent_bytes)
+                system: Message = {"role": "system", "content": "system"}
+                budget = step.room + message_size(system) + message_size(user)
+                context = build_context(
+                    "system", None, (), turn.recent, user, budget, recent_bytes=turn.recent_bytes
+                )
                 assert context == build_context(
-                    "system", turn.recent, user, step.room, turn.recent_bytes, turn.as_stored
+                    "system",
+                    None,
+                    (),
+                    turn.recent,
+                    user,
+                    budget,
+                    recent_bytes=turn.recent_bytes,
+                    as_stored=turn.as_stored,
                 )
                 answers: list[Message] = [
                     {"role": "assistant", "content": text(30 * i, tag)} for i in range(step.answers)

@@ -15,7 +15,7 @@ from tests.conftest import TEST_MODELS, RedisServer
 from tests.discord_harness import Harness
 from tests.fakes.discord_gateway import CommandRefused
 
-ADMIN_ONLY = {"clear", "model", "mcp", "mode", "persona"}
+ADMIN_ONLY = {"clear", "compact", "model", "mcp", "mode", "persona"}
 
 
 async def ask(harness: Harness, text: str, answers_before: int) -> None:
@@ -31,6 +31,7 @@ async def test_commands_are_registered_with_their_permissions(harness: Harness) 
         "list",
         "load",
         "clear",
+        "compact",
         "status",
         "model",
         "mcp",
@@ -48,7 +49,18 @@ async def test_a_development_guild_gets_the_commands_at_once(harness: Harness) -
     harness.dev_guild_id = fake.guild_id
     await harness.restart()
     in_guild = {c["name"] for c in fake.commands(fake.guild_id)}
-    assert in_guild == {"new", "list", "load", "clear", "status", "model", "mcp", "mode", "persona"}
+    assert in_guild == {
+        "new",
+        "list",
+        "load",
+        "clear",
+        "compact",
+        "status",
+        "model",
+        "mcp",
+        "mode",
+        "persona",
+    }
     said = await harness.command("status", user=fake.member, channel_id=fake.general_id)
     assert "Session: default" in said
 
@@ -57,6 +69,7 @@ async def test_a_development_guild_gets_the_commands_at_once(harness: Harness) -
     ("name", "options", "subcommand"),
     [
         ("clear", None, None),
+        ("compact", None, None),
         ("model", {"name": "2"}, None),
         ("mcp", {"server": "acme/x"}, "add"),
         ("mode", {"mode": "all"}, None),

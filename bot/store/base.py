@@ -174,6 +174,35 @@ class SessionCleared(Exception):
 
 
 @dataclass(frozen=True)
+class Summary:
+    """What the model wrote about a session's older history, kept beside it: the messages it
+    covers stay stored (the caps still apply to them), and are no longer sent."""
+
+    text: str
+    covered: int
+    """How many messages it covers, counted as they were folded in (for /status)."""
+    upto: int
+    """The store's position of the newest message covered: the messages after it are not
+    (a Redis session's `seq` numbering, a SQLite message id)."""
+
+
+@dataclass(frozen=True)
+class SummarySource:
+    """What `begin_summary` hands the summarizer, holding the session's summarizing lease."""
+
+    name: str
+    epoch: str
+    """The session's history identity: a summary of a session cleared meanwhile is not kept."""
+    summary: Summary | None
+    messages: list[Message]
+    """The oldest messages not yet covered, oldest first."""
+    positions: list[int]
+    """The store's position of each of `messages` (what `Summary.upto` is set to)."""
+    next_role: str | None
+    """The role of the message after the last of `messages`; None when none follows."""
+
+
+@dataclass(frozen=True)
 class Turn:
     """What `begin_turn` hands the engine: the session, its recent messages, the lock."""
 
@@ -198,6 +227,11 @@ class Turn:
     lock lapsed saves only if the session is still exactly there."""
     persona: str | None = None
     """The scope's own persona (`PERSONA_OPTION`) when the turn began; None when it has none."""
+    summary: Summary | None = None
+    """The summary of the session's older messages, if any was written."""
+    pending: int | None = None
+    """How many of the newest stored messages the summary does not cover (None: all of
+    them): only those are sent, the ones before being summarized."""
 
 
 HISTORY_CACHE_MB = 32
@@ -444,6 +478,32 @@ class SessionStore(Protocol):
     ) -> None:
         """Store whole sessions at once, replacing same-named ones, each cut to the caps: all
         or nothing (`SessionLimit`, `MessageTooLarge` naming the message)."""
+        ...
+
+    async def read_summary(self, scope: str, name: str) -> Summary | None:
+        """The session's summary; None when none was written since it was created or cleared."""
+        ...
+
+    async def begin_summary(
+        self, scope: str, name: str, token: str, lease_ms: int, keep: int, limit: int
+    ) -> SummarySource | None:
+        """Take the session's summarizing lease (so no two processes summarize it at once)
+        and return its summary and the oldest messages the summary does not cover: at most
+        `limit`, leaving out the newest `keep`. None, taking nothing, when the session does
+        not exist or there is nothing to add; `SummaryInProgress` while another token holds
+        the lease."""
+        ...
+
+    async def save_summary(
+        self, scope: str, token: str, source: SummarySource, summary: Summary
+    ) -> bool:
+        """Store `summary` in place of the session's, and release the lease, if this token
+        still holds it, the session was not cleared or replaced, and its summary is still the
+        one `source` held; otherwise store nothing (False). Messages are never removed."""
+        ...
+
+    async def release_summary(self, scope: str, name: str, token: str) -> None:
+        """Give the summarizing lease back (when this token holds it), storing nothing."""
         ...
 
     async def close(self) -> None: ...

@@ -20,12 +20,17 @@ and a script touches a single slot, as Redis Cluster requires; running on a Clus
                                                 gen and seq (see below), forgotten (messages
                                                 removed by forget_message since the last clear),
                                                 bytes (stored size of the messages),
-                                                epoch (replaced by a clear or an import only)
+                                                epoch (replaced by a clear or an import only),
+                                                summary, summary_upto, summary_covered (the
+                                                model's summary of the messages up to seq
+                                                summary_upto; see `Summary`)
     {prefix}:{scope}:s:{name}:messages  list    one JSON message per element, oldest first
     {prefix}:{scope}:s:{name}:refs      hash    user ref (Discord message id) -> stored JSON
     {prefix}:{scope}:s:{name}:refseq    zset    user ref -> seq of its message (drops the refs
                                                 of messages the history cap trimmed)
     {prefix}:{scope}:s:{name}:lock      string  token of the turn in progress, with expiry
+    {prefix}:{scope}:s:{name}:summarizing  string  token of the process writing its summary,
+                                                with expiry (the summarizing lease)
 
 With a TTL, every script that uses a session (a turn, /new, /load, /clear, a settings
 change, an import) sets it on that session's keys and the scope's `state`, `names` and
@@ -67,6 +72,7 @@ from bot.errors import (
     SessionBusy,
     SessionLimit,
     StoreUnavailable,
+    SummaryInProgress,
     UnknownSession,
 )
 from bot.store.base import (
@@ -86,6 +92,8 @@ from bot.store.base import (
     SessionSettings,
     StorePolicy,
     StoreStats,
+    Summary,
+    SummarySource,
     Ticket,
     Turn,
     decode_message_array,
@@ -356,7 +364,10 @@ touch(name, ARGV[6], ARGV[16])
 local info = describe(name)
 local meta, count = key(name, 'meta'), info[7]
 local stamp = {}
-if info[2] == '$FORMAT' then stamp = redis.call('HMGET', meta, 'gen', 'seq', 'bytes', 'epoch') end
+if info[2] == '$FORMAT' then
+  stamp = redis.call('HMGET', meta, 'gen', 'seq', 'bytes', 'epoch', 'summary', 'summary_upto',
+                     'summary_covered')
+end
 if info[2] ~= '$FORMAT' or (stamp[2] and not tonumber(stamp[2])) then
   leave_queue()
   if claim ~= '' then answered(claim, mine, ARGV[9]) end
@@ -383,6 +394,7 @@ local head = #out
 out[head + 1], out[head + 2], out[head + 3], out[head + 4] = gen, seq, '', ''
 out[head + 5] = stamp[4] or ''
 out[head + 6] = redis.call('HGET', KEYS[1], 'opt:$PERSONA') or ''  -- read at every turn
+out[head + 7], out[head + 8], out[head + 9] = stamp[5] or '', stamp[6] or '', stamp[7] or ''
 -- (mode and sizes are set below)
 local messages, budget, used = key(name, 'messages'), tonumber(ARGV[4]), 0
 local stop, first, full = count, count - wanted, false
@@ -647,6 +659,7 @@ end
 local gen = new_generation()
 redis.call('HSET', meta, 'updated', ARGV[3], 'gen', gen, 'epoch', gen, 'seq', 0, 'forgotten', 0,
            'bytes', 0)
+redis.call('HDEL', meta, 'summary', 'summary_upto', 'summary_covered')
 touch(name, ARGV[3], ARGV[4])
 return describe(name)
 """
@@ -757,9 +770,83 @@ return {removed}
 """
 )
 
+# ARGV: prefix, name, token, lease_ms, keep, limit. The summarizing lease, then the oldest
+# messages the summary does not cover (at most `limit`, leaving the newest `keep`), followed
+# by the next one (only its role is used): {epoch, summary, upto, covered, position of the
+# first, how many, message...}; {'busy'} when the lease is another's; {} when there is
+# nothing to add.
+# A message's position is its seq: the newest stored message's is the meta's `seq` and the
+# others count down from it (a forgotten message shifts the older ones' by one, so a
+# summary may then cover one message less or more than it says).
+_BEGIN_SUMMARY = _lua(
+    """
+local name = ARGV[2]
+local meta, messages, lease = key(name, 'meta'), key(name, 'messages'), key(name, 'summarizing')
+if not of_type(meta, 'hash') or not of_type(messages, 'list') or not of_type(lease, 'string') then
+  return {}
+end
+if redis.call('EXISTS', meta) == 0 then return {} end
+local holder = redis.call('GET', lease)
+if holder and holder ~= ARGV[3] then return {'busy'} end
+local m = redis.call('HMGET', meta, 'seq', 'epoch', 'summary', 'summary_upto', 'summary_covered')
+local count = redis.call('LLEN', messages)
+local seq = tonumber(m[1]) or count
+local upto = m[3] and tonumber(m[4])
+local uncovered = count
+if upto then uncovered = math.max(0, math.min(count, seq - upto)) end
+local wanted = math.min(uncovered - tonumber(ARGV[5]), tonumber(ARGV[6]))
+if wanted <= 0 then return {} end
+local first = count - uncovered
+redis.call('SET', lease, ARGV[3], 'PX', ARGV[4])
+local out = {m[2] or '', upto and m[3] or '', upto and m[4] or '', m[5] or '0',
+             seq - count + 1 + first, wanted}
+for _, v in ipairs(redis.call('LRANGE', messages, first, first + wanted)) do out[#out + 1] = v end
+return out
+"""
+)
+
+# ARGV: prefix, name, token, epoch, upto the summary was read with ('' for none), text, upto,
+# covered. 1 when stored; 0, storing nothing, when another token holds the lease or the
+# session was cleared, replaced or summarized meanwhile. The lease is released either way.
+_SAVE_SUMMARY = _lua(
+    """
+local name = ARGV[2]
+local meta, lease = key(name, 'meta'), key(name, 'summarizing')
+if not of_type(meta, 'hash') or not of_type(lease, 'string') then return 0 end
+local holder = redis.call('GET', lease)
+if holder and holder ~= ARGV[3] then return 0 end
+if holder then redis.call('DEL', lease) end
+if redis.call('EXISTS', meta) == 0 then return 0 end
+local m = redis.call('HMGET', meta, 'epoch', 'summary', 'summary_upto')
+local upto = m[2] and m[3] or ''
+if (m[1] or '') ~= ARGV[4] or upto ~= ARGV[5] then return 0 end
+redis.call('HSET', meta, 'summary', ARGV[6], 'summary_upto', ARGV[7], 'summary_covered', ARGV[8])
+return 1
+"""
+)
+
+# ARGV: prefix, name, token
+_RELEASE_SUMMARY = _lua(
+    """
+local lease = key(ARGV[2], 'summarizing')
+if of_type(lease, 'string') and redis.call('GET', lease) == ARGV[3] then
+  redis.call('DEL', lease)
+end
+return 1
+"""
+)
+
 _SUMMARY_FIELDS = 7
 _FINISH_FIRST_MESSAGE = 14
 """Index of the first saved message among `_FINISH_TURN`'s arguments."""
+
+
+def _summary_of(text: str | None, upto: str | None, covered: str | None) -> Summary | None:
+    """A stored summary; None when none is stored (or what is stored is not one)."""
+    try:
+        return None if not text or upto is None else Summary(text, int(covered or 0), int(upto))
+    except ValueError:
+        return None
 
 
 def _refuse_damaged(reply: Sequence[ScriptArg]) -> None:
@@ -800,6 +887,9 @@ class RedisStore:
         self._clear = register(_CLEAR)
         self._update = register(_UPDATE_SETTINGS)
         self._forget = register(_FORGET)
+        self._begin_summary = register(_BEGIN_SUMMARY)
+        self._save_summary = register(_SAVE_SUMMARY)
+        self._release_summary = register(_RELEASE_SUMMARY)
 
     @classmethod
     def from_url(
@@ -899,7 +989,8 @@ class RedisStore:
         name = reply[1]
         stamp = reply[1 + _SUMMARY_FIELDS : 7 + _SUMMARY_FIELDS]
         generation, sequence, mode, sizes, epoch, persona = stamp
-        loaded = reply[7 + _SUMMARY_FIELDS :]
+        summary = _summary_of(*reply[7 + _SUMMARY_FIELDS : 10 + _SUMMARY_FIELDS])
+        loaded = reply[10 + _SUMMARY_FIELDS :]
         loaded.reverse()
         try:
             session = session_info(reply[1 : 1 + _SUMMARY_FIELDS])
@@ -927,6 +1018,7 @@ class RedisStore:
         )
         self._recent.put(scope, window)
         recent, used, as_stored = window.newest_within(budget_bytes)
+        count = session.message_count
         return Turn(
             scope,
             session,
@@ -938,6 +1030,8 @@ class RedisStore:
             epoch,
             int(sequence),
             persona or None,
+            summary,
+            None if summary is None else max(0, min(count, int(sequence) - summary.upto)),
         )
 
     async def claim(self, scope: str, claim: str, token: str, lease_ms: int) -> None:
@@ -1209,3 +1303,56 @@ class RedisStore:
                         for key in (state, names, index):
                             tx.expire(key, policy.ttl_seconds)
                 await tx.execute()
+
+    async def read_summary(self, scope: str, name: str) -> Summary | None:
+        try:
+            async with self._available():
+                found = await self._redis.hmget(
+                    session_key(scope, name, "meta"), ["summary", "summary_upto", "summary_covered"]
+                )
+        except ResponseError:  # a meta key of the wrong type: no summary to show
+            return None
+        text, upto, covered = (None if v is None else str(v) for v in found)
+        return _summary_of(text, upto, covered)
+
+    async def begin_summary(
+        self, scope: str, name: str, token: str, lease_ms: int, keep: int, limit: int
+    ) -> SummarySource | None:
+        args: list[ScriptArg] = [self._prefix(scope), name, token, lease_ms, keep, limit]
+        async with self._available():
+            reply = await self._begin_summary(keys=self._keys(scope), args=args)
+        if not reply:
+            return None
+        if reply == ["busy"]:
+            raise SummaryInProgress()
+        epoch, text, upto, covered, first, wanted = reply[:6]
+        try:
+            messages = decode_message_array(name, "[" + ",".join(reply[6:]) + "]")
+        except CorruptSession:
+            await self.release_summary(scope, name, token)
+            raise
+        count = int(wanted)
+        following = messages[count] if len(messages) > count else None
+        return SummarySource(
+            name,
+            epoch,
+            _summary_of(text, upto, covered),
+            messages[:count],
+            list(range(int(first), int(first) + count)),
+            None if following is None else str(following.get("role")),
+        )
+
+    async def save_summary(
+        self, scope: str, token: str, source: SummarySource, summary: Summary
+    ) -> bool:
+        before = "" if source.summary is None else str(source.summary.upto)
+        args: list[ScriptArg] = [self._prefix(scope), source.name, token, source.epoch, before]
+        args += [summary.text, summary.upto, summary.covered]
+        async with self._available():
+            return bool(await self._save_summary(keys=self._keys(scope), args=args))
+
+    async def release_summary(self, scope: str, name: str, token: str) -> None:
+        async with self._available():
+            await self._release_summary(
+                keys=self._keys(scope), args=[self._prefix(scope), name, token]
+            )

@@ -29,6 +29,7 @@ from bot.errors import (
     SessionBusy,
     SessionLimit,
     StoreUnavailable,
+    SummaryInProgress,
     UnknownSession,
 )
 from bot.store.base import (
@@ -48,6 +49,8 @@ from bot.store.base import (
     SessionSettings,
     StorePolicy,
     StoreStats,
+    Summary,
+    SummarySource,
     Ticket,
     Turn,
     claim_lease,
@@ -70,7 +73,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     scope TEXT NOT NULL, name TEXT NOT NULL, model TEXT NOT NULL, mcp TEXT NOT NULL,
     created REAL NOT NULL, updated REAL NOT NULL, format TEXT NOT NULL,
     lock_token TEXT, lock_expires REAL NOT NULL DEFAULT 0, last_turn TEXT,
-    epoch TEXT NOT NULL DEFAULT '', PRIMARY KEY (scope, name));
+    epoch TEXT NOT NULL DEFAULT '', summary TEXT, summary_upto INTEGER,
+    summary_covered INTEGER NOT NULL DEFAULT 0, summary_lease TEXT,
+    summary_lease_expires REAL NOT NULL DEFAULT 0, PRIMARY KEY (scope, name));
 CREATE INDEX IF NOT EXISTS sessions_by_updated ON sessions (updated);
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT, scope TEXT NOT NULL, name TEXT NOT NULL,
@@ -94,6 +99,21 @@ SELECT s.name, s.format, s.model, s.mcp, s.created, s.updated,
 FROM sessions s WHERE s.scope = ?"""
 
 _PURGE_EVERY_SECONDS = 60.0
+_SUMMARY_COLUMNS = {
+    "summary": "TEXT",
+    "summary_upto": "INTEGER",
+    "summary_covered": "INTEGER NOT NULL DEFAULT 0",
+    "summary_lease": "TEXT",
+    "summary_lease_expires": "REAL NOT NULL DEFAULT 0",
+}
+_NO_SUMMARY = "summary = NULL, summary_upto = NULL, summary_covered = 0"
+
+
+def _summary_of(text: object, upto: object, covered: object) -> Summary | None:
+    """A stored summary; None when none is stored (or what is stored is not one)."""
+    if not isinstance(text, str) or not isinstance(upto, int):
+        return None
+    return Summary(text, covered if isinstance(covered, int) else 0, upto)
 
 
 def _number(value: object) -> float:
@@ -128,6 +148,9 @@ class SqliteStore:
             self._db.execute("ALTER TABLE sessions ADD COLUMN last_turn TEXT")
         if "epoch" not in columns:  # a file from before turns were fenced
             self._db.execute("ALTER TABLE sessions ADD COLUMN epoch TEXT NOT NULL DEFAULT ''")
+        for column, declared in _SUMMARY_COLUMNS.items():  # a file from before summaries
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE sessions ADD COLUMN {column} {declared}")
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}
         if "size" not in columns:  # a file from before sessions had a size cap
             self._db.execute("ALTER TABLE messages ADD COLUMN size INTEGER")
@@ -279,7 +302,10 @@ class SqliteStore:
 
         def work(
             db: sqlite3.Connection,
-        ) -> tuple[SessionInfo, list[str], int, str, int, str | None] | Exception:
+        ) -> (
+            tuple[SessionInfo, list[str], int, str, int, str | None, Summary | None, int | None]
+            | Exception
+        ):
             """Returns the refusal instead of raising it, so the claim and the place in
             the queue are committed even when the turn must wait."""
             now = time.time()
@@ -309,8 +335,9 @@ class SqliteStore:
                 if ticket.claim is not None:
                     self._settle(db, scope, ticket.claim, token, answered=True)
                 return damaged
-            fmt, expires, epoch = db.execute(
-                "SELECT format, lock_expires, epoch FROM sessions WHERE scope = ? AND name = ?",
+            fmt, expires, epoch, *summarized = db.execute(
+                "SELECT format, lock_expires, epoch, summary, summary_upto, summary_covered"
+                " FROM sessions WHERE scope = ? AND name = ?",
                 (scope, name),
             ).fetchone()
             if fmt != STORE_FORMAT:
@@ -339,12 +366,20 @@ class SqliteStore:
                 used += size
                 recent.append(body)
             persona = self._option(db, scope, PERSONA_OPTION)
-            return session, recent[::-1], used, epoch, _position(db, scope, name), persona
+            summary = _summary_of(*summarized)
+            pending = None
+            if summary is not None:
+                (pending,) = db.execute(
+                    "SELECT count(*) FROM messages WHERE scope = ? AND name = ? AND id > ?",
+                    (scope, name, summary.upto),
+                ).fetchone()
+            position = _position(db, scope, name)
+            return session, recent[::-1], used, epoch, position, persona, summary, pending
 
         outcome = await self._run(work)
         if isinstance(outcome, Exception):
             raise outcome
-        session, bodies, used, epoch, position, persona = outcome
+        session, bodies, used, epoch, position, persona, summary, pending = outcome
         turn = Turn(
             scope,
             session,
@@ -355,6 +390,8 @@ class SqliteStore:
             epoch=epoch,
             sequence=position,
             persona=persona,
+            summary=summary,
+            pending=pending,
         )
         try:
             recent = decode_messages(session.name, bodies)
@@ -611,7 +648,8 @@ class SqliteStore:
             db.execute("DELETE FROM messages WHERE scope = ? AND name = ?", (scope, name))
             now = time.time()
             db.execute(  # keeps what the reader accepts, replaces the rest
-                "UPDATE sessions SET updated = ?, format = ?, epoch = ?, lock_expires = CASE"
+                f"UPDATE sessions SET updated = ?, format = ?, epoch = ?, {_NO_SUMMARY},"
+                " lock_expires = CASE"
                 " WHEN typeof(lock_expires) IN ('integer', 'real') THEN lock_expires ELSE 0 END,"
                 " mcp = CASE WHEN json_valid(mcp) AND json_type(mcp) = 'array'"
                 " AND NOT EXISTS (SELECT 1 FROM json_each(mcp) WHERE type != 'text')"
@@ -715,3 +753,107 @@ class SqliteStore:
                 self._set_current(db, scope, next(iter(sessions)))
 
         await self._run(work)
+
+    async def read_summary(self, scope: str, name: str) -> Summary | None:
+        def work(db: sqlite3.Connection) -> Summary | None:
+            row = db.execute(
+                "SELECT summary, summary_upto, summary_covered FROM sessions"
+                " WHERE scope = ? AND name = ?",
+                (scope, name),
+            ).fetchone()
+            return None if row is None else _summary_of(*row)
+
+        return await self._run(work)
+
+    async def begin_summary(
+        self, scope: str, name: str, token: str, lease_ms: int, keep: int, limit: int
+    ) -> SummarySource | None:
+        def work(
+            db: sqlite3.Connection,
+        ) -> tuple[str, Summary | None, list[tuple[int, str]], int] | SummaryInProgress | None:
+            now = time.time()
+            row = db.execute(
+                "SELECT epoch, summary, summary_upto, summary_covered, summary_lease,"
+                " summary_lease_expires FROM sessions WHERE scope = ? AND name = ?",
+                (scope, name),
+            ).fetchone()
+            if row is None:
+                return None
+            if row[4] not in (None, token) and _number(row[5]) > now:
+                return SummaryInProgress()
+            summary = _summary_of(*row[1:4])
+            after = summary.upto if summary is not None else 0
+            (uncovered,) = db.execute(
+                "SELECT count(*) FROM messages WHERE scope = ? AND name = ? AND id > ?",
+                (scope, name, after),
+            ).fetchone()
+            wanted = min(uncovered - keep, limit)
+            if wanted <= 0:
+                return None
+            rows = db.execute(
+                "SELECT id, body FROM messages WHERE scope = ? AND name = ? AND id > ?"
+                " ORDER BY id LIMIT ?",
+                (scope, name, after, wanted + 1),
+            ).fetchall()
+            db.execute(
+                "UPDATE sessions SET summary_lease = ?, summary_lease_expires = ?"
+                " WHERE scope = ? AND name = ?",
+                (token, now + lease_ms / 1000, scope, name),
+            )
+            return str(row[0]), summary, [(int(i), str(body)) for i, body in rows], wanted
+
+        found = await self._run(work)
+        if found is None:
+            return None
+        if isinstance(found, SummaryInProgress):
+            raise found
+        epoch, summary, rows, wanted = found
+        try:
+            messages = decode_messages(name, [body for _, body in rows])
+        except CorruptSession:
+            await self.release_summary(scope, name, token)
+            raise
+        following = messages[wanted] if len(messages) > wanted else None
+        return SummarySource(
+            name,
+            epoch,
+            summary,
+            messages[:wanted],
+            [i for i, _ in rows[:wanted]],
+            None if following is None else str(following.get("role")),
+        )
+
+    async def save_summary(
+        self, scope: str, token: str, source: SummarySource, summary: Summary
+    ) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT epoch, summary, summary_upto, summary_covered, summary_lease,"
+                " summary_lease_expires FROM sessions WHERE scope = ? AND name = ?",
+                (scope, source.name),
+            ).fetchone()
+            if row is None:
+                return False
+            if row[4] not in (None, token) and _number(row[5]) > time.time():
+                return False  # another process took the lease over: its summary counts
+            self._release_summary(db, scope, source.name, token)
+            if row[0] != source.epoch or _summary_of(*row[1:4]) != source.summary:
+                return False
+            db.execute(
+                "UPDATE sessions SET summary = ?, summary_upto = ?, summary_covered = ?"
+                " WHERE scope = ? AND name = ?",
+                (summary.text, summary.upto, summary.covered, scope, source.name),
+            )
+            return True
+
+        return await self._run(work)
+
+    def _release_summary(self, db: sqlite3.Connection, scope: str, name: str, token: str) -> None:
+        db.execute(
+            "UPDATE sessions SET summary_lease = NULL, summary_lease_expires = 0"
+            " WHERE scope = ? AND name = ? AND summary_lease = ?",
+            (scope, name, token),
+        )
+
+    async def release_summary(self, scope: str, name: str, token: str) -> None:
+        await self._run(lambda db: self._release_summary(db, scope, name, token))

@@ -8,6 +8,13 @@ and child processes (given `DEDALUS_BASE_URL`, see `env()`) can all use it.
 Each chat-completions request consumes one scripted reply, first in first out; with none left
 the fake answers `"echo: <last user text>"` so tests that script nothing still get an answer.
 
+A summary request (the bot's summarizer: its system message starts with
+`SUMMARY_REQUEST_MARK`) is kept apart: recorded in `summary_requests`, not `requests`, and
+answered from its own script (`reply_summary_error`, `hold_summaries`), by default with
+`SUMMARY_PREFIX` followed by the summary so far and the start of each user line it was given,
+so a test can see that content reach later model calls. Turns and summaries therefore never
+take each other's scripted replies, whichever comes first.
+
 How failures surface in the SDK (0.3.0):
 - `reply_error(status)` -> the SDK's status error for that code; `exc.body` is the whole
   `{"error": {...}}` dict, so the code is `exc.body["error"]["code"]` (`exc.code` stays None).
@@ -37,8 +44,11 @@ from typing import Any, Self
 from aiohttp import web
 
 from bot.config import REFERENCE_MODELS
+from bot.summary import SUMMARY_REQUEST_MARK
 
 Json = dict[str, Any]
+SUMMARY_PREFIX = "SUMMARY:"
+"""How the fake's default summary starts."""
 _ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 
@@ -79,6 +89,24 @@ def _last_user_text(body: Json) -> str:
     return ""
 
 
+def _is_summary_request(body: Json) -> bool:
+    messages = body.get("messages") or []
+    first = messages[0] if messages and isinstance(messages[0], dict) else {}
+    return first.get("role") == "system" and str(first.get("content", "")).startswith(
+        SUMMARY_REQUEST_MARK
+    )
+
+
+def _fake_summary(body: Json) -> str:
+    """The summary so far, then the start of each user line of the transcript."""
+    text = _last_user_text(body)
+    before, _, after = text.partition("Messages that came after it:\n")
+    old = before.removeprefix("Summary so far:\n").strip()
+    old = old.removeprefix(SUMMARY_PREFIX).strip()
+    said = [line[6:46] for line in after.splitlines() if line.startswith("user: ")]
+    return " ".join([SUMMARY_PREFIX, *([old] if old else []), *(f"<{s}>" for s in said)])
+
+
 def _split(text: str, size: int | None) -> list[str]:
     """Stream pieces: `size` characters each, or three words (with their spacing) each."""
     if size:
@@ -96,7 +124,10 @@ class FakeDedalusAPI:
         self.base_url = ""  # set by start(): pass it as AsyncDedalus(base_url=...)
         self._lock = threading.Lock()
         self._replies: deque[_Reply] = deque()
+        self._summary_replies: deque[_Reply] = deque()
+        self._summary_hold: threading.Event | None = None
         self._requests: list[Json] = []
+        self._summary_requests: list[Json] = []
         self._calls: list[str] = []
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -217,6 +248,23 @@ class FakeDedalusAPI:
         error = _error_body(500, message, "stream_error")
         self._push(_Reply("stream_error", delay, after_text, status=500, error=error, drop=drop))
 
+    def reply_summary_error(self, status: int, *, message: str | None = None) -> None:
+        """The next summary request fails with this HTTP status."""
+        error = _error_body(status, message, None)
+        with self._lock:
+            self._summary_replies.append(_Reply("error", status=status, error=error))
+
+    def hold_summaries(self, hold: threading.Event | None) -> None:
+        """Summary requests are answered only once `hold` is set (None: at once again)."""
+        with self._lock:
+            self._summary_hold = hold
+
+    @property
+    def summary_requests(self) -> list[Json]:
+        """Bodies of the summary requests (kept apart from `requests`), in arrival order."""
+        with self._lock:
+            return list(self._summary_requests)
+
     # --- recording -------------------------------------------------------------------------
 
     @property
@@ -286,9 +334,17 @@ class FakeDedalusAPI:
         if not isinstance(body, dict):
             error = _error_body(400, "Body is not a JSON object.", None)
             return web.json_response(error, status=400)
+        summary = _is_summary_request(body)
         with self._lock:
-            self._requests.append(body)
-            reply = self._replies.popleft() if self._replies else None
+            if summary:
+                self._summary_requests.append(body)
+                queue, hold = self._summary_replies, self._summary_hold
+            else:
+                self._requests.append(body)
+                queue, hold = self._replies, None
+            reply = queue.popleft() if queue else None
+        if reply is None and summary:
+            reply = _Reply("text", text=_fake_summary(body), hold=hold)
         reply = reply or _Reply("text", text="echo: " + _last_user_text(body))
         await asyncio.sleep(reply.delay)
         while reply.hold is not None and not reply.hold.is_set():  # noqa: ASYNC110

@@ -1,5 +1,5 @@
-"""`/new /list /load /clear /status`: the reference's session commands, acting on the
-channel, thread or DM where they are used."""
+"""`/new /list /load /clear /compact /status`: the session commands, acting on the channel,
+thread or DM where they are used."""
 
 from __future__ import annotations
 
@@ -83,6 +83,14 @@ class Sessions(commands.Cog):
     @app_commands.default_permissions(manage_guild=True)
     async def clear(self, interaction: discord.Interaction) -> None:
         text = await self.bot.session_commands.clear(scope_for(interaction.channel_id or 0))
+        await respond(interaction, text)
+
+    @app_commands.command(
+        description="Summarize this session's history now; the model then sees the summary"
+    )
+    @app_commands.default_permissions(manage_guild=True)
+    async def compact(self, interaction: discord.Interaction) -> None:
+        text = await self.bot.session_commands.compact(scope_for(interaction.channel_id or 0))
         await respond(interaction, text)
 
     @app_commands.command(
