@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from bot.errors import InvalidInput, MessageTooLarge, SessionBusy, SessionLimit, UnknownSession
+from bot.errors import (
+    InvalidInput,
+    MessageTooLarge,
+    SessionBusy,
+    SessionLimit,
+    SummaryInProgress,
+    UnknownSession,
+)
 from bot.store.base import (
     LAST_ANSWERED_OPTION,
     PERSONA_OPTION,
@@ -17,6 +24,7 @@ from bot.store.base import (
     SessionSettings,
     SessionStore,
     StorePolicy,
+    Summary,
     Ticket,
     Turn,
     encode_message,
@@ -1001,3 +1009,83 @@ async def test_a_deletion_redis_cannot_carry_out_is_named_and_changes_nothing(
         assert {k: await raw.dump(k) for k in keys} == before
     finally:
         await raw.aclose()
+
+
+def exchange(i: int) -> list[Message]:
+    return [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+
+
+async def test_a_summary_is_kept_beside_the_messages_it_covers(store: SessionStore) -> None:
+    for i in range(4):
+        await save_turn(store, "s1", *exchange(i))
+    assert await store.read_summary("s1", "default") is None
+    source = await store.begin_summary("s1", "default", "tok", 60_000, keep=2, limit=100)
+    assert source is not None and source.summary is None
+    assert [m["content"] for m in source.messages] == ["q0", "a0", "q1", "a1", "q2", "a2"]
+    assert source.next_role == "user"  # the first message left out
+    upto = source.positions[3]
+    assert await store.save_summary("s1", "tok", source, Summary("about q0 q1", 4, upto))
+    assert await store.read_summary("s1", "default") == Summary("about q0 q1", 4, upto)
+    assert len(await store.read_history("s1", "default")) == 8  # nothing is removed
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    assert turn.summary == Summary("about q0 q1", 4, upto) and turn.pending == 4
+    assert [m["content"] for m in turn.recent[-4:]] == ["q2", "a2", "q3", "a3"]
+    assert await store.finish_turn(turn, exchange(4))
+    # The next fold starts where the summary stops, and may reach the newest message.
+    source = await store.begin_summary("s1", "default", "tok", 60_000, keep=0, limit=3)
+    assert source is not None and source.summary == Summary("about q0 q1", 4, upto)
+    assert [m["content"] for m in source.messages] == ["q2", "a2", "q3"]
+    assert source.next_role == "assistant"
+    await store.release_summary("s1", "default", "tok")
+    source = await store.begin_summary("s1", "default", "tok", 60_000, keep=0, limit=100)
+    assert source is not None and source.next_role is None and len(source.messages) == 6
+    await store.release_summary("s1", "default", "tok")
+    assert await store.begin_summary("s1", "default", "tok", 60_000, keep=6, limit=9) is None
+
+
+async def test_only_one_token_summarizes_a_session_at_a_time(store: SessionStore) -> None:
+    for i in range(3):
+        await save_turn(store, "s1", *exchange(i))
+    first = await store.begin_summary("s1", "default", "one", 60_000, keep=0, limit=100)
+    assert first is not None
+    with pytest.raises(SummaryInProgress):
+        await store.begin_summary("s1", "default", "two", 60_000, keep=0, limit=100)
+    assert await store.save_summary("s1", "one", first, Summary("s", 2, first.positions[1]))
+    second = await store.begin_summary("s1", "default", "two", 60_000, keep=0, limit=100)
+    assert second is not None and second.messages[0]["content"] == "q1"
+    await store.release_summary("s1", "default", "two")
+    # A summary written from an older one is refused: that stretch was folded already.
+    assert not await store.save_summary("s1", "one", first, Summary("again", 2, 9))
+    assert await store.read_summary("s1", "default") == Summary("s", 2, first.positions[1])
+    lapsed = await store.begin_summary("s1", "default", "three", 1, keep=0, limit=100)
+    assert lapsed is not None
+    await asyncio.sleep(0.05)  # its lease (1 ms) lapses: another may take the session
+    assert await store.begin_summary("s1", "default", "four", 60_000, keep=0, limit=100)
+
+
+async def test_clear_and_import_drop_the_summary(store: SessionStore) -> None:
+    await save_turn(store, "s1", *exchange(0), *exchange(1))
+    source = await store.begin_summary("s1", "default", "tok", 60_000, keep=0, limit=100)
+    assert source is not None
+    before_clear = await store.begin_summary("s1", "default", "tok", 60_000, keep=2, limit=100)
+    assert before_clear is not None
+    await store.clear_session("s1")
+    assert not await store.save_summary("s1", "tok", before_clear, Summary("old", 2, 1))
+    assert await store.read_summary("s1", "default") is None
+    await save_turn(store, "s1", *exchange(2))
+    source = await store.begin_summary("s1", "default", "tok", 60_000, keep=0, limit=100)
+    assert source is not None
+    assert await store.save_summary("s1", "tok", source, Summary("s", 2, source.positions[-1]))
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    assert turn.pending == 0
+    await store.finish_turn(turn, [])
+    await store.clear_session("s1")
+    assert await store.read_summary("s1", "default") is None
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    assert turn.summary is None and turn.pending is None
+    await store.finish_turn(turn, exchange(3))
+    source = await store.begin_summary("s1", "default", "tok", 60_000, keep=0, limit=100)
+    assert source is not None
+    assert await store.save_summary("s1", "tok", source, Summary("s", 2, source.positions[-1]))
+    await store.import_sessions("s1", {"default": exchange(9)}, SessionSettings("m"))
+    assert await store.read_summary("s1", "default") is None
