@@ -182,12 +182,13 @@ async def test_model_autocomplete_offers_the_allowed_models(harness: Harness) ->
         ("mcp", {"server": "acme/none"}, "remove", "is not active"),
         ("load", {"name": "ghost"}, None, "no session named 'ghost'"),
         ("new", {"name": "two words"}, None, "no spaces"),
+        ("compact", None, None, "nothing to summarize"),
     ],
 )
 async def test_bad_input_is_explained_privately_and_changes_nothing(
     harness: Harness,
     name: str,
-    options: dict[str, str],
+    options: dict[str, str] | None,
     subcommand: str | None,
     said: str,
 ) -> None:
@@ -202,6 +203,25 @@ async def test_bad_input_is_explained_privately_and_changes_nothing(
     assert [m for m in shown_to_all if m.interaction_id == interaction] == []
     after = await harness.command("status", user=fake.admin, channel_id=fake.general_id)
     assert after == before
+
+
+async def test_compact_folds_the_history_into_a_summary_the_model_then_sees(
+    harness: Harness,
+) -> None:
+    fake = harness.discord
+    await ask(harness, "my favourite colour is teal", 0)
+    said = await harness.command("compact", user=fake.admin, channel_id=fake.general_id)
+    assert said.startswith("Summary covers the first 2 messages")
+    status = await harness.command("status", user=fake.member, channel_id=fake.general_id)
+    assert "Summary: covers the first 2 messages" in status
+    await ask(harness, "what colour?", 1)
+    sent = harness.api.messages_sent()
+    assert [m["role"] for m in sent] == ["system", "system", "user"]
+    assert "my favourite colour is teal" in sent[1]["content"]
+    assert len(await harness.history(fake.general_id)) == 4  # the messages stay stored
+    dm = fake.dm_channel(fake.member)  # in a DM the user may compact their own session
+    said = await harness.command("compact", user=fake.member, channel_id=dm)
+    assert "nothing to summarize" in said
 
 
 async def test_in_a_dm_the_user_owns_the_session(harness: Harness) -> None:

@@ -103,7 +103,7 @@ def _fake_summary(body: Json) -> str:
     before, _, after = text.partition("Messages that came after it:\n")
     old = before.removeprefix("Summary so far:\n").strip()
     old = old.removeprefix(SUMMARY_PREFIX).strip()
-    said = [line[6:46] for line in after.splitlines() if line.startswith("user: ")]
+    said = [line[6:90] for line in after.splitlines() if line.startswith("user: ")]
     return " ".join([SUMMARY_PREFIX, *([old] if old else []), *(f"<{s}>" for s in said)])
 
 
