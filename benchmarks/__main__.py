@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from benchmarks import breakdown, end_to_end, overhead, roundtrips
+from benchmarks import breakdown, end_to_end, overhead, roundtrips, tokens
 from benchmarks.common import Conversation, flush, redis_server
 from benchmarks.end_to_end import Timing
 from benchmarks.overhead import Grid
@@ -40,6 +40,9 @@ class Plan:
     channel_history: int
     sdk_turns: int
     discord_messages: int
+    token_turns: int
+    token_budget: int
+    """Tokens sent per turn: how many turns, within what context budget (in tokens)."""
     quick: bool = False
 
 
@@ -63,6 +66,8 @@ FULL = Plan(
     channel_history=20,
     sdk_turns=100,
     discord_messages=20,
+    token_turns=500,
+    token_budget=16_000,
 )
 
 QUICK = Plan(
@@ -85,6 +90,8 @@ QUICK = Plan(
     channel_history=20,
     sdk_turns=3,
     discord_messages=3,
+    token_turns=60,
+    token_budget=2_000,
     quick=True,
 )
 
@@ -165,6 +172,10 @@ async def run(plan: Plan, command: str) -> Results:
         for backend, cache_mb in (("redis", None), ("redis", 0), ("sqlite", None)):
             progress(f"{plan.channels} channels at once: {backend}")
             results.concurrency.append(_concurrency(server.url, plan, backend, cache_mb))
+
+        progress(f"tokens sent per turn over {plan.token_turns} turns")
+        results.tokens = await tokens.measure(server.url, plan.token_turns, plan.token_budget)
+        results.token_budget = plan.token_budget
 
         progress("the real SDK against the fake Dedalus API")
         await flush(server.url)

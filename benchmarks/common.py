@@ -28,7 +28,11 @@ BUDGET_BYTES = 16_000 * 4
 MODEL = REFERENCE_MODELS[0]
 SETTINGS = SessionSettings(model=MODEL)
 POLICY = StorePolicy(default_model=MODEL)  # production defaults: no TTL, cap 2,000 messages
-LIMITS = EngineLimits(system_prompt=DEFAULT_SYSTEM_PROMPT, budget_bytes=BUDGET_BYTES)
+LIMITS = EngineLimits(
+    system_prompt=DEFAULT_SYSTEM_PROMPT, budget_bytes=BUDGET_BYTES, summaries=False
+)
+"""Summaries off: these benchmarks time the turn itself; a summary is written once per
+stretch of history, in the background (`benchmarks.tokens` shows what it does)."""
 USER_BYTES = 200
 ASSISTANT_BYTES = 600
 """Stored sizes of the synthetic messages: a Discord line with its speaker tag, and an answer

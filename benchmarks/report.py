@@ -15,6 +15,7 @@ from benchmarks.common import ASSISTANT_BYTES, BUDGET_BYTES, USER_BYTES
 from benchmarks.end_to_end import DiscordResult, Timing
 from benchmarks.overhead import Cell, Grid
 from benchmarks.roundtrips import RoundTrips
+from benchmarks.tokens import TokenRow, table
 
 FLAT_TOLERANCE = 1.25
 """p50 within 25% counts as flat: run-to-run noise on a shared 2-core machine is about that."""
@@ -38,6 +39,8 @@ class Results:
     concurrency: list[dict[str, Any]] = field(default_factory=list)
     sdk: list[Timing] = field(default_factory=list)
     discord: DiscordResult | None = None
+    tokens: list[TokenRow] = field(default_factory=list)
+    token_budget: int = 0
     seconds: float = 0.0
     quick: bool = False
     """Tiny sizes: the figures show the benchmark runs, not how fast the bot is."""
@@ -155,6 +158,7 @@ def render(r: Results) -> str:
     lines += _concurrency(r)
     lines += _end_to_end(r)
     lines += _where(r, big, longest)
+    lines += table(r.tokens, r.token_budget)
     lines += _method(r)
     return "\n".join(lines) + "\n"
 

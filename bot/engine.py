@@ -272,6 +272,12 @@ class Engine:
         finally:
             self._working[task] = True if outer is None else outer
 
+    async def background_done(self) -> None:
+        """Wait until no summary is being written in the background (so a benchmark, or a
+        script, sees its effect on the next turn every time)."""
+        while self._summarizing:
+            await asyncio.wait(list(self._summarizing.values()))
+
     async def drain(self, grace: float) -> None:
         """Stop taking turns; let turns holding their message finish within `grace` seconds;
         cancel the others (waiting ones at once), which hands their claims and locks back so

@@ -129,3 +129,17 @@ def test_the_report_opens_with_a_summary_in_plain_words(report: str) -> None:
     assert "begin_turn" not in summary and "finish_turn" not in summary
     first_section = report.split("\n## ", 2)[1]
     assert first_section.startswith("In short")
+
+
+def test_tokens_sent_per_turn_stay_within_the_budget(report: str) -> None:
+    found = tables(report)
+    (title,) = [t for t in found if t.startswith("Tokens sent per turn")]
+    budget = number(title.split("budget ")[1])
+    rows = found[title]
+    assert [r["Turns so far"] for r in rows][:3] == ["1", "10", "25"]
+    for row in rows:
+        assert number(row["Sent tokens"]) <= number(row["Most sent by any turn so far"]) <= budget
+        assert number(row["Sent tokens, cut only"]) <= budget
+    last = rows[-1]
+    assert number(last["Whole history tokens"]) > budget  # long enough to need a summary
+    assert number(last["Summarized messages"]) > 0 and number(last["Summary calls"]) > 0
