@@ -147,3 +147,17 @@ def test_a_malformed_import_names_the_problem_and_imports_nothing(
     exported = tmp_path / "after.json"
     run_console([], console_env, "export", str(exported))
     assert exported.read_text().strip() == "{}"
+
+
+def test_compact_in_the_console_summarizes_the_session(
+    console_env: dict[str, str], api: FakeDedalusAPI
+) -> None:
+    lines = ["/compact", "My name is Ada.", "/compact", "/status", "Who am I?", "/quit"]
+    done = run_console(lines, console_env)
+    assert done.returncode == 0, done.stderr
+    assert "Error: This session has no messages yet; there is nothing to summarize." in done.stdout
+    assert "Summary covers the first 2 messages of this session now" in done.stdout
+    assert "Summary: covers the first 2 messages" in done.stdout
+    sent = api.messages_sent()
+    assert [m["role"] for m in sent] == ["system", "system", "user"]
+    assert "My name is Ada." in sent[1]["content"] and sent[2]["content"] == "Who am I?"
