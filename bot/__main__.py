@@ -67,11 +67,12 @@ async def run_console(settings: Settings, scope: str) -> None:
 
     store = open_store(settings)
     model = connect_model(settings)
+    engine = build_engine(settings, store, model)
     try:
-        engine = build_engine(settings, store, model)
         commands = build_commands(settings, store, engine)
         await Console(engine, commands, scope).run()
     finally:
+        await engine.drain(0)  # a summary still being written hands its lease back
         await model.close()
         await store.close()
 
@@ -111,8 +112,8 @@ async def run_bot(settings: Settings) -> None:
     metrics = Metrics()
     metrics.watch_store(store.stats)
     listener: web.AppRunner | None = None
+    engine = build_engine(settings, store, model, metrics)
     try:
-        engine = build_engine(settings, store, model, metrics)
         commands = build_commands(settings, store, engine)
         bot = ChatBot(
             engine,
@@ -135,6 +136,7 @@ async def run_bot(settings: Settings) -> None:
     finally:
         if listener is not None:
             await listener.cleanup()
+        await engine.drain(0)  # after any other exit than SIGTERM's drain: nothing outlives it
         await model.close()
         await store.close()
 

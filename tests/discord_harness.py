@@ -63,6 +63,7 @@ class Harness:
         if self.bot is not None and self._running is not None:
             await self.bot.close()
             await self._running
+            await self.bot.engine.background_done()  # a summary being written, if any
         if self.store is not None:
             await self.store.close()
         self.bot = self.store = self._running = None

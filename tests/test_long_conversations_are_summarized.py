@@ -146,6 +146,7 @@ async def test_a_long_conversation_keeps_its_beginning_as_a_summary(
     status = await Commands(store, TEST_MODELS, TEST_MODELS[0]).status(SCOPE)
     covered = (await store.read_summary(SCOPE, "default")).covered  # type: ignore[union-attr]
     assert f"Summary: covers the first {covered} messages" in status
+    await engine.background_done()
 
 
 async def test_two_engines_never_summarize_one_session_at_once(
@@ -179,6 +180,7 @@ async def test_two_engines_never_summarize_one_session_at_once(
     third = make_engine(stores[1], api)
     await turn(third, "last")
     assert summary_sent(api.messages_sent()) is not None
+    await third.background_done()
 
 
 async def test_a_failed_summary_call_leaves_the_conversation_as_before(

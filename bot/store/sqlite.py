@@ -165,7 +165,11 @@ class SqliteStore:
         self._last_purge = 0.0
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._db.close)
+        def close() -> None:
+            with self._thread_lock:  # a call still running (a background summary) ends first
+                self._db.close()
+
+        await asyncio.to_thread(close)
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run `work` in one write transaction, in a worker thread."""
