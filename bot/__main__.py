@@ -72,7 +72,7 @@ async def run_console(settings: Settings, scope: str) -> None:
         commands = build_commands(settings, store, engine)
         await Console(engine, commands, scope).run()
     finally:
-        await engine.drain(0)  # a summary still being written hands its lease back
+        await engine.cancel_background()  # a summary being written hands its lease back
         await model.close()
         await store.close()
 
@@ -136,7 +136,7 @@ async def run_bot(settings: Settings) -> None:
     finally:
         if listener is not None:
             await listener.cleanup()
-        await engine.drain(0)  # after any other exit than SIGTERM's drain: nothing outlives it
+        await engine.cancel_background()  # after any exit, SIGTERM's drain or another
         await model.close()
         await store.close()
 

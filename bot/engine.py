@@ -278,6 +278,16 @@ class Engine:
         while self._summarizing:
             await asyncio.wait(list(self._summarizing.values()))
 
+    async def cancel_background(self) -> None:
+        """Stop the summaries being written in the background (each hands its lease back, so
+        another process writes it): what a program does before closing the store."""
+        self._draining = True  # and start no other
+        tasks = list(self._summarizing.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=HAND_BACK_SECONDS)
+
     async def drain(self, grace: float) -> None:
         """Stop taking turns; let turns holding their message finish within `grace` seconds;
         cancel the others (waiting ones at once), which hands their claims and locks back so
