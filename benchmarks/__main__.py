@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,11 +19,12 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from benchmarks import breakdown, end_to_end, overhead, roundtrips, tokens
+from benchmarks import breakdown, end_to_end, overhead, roundtrips, scaling, tokens
 from benchmarks.common import Conversation, flush, redis_server
 from benchmarks.end_to_end import Timing
 from benchmarks.overhead import Grid
 from benchmarks.report import Results, machine_info, render
+from tests.redis_cluster import RedisClusterNodes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,6 +46,7 @@ class Plan:
     token_budget: int
     """Tokens sent per turn: how many turns, within what context budget (in tokens)."""
     quick: bool = False
+    scaling_processes: tuple[int, ...] = (1, 2, 4)
 
 
 FULL = Plan(
@@ -176,6 +179,26 @@ async def run(plan: Plan, command: str) -> Results:
         progress(f"tokens sent per turn over {plan.token_turns} turns")
         results.tokens = await tokens.measure(server.url, plan.token_turns, plan.token_budget)
         results.token_budget = plan.token_budget
+
+        for n in plan.scaling_processes:
+            progress(f"{n} process(es) sharing one Redis")
+            await flush(server.url)
+            results.scaling.append(
+                scaling.run("redis", server.url, n, plan.channels, plan.channel_turns)
+            )
+        with tempfile.TemporaryDirectory(prefix="bench-cluster-") as directory:
+            cluster = RedisClusterNodes(Path(directory))
+            try:
+                for n in plan.scaling_processes:
+                    progress(f"{n} process(es) sharing a three-node Redis Cluster")
+                    cluster.flush()
+                    results.scaling.append(
+                        scaling.run(
+                            "redis-cluster", cluster.url, n, plan.channels, plan.channel_turns
+                        )
+                    )
+            finally:
+                cluster.stop()
 
         progress("the real SDK against the fake Dedalus API")
         await flush(server.url)

@@ -54,28 +54,44 @@ def _open(backend: str, url: str, cache_mb: int | None, directory: str) -> Sessi
     policy = POLICY
     if cache_mb is not None:
         policy = dataclasses.replace(POLICY, history_cache_bytes=cache_mb * 1024 * 1024)
-    return RedisStore.from_url(url, policy)
+    return RedisStore.from_url(url, policy, cluster=backend == "redis-cluster")
 
 
 async def run(
-    backend: str, url: str, channels: int, turns: int, history: int, cache_mb: int | None
+    backend: str,
+    url: str,
+    channels: int,
+    turns: int,
+    history: int,
+    cache_mb: int | None,
+    *,
+    first_channel: int = 0,
+    shared: bool = False,
 ) -> dict[str, Any]:
+    """`shared`: other processes use the same store at the same time (`benchmarks.scaling`):
+    the store is not flushed, and the turns start when the parent writes a line to stdin,
+    once every process has seeded its channels (`first_channel` onwards)."""
     conversation = Conversation()
     with tempfile.TemporaryDirectory(prefix="bench-conc-") as directory:
-        if backend == "redis":
+        if backend == "redis" and not shared:
             await flush(url)
         store = _open(backend, url, cache_mb, directory)
-        scopes = [f"discord:{300_000 + i}" for i in range(channels)]
+        first = 300_000 + first_channel
+        scopes = [f"discord:{first + i}" for i in range(channels)]
         await seed(store, [(s, conversation.history(history)) for s in scopes])
         engine = Engine(store, InstantModel(conversation.answer), LIMITS)
         await engine.reply(scopes[0], conversation.user(0))  # scripts loaded, pool warm
         failures: Counter[str] = Counter()
 
+        latencies: list[float] = []
+
         async def talk(index: int, scope: str) -> int:
             done = 0
             for turn in range(turns):
                 try:
+                    began = time.perf_counter()
                     await engine.reply(scope, conversation.user(index + turn))
+                    latencies.append(time.perf_counter() - began)
                     done += 1
                 except Exception as error:  # counted and reported, never hidden
                     cause = error.__cause__
@@ -84,6 +100,10 @@ async def run(
             return done
 
         rss_before = _status_kb("VmRSS")
+        if shared:
+            print("ready", file=sys.stderr, flush=True)
+            await asyncio.to_thread(sys.stdin.readline)
+        started_at = time.time()
         start = time.perf_counter()
         done = await asyncio.gather(*(talk(i, s) for i, s in enumerate(scopes)))
         elapsed = time.perf_counter() - start
@@ -105,20 +125,34 @@ async def run(
         "rss_before_mb": rss_before / 1024,
         "peak_rss_mb": _status_kb("VmHWM") / 1024,
         "connections": connections,
+        "started_at": started_at,
+        "ended_at": started_at + elapsed,
+        "latencies": latencies if shared else [],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--backend", choices=("redis", "sqlite"), default="redis")
+    parser.add_argument("--backend", choices=("redis", "redis-cluster", "sqlite"), default="redis")
     parser.add_argument("--url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--channels", type=int, default=1000)
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--history", type=int, default=20)
     parser.add_argument("--cache-mb", type=int, default=None, help="default: the bot's")
+    parser.add_argument("--first-channel", type=int, default=0)
+    parser.add_argument("--shared", action="store_true", help="see `run`")
     args = parser.parse_args()
     result = asyncio.run(
-        run(args.backend, args.url, args.channels, args.turns, args.history, args.cache_mb)
+        run(
+            args.backend,
+            args.url,
+            args.channels,
+            args.turns,
+            args.history,
+            args.cache_mb,
+            first_channel=args.first_channel,
+            shared=args.shared,
+        )
     )
     json.dump(result, sys.stdout)
 

@@ -15,6 +15,7 @@ from benchmarks.common import ASSISTANT_BYTES, BUDGET_BYTES, USER_BYTES
 from benchmarks.end_to_end import DiscordResult, Timing
 from benchmarks.overhead import Cell, Grid
 from benchmarks.roundtrips import RoundTrips
+from benchmarks.scaling import Scaling
 from benchmarks.tokens import TokenRow, table
 
 FLAT_TOLERANCE = 1.25
@@ -42,6 +43,7 @@ class Results:
     tokens: list[TokenRow] = field(default_factory=list)
     token_budget: int = 0
     seconds: float = 0.0
+    scaling: list[Scaling] = field(default_factory=list)
     quick: bool = False
     """Tiny sizes: the figures show the benchmark runs, not how fast the bot is."""
 
@@ -156,6 +158,7 @@ def render(r: Results) -> str:
     lines += _json(r)
     lines += _round_trips(r)
     lines += _concurrency(r)
+    lines += _scaling(r)
     lines += _end_to_end(r)
     lines += _where(r, big, longest)
     lines += table(r.tokens, r.token_budget)
@@ -593,6 +596,56 @@ def _concurrency(r: Results) -> list[str]:
         for failure, n in c["failures"].items():
             lines.append(f"- {c['backend']}: {n} turns failed: {failure}")
     return [*lines, ""]
+
+
+def _scaling(r: Results) -> list[str]:
+    if not r.scaling:
+        return []
+    lines = [
+        "## Past one process",
+        "",
+        "Several bot processes (each an engine with the instant model, as above) share one",
+        "store and talk at once, each in its own share of the channels; *turns/s* is every",
+        "turn over the time from the first process's start to the last one's end, and the",
+        "percentiles are of every turn of every process. The cluster is three primaries on",
+        "this machine, joined with `redis-cli --cluster create`.",
+        "",
+        _row("Store", "Processes", "Channels", "Turns", "Failed", "Turns/s", "p50 ms", "p99 ms"),
+        _row(*["---"] * 8),
+    ]
+    for s in r.scaling:
+        lines.append(
+            _row(
+                s.store,
+                s.processes,
+                s.channels,
+                s.turns,
+                s.failed,
+                num(s.turns_per_second),
+                num(s.p50_ms),
+                num(s.p99_ms),
+            )
+        )
+    lines.append("")
+    cores = os.cpu_count() or 1
+    for store in dict.fromkeys(s.store for s in r.scaling):
+        rows = {s.processes: s.turns_per_second for s in r.scaling if s.store == store}
+        if 1 not in rows or len(rows) < 2:
+            continue
+        gains = ", ".join(
+            f"{n} processes {num(rows[n] / rows[1])}x" for n in sorted(rows) if n != 1
+        )
+        lines.append(f"- {store}: against one process, {gains}.")
+    lines += [
+        f"- Where it stops: this machine has {cores} cores, shared by the bot processes (each",
+        "  spends most of a turn in Python: the engine and the client library) and Redis (one",
+        "  thread per node). Throughput grows while a core is idle and stops once the processes",
+        "  and Redis fill them; beyond that more processes only add waiting (p50 grows). On",
+        "  machines of their own, each process adds its share until Redis's thread, or each",
+        "  cluster node's, is busy; the cluster spreads places over nodes by hash slot.",
+        "",
+    ]
+    return lines
 
 
 def _end_to_end(r: Results) -> list[str]:

@@ -13,6 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+pytestmark = pytest.mark.timeout(400)  # the first test runs the whole quick benchmark
+
 
 def tables(report: str) -> dict[str, list[dict[str, str]]]:
     """Each section's table, as rows of header -> cell."""
@@ -46,7 +48,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> str:
         env=env,
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return out.read_text()
@@ -111,6 +113,17 @@ def test_concurrency_end_to_end_and_targets_are_reported(report: str) -> None:
     targets = found["Targets"]
     assert len(targets) == 5
     assert targets[0]["Met"].startswith(("yes", "**no**"))  # round trips: counted at any size
+
+
+def test_one_two_and_four_processes_are_measured_on_redis_and_on_a_cluster(report: str) -> None:
+    rows = tables(report)["Past one process"]
+    assert [(r["Store"], r["Processes"]) for r in rows] == [
+        (store, n) for store in ("redis", "redis-cluster") for n in ("1", "2", "4")
+    ]
+    for row in rows:
+        assert number(row["Turns"]) > 0 and row["Failed"] == "0", row
+        assert number(row["Turns/s"]) > 0
+        assert number(row["p50 ms"]) <= number(row["p99 ms"])
 
 
 def test_a_quick_run_says_so_and_judges_no_size_dependent_target(report: str) -> None:
