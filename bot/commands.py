@@ -12,9 +12,12 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from bot.context import speaker_of
 from bot.errors import CorruptSession, DamagedState, InvalidInput, InvalidMcpServer, UnknownModel
 from bot.store.base import (
     PERSONA_OPTION,
+    Exchange,
+    Message,
     SessionInfo,
     SessionSettings,
     SessionStore,
@@ -336,6 +339,30 @@ def describe_status(session: SessionInfo, summary: Summary | None = None) -> str
             f"Last used: {used if session.updated_at else 'never'}",
         ]
     )
+
+
+QUOTE_MAX_CHARS = 80
+"""/undo and /retry name the question they acted on by at most this much of its text."""
+
+
+def question_quote(message: Message) -> str:
+    """A short quote of a stored question: its text, without the speaker's label, on one
+    line."""
+    text = " ".join(speaker_of(message)[1].split())
+    if len(text) > QUOTE_MAX_CHARS:
+        text = text[: QUOTE_MAX_CHARS - 1].rstrip() + "…"
+    return f"“{text}”" if text else "a message without text"
+
+
+def describe_undone(exchange: Exchange) -> str:
+    return (
+        f"Undone: {question_quote(exchange.user)} and its answer are no longer part of this "
+        "conversation (the messages stay in the channel)."
+    )
+
+
+def describe_retried(exchange: Exchange) -> str:
+    return f"Answered {question_quote(exchange.user)} again."
 
 
 def _count(n: int) -> str:

@@ -10,6 +10,7 @@ message. That keeps the per-turn work independent of how many messages the windo
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -218,3 +219,27 @@ def _sendable(window: Sequence[Message], size: int, room: int) -> tuple[list[Mes
         first += 1
     dropped = kept[first][0] if first < len(kept) else len(window)
     return [m for _, m in kept[first:]], size, dropped
+
+
+_SPEAKER = re.compile(r"\[[^\]]*\(user id (\d+)\)\]: ?")
+"""A speaker's label at the start of a stored user message. A name holds no ']', so the
+label ends at the first one and the id before it is the real one, whatever the name says."""
+
+
+def speaker_label(name: str, user_id: int | str) -> str:
+    """How a user message starts (stored and sent), so the model can tell speakers apart and
+    /retry and /undo can tell who asked."""
+    shown = name.replace("[", "(").replace("]", ")")
+    return f"[{shown} (user id {user_id})]"
+
+
+def speaker_of(message: Message) -> tuple[str | None, str]:
+    """Who said a user message (their id, None when it has no label) and its text without
+    the label (text parts joined)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        parts = [part.get("text") for part in content if isinstance(part, dict)]
+        content = "\n".join(part for part in parts if isinstance(part, str))
+    text = str(content or "")
+    label = _SPEAKER.match(text)
+    return (label[1], text[label.end() :]) if label else (None, text)

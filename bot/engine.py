@@ -24,21 +24,25 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
-from dataclasses import dataclass
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from dataclasses import dataclass, replace
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 from bot.context import (
     Context,
     build_context,
     history_room,
     paired_tool_messages,
+    speaker_of,
     system_prompt,
     within_size,
 )
 from bot.errors import (
     BotError,
+    ExchangeChanged,
     MessageTooLarge,
     ModelError,
+    NothingToRewrite,
+    NotYourExchange,
     SessionBusy,
     StoreUnavailable,
     SummaryInProgress,
@@ -51,6 +55,7 @@ from bot.store.base import (
     MESSAGE_CAP_KB,
     PERSONA_OPTION,
     AlreadyClaimed,
+    Exchange,
     Message,
     SessionCleared,
     SessionSettings,
@@ -151,6 +156,22 @@ class LostTurn(BotError):
 class ShuttingDown(Exception):
     """The process is stopping: it takes no new turn (another process, or the next start,
     answers the message)."""
+
+
+class Stopping(BotError):
+    def __init__(self) -> None:
+        super().__init__("The bot is restarting; nothing was changed. Try again in a moment.")
+
+
+Rewrite = Literal["retry", "undo"]
+
+
+@dataclass(frozen=True)
+class Retried:
+    text: str
+    exchange: Exchange
+    """The exchange as it was before: its question, who asked, where the old answer went."""
+    shortened: bool
 
 
 class AnsweredElsewhere(AlreadyClaimed):
@@ -387,6 +408,126 @@ class Engine:
             if kept:
                 self._summarize_if_due(turn, context, stored)
             return Reply(text=text, session=turn.session.name, shortened=shortened, kept=kept)
+
+    async def retry(
+        self,
+        scope: str,
+        *,
+        requester: str,
+        manager: bool,
+        order: int | None = None,
+        on_text: TextSink | None = None,
+        on_begin: Callable[[Exchange], Awaitable[None]] | None = None,
+        parent: str | None = None,
+    ) -> Retried:
+        """Answer the session's last question again, replacing its answer. Only its asker
+        (`requester`), or a `manager`, may. It takes its place among the scope's turns like
+        a message (`order`, default now) and holds the lock throughout, so it never races a
+        turn; the model gets the history up to and including that question, as the turn
+        had, under the place's persona as it is now (`parent` as for `reply`). `on_begin`
+        gets the exchange (where its old answer went) before the model runs. Nothing is
+        changed unless the new answer is saved."""
+        budget = self._limits.budget_bytes
+        room_all = history_room(self._limits.system_prompt, {"role": "user", "content": ""}, budget)
+        async with self._rewriting(scope, order, room_all) as (turn, held):
+            exchange = await self._last_exchange(turn, "retry", requester, manager)
+            earlier = await self._history_before(turn, exchange)
+            if on_begin is not None:
+                await on_begin(exchange)
+            system = await self._system_prompt(turn, parent)
+            measured = sum(message_size(m) for m in earlier)
+            pending = (
+                None if turn.pending is None else max(0, turn.pending - len(exchange.messages))
+            )
+            replayed = replace(
+                turn, recent=earlier, recent_bytes=measured, as_stored=False, pending=pending
+            )
+            added, text, shortened, _ = await self._kept_alive(
+                turn, held, self._run(replayed, system, exchange.user, on_text)
+            )
+            await self._rewrite(turn, exchange, self._within_size(added), "retry")
+        return Retried(text=text, exchange=exchange, shortened=shortened)
+
+    async def undo(
+        self, scope: str, *, requester: str, manager: bool, order: int | None = None
+    ) -> Exchange:
+        """Remove the session's last exchange (question, answer, tool messages between) and
+        return it. Only its asker (`requester`), or a `manager`, may; it waits for the
+        scope's turns as `retry` does."""
+        async with self._rewriting(scope, order, 0) as (turn, _):
+            exchange = await self._last_exchange(turn, "undo", requester, manager)
+            await self._rewrite(turn, exchange, None, "undo")
+        return exchange
+
+    async def note_answer(self, scope: str, ref: str, replies: list[str]) -> None:
+        """Remember where the answer to `ref` went, for /retry to edit; after a storage
+        fault, a retry posts its answer anew instead."""
+        try:
+            await self._store.note_answer(scope, ref, replies)
+        except StoreUnavailable:
+            log.warning("could not record where an answer went: storage unavailable")
+
+    @contextlib.asynccontextmanager
+    async def _rewriting(
+        self, scope: str, order: int | None, room: int
+    ) -> AsyncIterator[tuple[Turn, _Held]]:
+        """Hold the session as a turn does (its place in the scope's queue, then its lock),
+        for a rewrite of its last exchange; the lock is released when the body fails (the
+        rewrite itself releases it otherwise)."""
+        ticket = Ticket(order=order) if order is not None else Ticket.now()
+        if self._draining:
+            raise Stopping()
+        with self._working_on() as holding:
+            turn = await self._begin(scope, ticket, room)
+            holding()
+            try:
+                yield turn, _Held(time.monotonic())
+            except BaseException:
+                await self._release(turn)
+                raise
+
+    async def _last_exchange(
+        self, turn: Turn, action: Rewrite, requester: str, manager: bool
+    ) -> Exchange:
+        exchange = await self._store.last_exchange(turn)
+        if exchange is None:
+            raise NothingToRewrite(action, "this conversation has no question yet")
+        if not exchange.answered:
+            raise NothingToRewrite(action, "its last message is not an answered question")
+        if not manager and speaker_of(exchange.user)[0] != requester:
+            raise NotYourExchange(action)
+        return exchange
+
+    async def _history_before(self, turn: Turn, exchange: Exchange) -> list[Message]:
+        """The history before the exchange: from the turn's window when it holds the whole
+        exchange (as it does unless the exchange alone is over the budget), else read."""
+        count = len(exchange.messages)
+        if list(turn.recent[-count:]) == list(exchange.messages):
+            return list(turn.recent[:-count])
+        history = await self._store.read_history(turn.scope, turn.session.name)
+        return history[:-count] if history[-count:] == list(exchange.messages) else []
+
+    async def _rewrite(
+        self, turn: Turn, exchange: Exchange, answer: list[Message] | None, action: Rewrite
+    ) -> None:
+        """Save the rewrite (trying again on a storage fault, as a turn's save does; a
+        repeat is harmless). The store releases the lock whatever the outcome."""
+        try:
+            for pause in SAVE_RETRY_PAUSES:
+                try:
+                    saved = await self._store.rewrite_last_exchange(turn, exchange, answer)
+                    break
+                except StoreUnavailable:
+                    log.warning(
+                        "saving /%s failed: storage unavailable; retrying in %ss", action, pause
+                    )
+                    await asyncio.sleep(pause)
+            else:
+                saved = await self._store.rewrite_last_exchange(turn, exchange, answer)
+        except SessionCleared:
+            raise ExchangeChanged(action, cleared=True) from None
+        if not saved:
+            raise ExchangeChanged(action)
 
     async def places_to_catch_up(
         self, newest: Callable[[str], int | None], oldest: int

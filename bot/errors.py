@@ -125,3 +125,29 @@ class SummaryFailed(ModelError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"The summary could not be written ({reason}); nothing was changed.")
+
+
+class NothingToRewrite(InvalidInput):
+    """/retry or /undo where the session's last message is not an answered question."""
+
+    def __init__(self, action: str, reason: str) -> None:
+        super().__init__(f"There is nothing to {action} here: {reason}; nothing was changed.")
+
+
+class NotYourExchange(InvalidInput):
+    def __init__(self, action: str) -> None:
+        super().__init__(
+            f"Only the person who asked the last question, or a member with Manage Server, "
+            f"may {action} it; nothing was changed."
+        )
+
+
+class ExchangeChanged(BotError):
+    """The session changed under a /retry or /undo (a clear, a deletion, a takeover), which
+    therefore changed nothing."""
+
+    def __init__(self, action: str, *, cleared: bool = False) -> None:
+        why = "was cleared" if cleared else "changed"
+        super().__init__(
+            f"This conversation {why} while the {action} ran; nothing was changed. Try again."
+        )

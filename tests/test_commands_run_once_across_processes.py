@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from bot.discord_bot.scopes import scope_for
 from bot.store.base import StorePolicy
-from bot.store.redis import RedisStore
+from bot.store.redis import RedisStore, session_key
 from tests.bot_process import BotProcess, bot_environment, wait_connected
 from tests.conftest import TEST_MODELS
 from tests.fakes.dedalus_api import FakeDedalusAPI
@@ -21,8 +22,10 @@ from tests.fakes.discord_interactions import AUTOCOMPLETE
 
 
 class TwoBots:
-    def __init__(self, fake: FakeDiscord, logs: list[Path], store: RedisStore) -> None:
-        self.fake, self.logs, self.store = fake, logs, store
+    def __init__(
+        self, fake: FakeDiscord, logs: list[Path], store: RedisStore, api: FakeDedalusAPI
+    ) -> None:
+        self.fake, self.logs, self.store, self.api = fake, logs, store, api
 
     def log_text(self) -> str:
         return "".join(log.read_text() for log in self.logs)
@@ -56,7 +59,7 @@ async def two_bots(redis_url: str, tmp_path: Path) -> AsyncIterator[TwoBots]:
         try:
             wait_connected(bots)
             assert fake.connected_sessions == 2
-            yield TwoBots(fake, logs, store)
+            yield TwoBots(fake, logs, store, api)
         finally:
             for bot in bots:
                 bot.stop()
@@ -105,6 +108,42 @@ async def test_each_command_and_autocomplete_is_acted_on_once(two_bots: TwoBots)
     await fake.wait_for(lambda: given_up in two_bots.log_text(), 30, what=given_up)
     answers = [r for r in fake.requests if f"/interactions/{completion}/" in r.path]
     assert [r.status for r in answers] == [200]  # the other process never tried
+
+    logged = two_bots.log_text()
+    assert "Traceback" not in logged and not re.search(r"\bERROR\b", logged), logged
+
+
+async def test_retry_and_undo_act_once(two_bots: TwoBots, redis_url: str) -> None:
+    """The question is answered by one process; /retry then /undo each run in one process
+    (whichever Discord accepts): the model is asked once more, the answer edited once, the
+    exchange taken back once."""
+    fake, store, api = two_bots.fake, two_bots.store, two_bots.api
+    scope = scope_for(fake.general_id)
+    asked = fake.user_says(fake.general_id, fake.member, "what is a monad?", mentions_bot=True)
+    [answer] = await fake.wait_bot_messages(fake.general_id, timeout=30)
+    assert answer.reply_to == asked
+    records = session_key(scope, "default", "answers")
+    with redis.Redis.from_url(redis_url) as client:
+        await fake.wait_for(  # the answering process noted where its answer went
+            lambda: client.hexists(records, str(asked)), 30, what="the answer's record"
+        )
+
+    api.reply_text("A better answer.")
+    retry = fake.invoke("retry", user=fake.member, channel_id=fake.general_id)
+    reply = await fake.wait_interaction_reply(retry, timeout=30)
+    await two_bots.both_tried(retry)
+    await two_bots.one_gave_up(retry)
+    assert reply.text == "Answered “what is a monad?” again." and reply.ephemeral
+    [edited] = [m for m in fake.bot_messages(fake.general_id) if m.interaction_id is None]
+    assert edited.id == answer.id and edited.content == "A better answer."
+    assert api.request_count == 2  # the question, then the retry: once
+
+    undo = fake.invoke("undo", user=fake.member, channel_id=fake.general_id)
+    reply = await fake.wait_interaction_reply(undo, timeout=30)
+    await two_bots.both_tried(undo)
+    await two_bots.one_gave_up(undo)
+    assert reply.text.startswith("Undone: “what is a monad?”")
+    assert await store.read_history(scope, "default") == []
 
     logged = two_bots.log_text()
     assert "Traceback" not in logged and not re.search(r"\bERROR\b", logged), logged

@@ -270,3 +270,63 @@ async def test_a_turn_longer_than_the_lock_keeps_it_until_saved(
         "second",
         "second answer",
     ]
+
+
+async def test_retry_replaces_a_tool_round_and_sends_the_history_up_to_its_question(
+    engine: Engine, api: FakeDedalusAPI, store: SessionStore
+) -> None:
+    await engine.reply("chan", user("[Ada (user id 1)]: hello"))
+    api.reply_tool_call("lookup", {"q": "x"})
+    api.reply_text("Done looking.")
+    await engine.reply("chan", user("[Ada (user id 1)]: look it up"))
+    api.reply_text("Looked again.")
+    retried = await engine.retry("chan", requester="1", manager=False)
+    assert retried.text == "Looked again."
+    assert [m.get("content") for m in api.messages_sent()] == [
+        SYSTEM,
+        "[Ada (user id 1)]: hello",
+        "echo: [Ada (user id 1)]: hello",
+        "[Ada (user id 1)]: look it up",
+    ]
+    history = await store.read_history("chan", "default")
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    assert history[-1]["content"] == "Looked again."
+
+
+async def test_retry_of_an_exchange_over_the_budget_still_sends_the_history_before(
+    store: SessionStore, api: FakeDedalusAPI
+) -> None:
+    """The exchange alone is more than the context budget, so the turn's window cannot hold
+    it: the history before it is read whole, and what fits is sent."""
+    engine = make_engine(store, api, budget=1_500)
+    await engine.reply("chan", user("short question"))
+    api.reply_text("long answer " * 150)
+    await engine.reply("chan", user("ask for a long answer"))
+    await engine.retry("chan", requester="1", manager=True)
+    assert [m.get("content") for m in api.messages_sent()] == [
+        SYSTEM,
+        "short question",
+        "echo: short question",
+        "ask for a long answer",
+    ]
+
+
+async def test_who_may_retry_or_undo_is_read_from_the_question(
+    engine: Engine, store: SessionStore
+) -> None:
+    from bot.errors import NotYourExchange
+
+    await engine.reply("chan", user("[Ada (user id 1)]: mine"))
+    await engine.reply("chan", user("unlabelled, as the console stores it"))
+    with pytest.raises(NotYourExchange):
+        await engine.undo("chan", requester="1", manager=False)
+    assert (await engine.undo("chan", requester="2", manager=True)).user == user(
+        "unlabelled, as the console stores it"
+    )
+    with pytest.raises(NotYourExchange):
+        await engine.retry("chan", requester="2", manager=False)
+    assert len(await store.read_history("chan", "default")) == 2
+    assert (
+        (await engine.undo("chan", requester="1", manager=False)).user["content"].endswith("mine")
+    )
+    assert await store.read_history("chan", "default") == []

@@ -76,7 +76,17 @@ class Import:
     """The imported history starts with a system message."""
 
 
-Step = Turn | Clear | Forget | Switch | Import
+@dataclass(frozen=True)
+class Rewrite:
+    """/retry or /undo of the last exchange. A retried answer is one short message (as a
+    streamed one is), so the history never grows past its caps here: a rewrite leaves the
+    oldest messages to the next turn's save."""
+
+    process: int
+    undo: bool
+
+
+Step = Turn | Clear | Forget | Switch | Import | Rewrite
 
 operations: st.SearchStrategy[Step] = st.one_of(
     st.builds(
@@ -92,6 +102,7 @@ operations: st.SearchStrategy[Step] = st.one_of(
     st.builds(Forget, process=st.integers(0, 2), back=st.integers(1, 4)),
     st.builds(Switch, process=st.integers(0, 2), name=st.sampled_from(["default", "other"])),
     st.builds(Import, process=st.integers(0, 2), messages=st.integers(0, 12), system=st.booleans()),
+    st.builds(Rewrite, process=st.integers(0, 2), undo=st.booleans()),
 )
 
 
@@ -173,6 +184,14 @@ async def scenario(redis_url: str, steps: list[Step]) -> None:
                     await store.switch_session(SCOPE, step.name)
                 except Exception:
                     await store.create_session(SCOPE, step.name, SessionSettings(TEST_MODELS[0]))
+            elif isinstance(step, Rewrite):
+                turn = await store.begin_turn(SCOPE, Ticket.now(), 10_000, 10_000)
+                exchange = await store.last_exchange(turn)
+                if exchange is None or not exchange.answered:
+                    assert await store.finish_turn(turn, [])
+                    continue
+                new: list[Message] = [{"role": "assistant", "content": "r"}]
+                assert await store.rewrite_last_exchange(turn, exchange, None if step.undo else new)
             elif isinstance(step, Import):
                 history: list[Message] = [
                     {"role": "user" if i % 2 == 0 else "assistant", "content": text(i * 7, tag)}
@@ -201,7 +220,9 @@ def test_every_turn_sees_the_stored_history_whatever_other_processes_did(
 
 
 @pytest.mark.parametrize("then_a_turn", [False, True], ids=["", "then-a-turn"])
-@pytest.mark.parametrize("change", ["clear", "forget", "import", "switch-and-back", "turns"])
+@pytest.mark.parametrize(
+    "change", ["clear", "forget", "import", "switch-and-back", "turns", "undo", "retry"]
+)
 async def test_what_another_process_did_at_the_history_cap_is_seen(
     redis_url: str, change: str, then_a_turn: bool
 ) -> None:
@@ -215,6 +236,8 @@ async def test_what_another_process_did_at_the_history_cap_is_seen(
         "import": [Import(1, CAP)],
         "switch-and-back": [Switch(1, "other"), Turn(1, 10_000, 5, 1, False), Switch(1, "default")],
         "turns": [Turn(1, 10_000, 10, 3, False)],
+        "undo": [Rewrite(1, undo=True)],
+        "retry": [Rewrite(1, undo=False)],
     }
     steps += replacements[change]
     if then_a_turn:
@@ -330,3 +353,14 @@ def test_a_window_knows_when_its_messages_can_be_sent_as_stored() -> None:
     window = window.extended([plain, plain], [10, 10], 5, 3)  # the cap keeps three
     assert window.messages == (plain, plain, plain)
     assert window.newest_within(10_000)[2] is True
+
+
+@pytest.mark.parametrize("undo", [False, True], ids=["retry", "undo"])
+async def test_a_rewrite_by_another_process_right_after_its_turn_is_seen(
+    redis_url: str, undo: bool
+) -> None:
+    """Process 0 caches the session at its cap; process 1 writes its last answer again (the
+    length stays at the cap) or takes it back: process 0's next turn sees exactly that."""
+    steps: list[Step] = [Turn(1, 10_000, 10, 1, False) for _ in range(CAP // 2)]
+    steps += [Turn(0, 10_000, 10, 1, False), Rewrite(1, undo), Turn(0, 10_000, 10, 1, False)]
+    await scenario(redis_url, steps)

@@ -37,6 +37,8 @@ async def test_commands_are_registered_with_their_permissions(harness: Harness) 
         "mcp",
         "mode",
         "persona",
+        "retry",
+        "undo",
     }
     manage_guild = str(discord.Permissions(manage_guild=True).value)
     for name, command in registered.items():
@@ -60,6 +62,8 @@ async def test_a_development_guild_gets_the_commands_at_once(harness: Harness) -
         "mcp",
         "mode",
         "persona",
+        "retry",
+        "undo",
     }
     said = await harness.command("status", user=fake.member, channel_id=fake.general_id)
     assert "Session: default" in said

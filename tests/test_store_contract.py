@@ -1089,3 +1089,215 @@ async def test_clear_and_import_drop_the_summary(store: SessionStore) -> None:
     assert await store.save_summary("s1", "tok", source, Summary("s", 2, source.positions[-1]))
     await store.import_sessions("s1", {"default": exchange(9)}, SessionSettings("m"))
     assert await store.read_summary("s1", "default") is None
+
+
+# /retry and /undo: the last exchange, its record, and rewriting it under the turn's lock.
+
+FIRST: list[Message] = [
+    {"role": "user", "content": "[Bob (user id 7)]: first question"},
+    {"role": "assistant", "content": "first answer"},
+]
+
+
+async def two_exchanges(store: SessionStore, scope: str = "s1") -> None:
+    """FIRST (ref m1, answered in message 100), then TOOL_ROUND (ref m2, answered in messages
+    200 and 201)."""
+    await save_turn(store, scope, *FIRST, ref="m1")
+    await store.note_answer(scope, "m1", ["100"])
+    await save_turn(store, scope, *TOOL_ROUND, ref="m2")
+    await store.note_answer(scope, "m2", ["200", "201"])
+
+
+async def test_the_last_exchange_is_the_newest_question_and_all_that_answered_it(
+    store: SessionStore,
+) -> None:
+    await two_exchanges(store)
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    exchange = await store.last_exchange(turn)
+    assert exchange is not None
+    assert list(exchange.messages) == TOOL_ROUND and exchange.answered
+    assert exchange.stored == tuple(encode_message(m) for m in TOOL_ROUND)
+    assert (exchange.ref, exchange.replies) == ("m2", ("200", "201"))
+    await store.finish_turn(turn, [])
+
+
+async def test_an_answer_noted_again_replaces_the_record_and_an_unknown_ref_is_ignored(
+    store: SessionStore,
+) -> None:
+    await two_exchanges(store)
+    await store.note_answer("s1", "m2", ["300"])
+    await store.note_answer("s1", "never-stored", ["400"])
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    exchange = await store.last_exchange(turn)
+    assert exchange is not None and exchange.replies == ("300",)
+    await store.finish_turn(turn, [])
+    assert await store.read_history("s1", "default") == [*FIRST, *TOOL_ROUND]
+
+
+@pytest.mark.parametrize(
+    "history",
+    [[], [{"role": "assistant", "content": "an answer without its question"}]],
+    ids=["empty", "no-question"],
+)
+async def test_a_session_without_a_question_has_no_last_exchange(
+    store: SessionStore, history: list[Message]
+) -> None:
+    if history:
+        await save_turn(store, "s1", *history)
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    assert await store.last_exchange(turn) is None
+    await store.finish_turn(turn, [])
+
+
+async def test_a_question_without_its_answer_is_an_exchange_not_answered(
+    store: SessionStore,
+) -> None:
+    await save_turn(store, "s1", *FIRST, {"role": "user", "content": "imported, unanswered"})
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    exchange = await store.last_exchange(turn)
+    assert exchange is not None and not exchange.answered
+    assert exchange.ref is None and exchange.replies == ()  # stored without a ref
+    await store.finish_turn(turn, [])
+
+
+async def test_a_retried_answer_replaces_the_old_one_and_the_question_stays(
+    store: SessionStore,
+) -> None:
+    await two_exchanges(store)
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    exchange = await store.last_exchange(turn)
+    assert exchange is not None
+    new = [{"role": "assistant", "content": "a better answer"}]
+    assert await store.rewrite_last_exchange(turn, exchange, new)
+    assert await store.read_history("s1", "default") == [*FIRST, TOOL_ROUND[0], *new]
+    again = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)  # the lock was released
+    assert again.recent == [*FIRST, TOOL_ROUND[0], *new]
+    retried = await store.last_exchange(again)
+    assert retried is not None and (retried.ref, retried.replies) == ("m2", ("200", "201"))
+    await store.finish_turn(again, [])
+    assert await store.forget_message("s1", "m2")  # the question keeps its ref
+    assert await store.read_history("s1", "default") == [*FIRST, *new]
+
+
+async def test_an_undone_exchange_is_gone_with_its_ref_and_the_one_before_is_last(
+    store: SessionStore,
+) -> None:
+    await two_exchanges(store)
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    exchange = await store.last_exchange(turn)
+    assert exchange is not None
+    assert await store.rewrite_last_exchange(turn, exchange, None)
+    assert await store.read_history("s1", "default") == FIRST
+    assert (await store.current_session("s1")).message_count == 2
+    assert not await store.forget_message("s1", "m2")  # its ref went with it
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    assert turn.recent == FIRST
+    previous = await store.last_exchange(turn)
+    assert previous is not None and (previous.ref, previous.replies) == ("m1", ("100",))
+    assert await store.rewrite_last_exchange(turn, previous, None)
+    assert await store.read_history("s1", "default") == []
+    await save_turn(store, "s1", *FIRST, ref="m3")  # the session goes on normally
+    assert await store.read_history("s1", "default") == FIRST
+
+
+@pytest.mark.parametrize("answer", [None, [{"role": "assistant", "content": "again"}]])
+async def test_a_rewrite_repeated_after_a_lost_reply_changes_nothing_more(
+    store: SessionStore, answer: list[Message] | None
+) -> None:
+    await two_exchanges(store)
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    exchange = await store.last_exchange(turn)
+    assert exchange is not None
+    assert await store.rewrite_last_exchange(turn, exchange, answer)
+    after = await store.read_history("s1", "default")
+    assert await store.rewrite_last_exchange(turn, exchange, answer)
+    assert await store.read_history("s1", "default") == after
+
+
+async def test_a_rewrite_after_the_question_was_deleted_changes_nothing(
+    store: SessionStore,
+) -> None:
+    """The asker deletes the question in Discord while its answer is being written again:
+    the exchange is no longer the session's last, so nothing is rewritten, and the lock is
+    free at once."""
+    await two_exchanges(store)
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    exchange = await store.last_exchange(turn)
+    assert exchange is not None
+    assert await store.forget_message("s1", "m2")
+    assert not await store.rewrite_last_exchange(turn, exchange, None)
+    assert await store.read_history("s1", "default") == [*FIRST, *TOOL_ROUND[1:]]
+    later = await store.begin_turn("s1", Ticket.now(), BIG, 100)  # not busy
+    await store.finish_turn(later, [])
+
+
+async def test_a_rewrite_during_a_clear_is_not_kept(store: SessionStore) -> None:
+    from bot.store.base import SessionCleared
+
+    await two_exchanges(store)
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    exchange = await store.last_exchange(turn)
+    assert exchange is not None
+    await store.clear_session("s1")
+    with pytest.raises(SessionCleared):
+        await store.rewrite_last_exchange(turn, exchange, None)
+    assert await store.read_history("s1", "default") == []
+    await save_turn(store, "s1", *FIRST)  # the lock is free
+
+
+async def test_a_rewrite_whose_lock_was_taken_changes_nothing(store: SessionStore) -> None:
+    await two_exchanges(store)
+    stale = await lapsed_turn(store, "s1")
+    exchange = await store.last_exchange(stale)
+    assert exchange is not None
+    await save_turn(store, "s1", {"role": "user", "content": "newer"})
+    assert not await store.rewrite_last_exchange(stale, exchange, None)
+    assert await store.read_history("s1", "default") == [
+        *FIRST,
+        *TOOL_ROUND,
+        {"role": "user", "content": "newer"},
+    ]
+
+
+@pytest.mark.parametrize("rewrite", ["undo", "retry"])
+async def test_a_lapsed_turn_saves_nothing_after_an_undo_or_retry(
+    store: SessionStore, rewrite: str
+) -> None:
+    """A turn frozen past its lease began with the undone (or retried) exchange in its
+    history: saving it afterwards would answer a conversation that no longer exists."""
+    await two_exchanges(store)
+    stale = await lapsed_turn(store, "s1")
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    exchange = await store.last_exchange(turn)
+    assert exchange is not None
+    answer = None if rewrite == "undo" else [{"role": "assistant", "content": "again"}]
+    assert await store.rewrite_last_exchange(turn, exchange, answer)
+    after = await store.read_history("s1", "default")
+    assert not await store.finish_turn(stale, QUESTION, "m9")
+    assert await store.read_history("s1", "default") == after
+
+
+async def test_a_lapsed_undo_saves_when_the_session_did_not_change(store: SessionStore) -> None:
+    await two_exchanges(store)
+    stale = await lapsed_turn(store, "s1")
+    exchange = await store.last_exchange(stale)
+    assert exchange is not None
+    assert await store.rewrite_last_exchange(stale, exchange, None)
+    assert await store.read_history("s1", "default") == FIRST
+
+
+@pytest.mark.parametrize("policy", [StorePolicy("openai/gpt-5.1", history_cap=2)])
+async def test_answer_records_on_redis_are_no_more_than_the_refs_kept(
+    raw_redis_store: RedisStore,
+) -> None:
+    """Redis keeps records beside the refs: trimming, forgetting and clearing drop them."""
+    store = raw_redis_store
+    answers = session_key("s1", "default", "answers")
+    for i in range(1, 4):
+        await save_turn(store, "s1", {"role": "user", "content": f"q{i}"}, ref=f"m{i}")
+        await store.note_answer("s1", f"m{i}", [str(i)])
+    assert sorted(await store._redis.hkeys(answers)) == ["m2", "m3"]  # m1 was trimmed
+    assert await store.forget_message("s1", "m2")
+    assert await store._redis.hkeys(answers) == ["m3"]
+    await store.clear_session("s1")
+    assert not await store._redis.exists(answers)

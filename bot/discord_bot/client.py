@@ -15,6 +15,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.commands import Commands
+from bot.discord_bot.cogs.exchanges import Exchanges
 from bot.discord_bot.cogs.sessions import Sessions
 from bot.discord_bot.cogs.settings import Settings as SettingsCog
 from bot.discord_bot.conversation import UNEXPECTED, Conversation
@@ -162,6 +163,7 @@ class ChatBot(commands.Bot):
         await self.add_cog(self.conversation)
         await self.add_cog(Sessions(self))
         await self.add_cog(SettingsCog(self))
+        await self.add_cog(Exchanges(self))
         self.tree.on_error = self._command_failed  # type: ignore[method-assign]
         if self._dev_guild_id:
             guild = discord.Object(self._dev_guild_id)

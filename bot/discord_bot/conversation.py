@@ -19,6 +19,7 @@ import discord
 from discord.ext import commands
 
 from bot.commands import ReplyMode
+from bot.context import speaker_label
 from bot.discord_bot.render import LiveReply
 from bot.discord_bot.scopes import channel_of, parent_of, scope_for
 from bot.engine import HAND_BACK_SECONDS, NOT_KEPT_NOTE, AnsweredElsewhere, Backfill, ShuttingDown
@@ -105,7 +106,7 @@ async def user_message(message: discord.Message, bot_id: int) -> Message:
     """What is stored and sent: who spoke (name and ID, since channels have many speakers),
     the text, text files inlined, images as image parts, and a note for anything else."""
     author = message.author
-    lines = [f"[{author.display_name} (user id {author.id})]: {readable_text(message, bot_id)}"]
+    lines = [f"{speaker_label(author.display_name, author.id)}: {readable_text(message, bot_id)}"]
     images: list[dict[str, Any]] = []
     for attachment in message.attachments:
         kind = (attachment.content_type or "").split(";")[0].strip()
@@ -285,6 +286,8 @@ class Conversation(commands.Cog):
             notes += "" if reply.kept else f"\n\n-# {NOT_KEPT_NOTE}"
             with self.bot.engine.metrics.timed(TurnPart.DISCORD):
                 await live.finish(reply.text + notes)
+            if reply.kept:  # where /retry edits it
+                await self.bot.engine.note_answer(scope, str(message.id), live.message_ids)
         except AnsweredElsewhere:  # this process stalled; the other's answer is the one
             deleted = await live.discard()
             log.warning(

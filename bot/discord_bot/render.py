@@ -106,25 +106,29 @@ def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
 
 
 Postable = discord.abc.Messageable
+Posted = discord.Message | discord.PartialMessage
 
 
 class LiveReply:
     """An answer in `channel` that follows streaming text: messages are posted and edited at
     most once per `interval`, and `finish` leaves them equal to the final text, split. The
-    first message replies to `reference` when given."""
+    first message replies to `reference` when given. Given `posted` (the messages of an
+    earlier answer, for /retry), it edits those first and deletes the ones left over."""
 
     def __init__(
         self,
         channel: Postable,
-        reference: discord.Message | None,
+        reference: Posted | None,
         interval: float = EDIT_INTERVAL_SECONDS,
+        posted: list[Posted] | None = None,
     ) -> None:
         self._channel = channel
         self._reference = reference
         self._interval = interval
         self._text = ""
-        self._posted: list[discord.Message] = []
-        self._shown: list[str] = []
+        self._posted: list[Posted] = list(posted or [])
+        self._shown: list[str | None] = [None] * len(self._posted)
+        self._changed = False
         self._last_flush = 0.0
         self._pending: asyncio.Task[None] | None = None
         self._waiting = False
@@ -134,6 +138,15 @@ class LiveReply:
     @property
     def started(self) -> bool:
         return bool(self._posted)
+
+    @property
+    def changed(self) -> bool:
+        """Whether anything was posted or edited yet."""
+        return self._changed
+
+    @property
+    def message_ids(self) -> list[str]:
+        return [str(posted.id) for posted in self._posted]
 
     async def feed(self, delta: str) -> None:
         """Take a piece of streamed text; the flush happens in the background."""
@@ -145,7 +158,7 @@ class LiveReply:
         """Show exactly `text` (the whole answer, with any notes appended)."""
         await self._cancel_pending()
         self._text = text
-        await self._flush()
+        await self._flush(final=True)
 
     async def fail(self, problem: str) -> None:
         """Say what went wrong, after whatever part of the answer was already shown."""
@@ -210,27 +223,40 @@ class LiveReply:
         except (aiohttp.ClientError, OSError) as error:
             log.warning("streaming edit failed: %s", type(error).__name__)
 
-    async def _flush(self) -> None:
+    async def _flush(self, *, final: bool = False) -> None:
         async with self._lock:
             self._last_flush = time.monotonic()
-            for i, piece in enumerate(split_message(self._text)):
+            self._changed = True
+            pieces = split_message(self._text)
+            for i, piece in enumerate(pieces):
                 if i < len(self._posted):
                     if self._shown[i] != piece:
                         await self._edit_slot()
-                        await self._posted[i].edit(content=piece, allowed_mentions=NO_PINGS)
+                        try:
+                            await self._posted[i].edit(content=piece, allowed_mentions=NO_PINGS)
+                        except discord.NotFound:  # an earlier answer's message, deleted since
+                            self._posted[i] = await self._post(piece, i)
                         self._shown[i] = piece
                     continue
-                reference = self._reference if i == 0 else None
-                posted = await self._channel.send(
-                    piece,
-                    # a question deleted meanwhile still gets its answer, as a plain message
-                    reference=reference.to_reference(fail_if_not_exists=False)  # type: ignore[arg-type]
-                    if reference is not None
-                    else None,
-                    allowed_mentions=NO_PINGS,
-                )
-                self._posted.append(posted)
+                self._posted.append(await self._post(piece, i))
                 self._shown.append(piece)
+            if final and len(self._posted) > len(pieces):  # an earlier, longer answer's
+                surplus = self._posted[len(pieces) :]
+                del self._posted[len(pieces) :], self._shown[len(pieces) :]
+                for posted in surplus:
+                    with contextlib.suppress(discord.NotFound):
+                        await posted.delete()
+
+    async def _post(self, piece: str, i: int) -> discord.Message:
+        reference = self._reference if i == 0 else None
+        return await self._channel.send(
+            piece,
+            # a question deleted meanwhile still gets its answer, as a plain message
+            reference=reference.to_reference(fail_if_not_exists=False)  # type: ignore[arg-type]
+            if reference is not None
+            else None,
+            allowed_mentions=NO_PINGS,
+        )
 
 
 ANSWERED_ELSEWHERE = frozenset({40060, 10062})

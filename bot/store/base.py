@@ -203,6 +203,63 @@ class SummarySource:
 
 
 @dataclass(frozen=True)
+class Exchange:
+    """A session's last exchange, as `last_exchange` found it under a turn's lock: its newest
+    user message and everything after it (the answer: assistant messages, tool calls and
+    their results)."""
+
+    messages: tuple[Message, ...]
+    """The user message, then the answer."""
+    stored: tuple[str, ...]
+    """The same, as stored: `rewrite_last_exchange` changes the session only while its
+    newest messages are still exactly these."""
+    ref: str | None = None
+    """The user message's ref (its Discord message id), when it has one."""
+    replies: tuple[str, ...] = ()
+    """The messages (Discord message ids) that carried the answer, in order."""
+
+    @property
+    def user(self) -> Message:
+        return self.messages[0]
+
+    @property
+    def answer(self) -> tuple[Message, ...]:
+        return self.messages[1:]
+
+    @property
+    def answered(self) -> bool:
+        """Whether the question has its answer: something follows it, ending with the
+        model's reply (a tail of tool calls alone is not an answer)."""
+        return len(self.messages) > 1 and self.messages[-1].get("role") == "assistant"
+
+
+def is_user_message(message: object) -> bool:
+    return isinstance(message, dict) and message.get("role") == "user"
+
+
+def answer_record(replies: Sequence[str]) -> str:
+    """The one stored form of `note_answer`'s record (both backends keep it as text)."""
+    return json.dumps({"replies": list(replies)}, separators=(",", ":"))
+
+
+def exchange_from(
+    name: str, stored: Sequence[str], ref: str | None, record: str | None
+) -> Exchange:
+    """An `Exchange` from its stored messages (oldest first) and its record; a record that
+    cannot be read counts as none, a message as a damaged session."""
+    messages = decode_messages(name, stored)
+    replies: tuple[str, ...] = ()
+    try:
+        parsed = json.loads(record) if record else {}
+    except ValueError:
+        parsed = {}
+    found = parsed.get("replies") if isinstance(parsed, dict) else None
+    if isinstance(found, list) and all(isinstance(r, str) for r in found):
+        replies = tuple(found)
+    return Exchange(tuple(messages), tuple(stored), ref or None, replies)
+
+
+@dataclass(frozen=True)
 class Turn:
     """What `begin_turn` hands the engine: the session, its recent messages, the lock."""
 
@@ -471,6 +528,32 @@ class SessionStore(Protocol):
 
     async def read_history(self, scope: str, name: str) -> list[Message]:
         """A session's whole stored history, oldest first (for export)."""
+        ...
+
+    async def note_answer(self, scope: str, ref: str, replies: Sequence[str]) -> None:
+        """Record which messages (ids) carried the answer to the stored user message `ref`,
+        replacing an earlier record; /retry edits them. Nothing happens when `ref` is not
+        stored (any more). The record goes with its message: trimmed, forgotten, cleared,
+        undone or expired."""
+        ...
+
+    async def last_exchange(self, turn: Turn) -> Exchange | None:
+        """The last exchange of the session `turn` holds the lock of: its newest user message
+        and all after it, with that message's ref and record. None when the session holds no
+        user message. Raises `CorruptSession` when a message there cannot be read."""
+        ...
+
+    async def rewrite_last_exchange(
+        self, turn: Turn, exchange: Exchange, answer: Sequence[Message] | None
+    ) -> bool:
+        """Replace `exchange`'s answer with `answer` (the user message, its ref and record
+        staying), or with None remove the whole exchange (ref and record too), and release
+        the lock, in one step. Fenced as `finish_turn` is, and done only while the session's
+        newest messages are still exactly `exchange` (a deletion meanwhile may have changed
+        them): otherwise False, changing nothing (the lock is released when it was still
+        this turn's). Raises `SessionCleared` as `finish_turn` does. Repeating a call that
+        succeeded returns True and changes nothing more. Afterwards, a turn that lost its
+        lock before it saves nothing, as after another turn."""
         ...
 
     async def import_sessions(

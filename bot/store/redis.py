@@ -28,6 +28,8 @@ and a script touches a single slot, as Redis Cluster requires; running on a Clus
     {prefix}:{scope}:s:{name}:refs      hash    user ref (Discord message id) -> stored JSON
     {prefix}:{scope}:s:{name}:refseq    zset    user ref -> seq of its message (drops the refs
                                                 of messages the history cap trimmed)
+    {prefix}:{scope}:s:{name}:answers   hash    user ref -> the messages that carried its
+                                                answer (`note_answer`); goes with its ref
     {prefix}:{scope}:s:{name}:lock      string  token of the turn in progress, with expiry
     {prefix}:{scope}:s:{name}:summarizing  string  token of the process writing its summary,
                                                 with expiry (the summarizing lease)
@@ -86,6 +88,7 @@ from bot.store.base import (
     STORE_FORMAT,
     TICKET_TTL_MS,
     AlreadyClaimed,
+    Exchange,
     Message,
     SessionCleared,
     SessionInfo,
@@ -96,8 +99,10 @@ from bot.store.base import (
     SummarySource,
     Ticket,
     Turn,
+    answer_record,
     decode_message_array,
     decode_messages,
+    exchange_from,
     listed_sessions,
     mcp_json,
     session_info,
@@ -215,7 +220,8 @@ local function touch(name, now, ttl)
   redis.call('ZADD', KEYS[2], now, name)
   if tonumber(ttl) > 0 then
     for _, k in ipairs({KEYS[1], KEYS[2], prefix .. 'refindex', key(name, 'meta'),
-                        key(name, 'messages'), key(name, 'refs'), key(name, 'refseq')}) do
+                        key(name, 'messages'), key(name, 'refs'), key(name, 'refseq'),
+                        key(name, 'answers')}) do
       redis.call('EXPIRE', k, ttl)
     end
     prune(ttl)
@@ -224,6 +230,11 @@ local function touch(name, now, ttl)
 end
 local function unindex(refs)  -- forget where these refs were stored
   if #refs > 0 then redis.call('HDEL', prefix .. 'refindex', unpack(refs)) end
+end
+local function unrecord(name, refs)  -- drop these refs' answer records (junk there: all)
+  local answers = key(name, 'answers')
+  if not of_type(answers, 'hash') then redis.call('DEL', answers)
+  elseif #refs > 0 then redis.call('HDEL', answers, unpack(refs)) end
 end
 local function describe(name)  -- a key of the wrong type reads as an unknown format
   for part, wanted in pairs({meta = 'hash', messages = 'list', refs = 'hash', refseq = 'zset',
@@ -552,6 +563,7 @@ if saving then
       redis.call('HDEL', refs, unpack(gone))
       redis.call('ZREM', order, unpack(gone))
       unindex(gone)
+      unrecord(name, gone)
     end
   end
   redis.call('HSET', meta, 'updated', ARGV[5], 'last_turn', ARGV[3], 'bytes', total)
@@ -647,7 +659,8 @@ if current and not readable_name(current) then  -- start afresh, under a name no
 end
 local name = current_or_create(ARGV[2], ARGV[3])
 if of_type(key(name, 'refs'), 'hash') then unindex(redis.call('HKEYS', key(name, 'refs'))) end
-redis.call('DEL', key(name, 'messages'), key(name, 'refs'), key(name, 'refseq'))
+redis.call('DEL', key(name, 'messages'), key(name, 'refs'), key(name, 'refseq'),
+           key(name, 'answers'))
 if not of_type(key(name, 'lock'), 'string') then redis.call('DEL', key(name, 'lock')) end
 local meta = key(name, 'meta')
 if not of_type(meta, 'hash') then redis.call('DEL', meta) end
@@ -758,6 +771,7 @@ else  -- identical copies: the newer refs naming one of them come after this ref
 end
 redis.call('HDEL', refs, ARGV[2])
 redis.call('ZREM', order, ARGV[2])
+unrecord(name, {ARGV[2]})
 if removed > 0 then
   local meta = key(name, 'meta')
   redis.call('HSET', meta, 'gen', new_generation())
@@ -836,6 +850,136 @@ return 1
 """
 )
 
+# ARGV: prefix, ref, record. Records where the answer to the stored user message `ref` went,
+# in the session the ref index names; 0 when the ref is not stored.
+_NOTE_ANSWER = _lua(
+    """
+local index = prefix .. 'refindex'
+if not of_type(index, 'hash') then return 0 end
+local name = redis.call('HGET', index, ARGV[2])
+if not name or not readable_name(name) then return 0 end
+local refs, answers = key(name, 'refs'), key(name, 'answers')
+if not of_type(refs, 'hash') or redis.call('HEXISTS', refs, ARGV[2]) == 0 then return 0 end
+unrecord(name, {})
+redis.call('HSET', answers, ARGV[2], ARGV[3])
+local ttl = redis.call('PTTL', refs)
+if ttl > 0 then redis.call('PEXPIRE', answers, ttl) end
+return 1
+"""
+)
+
+# ARGV: prefix, name. {'none'} when the session holds no user message; {'corrupt'} when its
+# messages key is junk; else {'ok', ref, record, messages...}: the newest user message and
+# what follows it, oldest first. The ref is the newest one stored when it names that very
+# message (a message stored without a ref, as the console's, has none).
+_LAST_EXCHANGE = _lua(
+    """
+local name = ARGV[2]
+local messages, refs, order = key(name, 'messages'), key(name, 'refs'), key(name, 'refseq')
+if not of_type(messages, 'list') then return {'corrupt'} end
+local tail, stop, found = {}, redis.call('LLEN', messages), false
+while stop > 0 and not found do
+  local start = math.max(stop - 16, 0)
+  local page = redis.call('LRANGE', messages, start, stop - 1)
+  for j = #page, 1, -1 do
+    tail[#tail + 1] = page[j]
+    local ok, message = pcall(cjson.decode, page[j])
+    if ok and type(message) == 'table' and message.role == 'user' then
+      found = true
+      break
+    end
+  end
+  stop = start
+end
+if not found then return {'none'} end
+local ref, record = '', ''
+if of_type(refs, 'hash') and of_type(order, 'zset') then
+  local newest = redis.call('ZREVRANGE', order, 0, 0)[1]
+  if newest and redis.call('HGET', refs, newest) == tail[#tail] then
+    ref = newest
+    if of_type(key(name, 'answers'), 'hash') then
+      record = redis.call('HGET', key(name, 'answers'), ref) or ''
+    end
+  end
+end
+local out = {'ok', ref, record}
+for i = #tail, 1, -1 do out[#out + 1] = tail[i] end
+return out
+"""
+)
+
+# ARGV: prefix, name, token, now, ttl_seconds, epoch, seq, ref, count, undo (1 or 0), the
+# exchange's `count` stored messages, then the new answer's. Fenced as `_FINISH_TURN` (same
+# replies, and {4} when the newest messages are no longer the exchange). `seq` counts the
+# messages removed back and the new ones on, so the older messages keep their positions (a
+# summary's `summary_upto` still names the same one); a new `epoch` (the lock is this
+# rewrite's, so no live turn sees it) keeps a turn that began before it and lost its lock
+# from saving, however `seq` moves later. A retried answer longer than the one it replaces
+# can leave the session over its caps until the next turn's save trims it.
+_REWRITE = _lua(
+    """
+local name, token = ARGV[2], ARGV[3]
+local lock, meta, messages = key(name, 'lock'), key(name, 'meta'), key(name, 'messages')
+if not of_type(lock, 'string') or not of_type(meta, 'hash') or not of_type(messages, 'list') then
+  return {3}
+end
+local holder = redis.call('GET', lock)
+local last_turn, epoch, seq_now, total, forgotten = unpack(
+  redis.call('HMGET', meta, 'last_turn', 'epoch', 'seq', 'bytes', 'forgotten'))
+if last_turn == token then return {1} end
+if holder and holder ~= token then return {0} end
+local function release() if holder then redis.call('DEL', lock) end end
+if (epoch or '') ~= ARGV[6] then
+  release()
+  return {holder and 2 or 0}
+end
+for _, counter in ipairs({seq_now, forgotten}) do
+  if counter and not string.find(counter, '^%-?%d+$') then release() return {3} end
+end
+if not holder and (redis.call('HGET', KEYS[1], 'current') ~= name or seq_now ~= ARGV[7]) then
+  return {0}
+end
+local count, first = tonumber(ARGV[9]), 11
+local tail = redis.call('LRANGE', messages, -count, -1)
+local same = #tail == count
+for i = 1, count do
+  if same and tail[i] ~= ARGV[first + i - 1] then same = false end
+end
+if not same then release() return {4} end
+local dropped = ARGV[10] == '1' and count or count - 1
+local removed = 0
+for i = count - dropped + 1, count do removed = removed + #tail[i] end
+redis.call('LTRIM', messages, 0, -dropped - 1)
+local at = first + count
+local added, added_bytes = #ARGV - at + 1, 0
+if added > 0 then
+  redis.call('RPUSH', messages, unpack(ARGV, at))
+  for i = at, #ARGV do added_bytes = added_bytes + #ARGV[i] end
+end
+total = tonumber(total)
+if total then
+  total = total - removed + added_bytes
+else  -- stored before sessions counted their bytes
+  total = 0
+  for _, m in ipairs(redis.call('LRANGE', messages, 0, -1)) do total = total + #m end
+end
+redis.call('HINCRBY', meta, 'seq', added - dropped)
+local gen = new_generation()
+redis.call('HSET', meta, 'gen', gen, 'epoch', gen, 'updated', ARGV[4], 'last_turn', token,
+           'bytes', total)
+local ref = ARGV[8]
+if ARGV[10] == '1' and ref ~= '' then
+  if of_type(key(name, 'refs'), 'hash') then redis.call('HDEL', key(name, 'refs'), ref) end
+  if of_type(key(name, 'refseq'), 'zset') then redis.call('ZREM', key(name, 'refseq'), ref) end
+  if of_type(prefix .. 'refindex', 'hash') then unindex({ref}) end
+  unrecord(name, {ref})
+end
+release()
+touch(name, ARGV[4], ARGV[5])
+return {1}
+"""
+)
+
 _SUMMARY_FIELDS = 7
 _FINISH_FIRST_MESSAGE = 14
 """Index of the first saved message among `_FINISH_TURN`'s arguments."""
@@ -890,6 +1034,9 @@ class RedisStore:
         self._begin_summary = register(_BEGIN_SUMMARY)
         self._save_summary = register(_SAVE_SUMMARY)
         self._release_summary = register(_RELEASE_SUMMARY)
+        self._note = register(_NOTE_ANSWER)
+        self._last = register(_LAST_EXCHANGE)
+        self._rewrite = register(_REWRITE)
 
     @classmethod
     def from_url(
@@ -1244,6 +1391,49 @@ class RedisStore:
             raw = await self._redis.lrange(session_key(scope, name, "messages"), 0, -1)
         return decode_messages(name, [str(item) for item in raw])
 
+    async def note_answer(self, scope: str, ref: str, replies: Sequence[str]) -> None:
+        args: list[ScriptArg] = [self._prefix(scope), ref, answer_record(replies)]
+        async with self._available():
+            await self._note(keys=self._keys(scope), args=args)
+
+    async def last_exchange(self, turn: Turn) -> Exchange | None:
+        name = turn.session.name
+        args: list[ScriptArg] = [self._prefix(turn.scope), name]
+        async with self._available():
+            reply = await self._last(keys=self._keys(turn.scope), args=args)
+        if reply[0] == "corrupt":
+            raise CorruptSession(name)
+        if reply[0] != "ok":
+            return None
+        return exchange_from(name, [str(m) for m in reply[3:]], reply[1], reply[2])
+
+    async def rewrite_last_exchange(
+        self, turn: Turn, exchange: Exchange, answer: Sequence[Message] | None
+    ) -> bool:
+        stored = [] if answer is None else self._policy.check_sizes(answer)
+        args: list[ScriptArg] = [
+            self._prefix(turn.scope),
+            turn.session.name,
+            turn.lock_token,
+            time.time(),
+            self._policy.ttl_seconds,
+            turn.epoch,
+            turn.sequence,
+            exchange.ref or "",
+            len(exchange.stored),
+            int(answer is None),
+            *exchange.stored,
+            *stored,
+        ]
+        self._recent.drop(turn.scope)  # the window would not be reused after this
+        async with self._available():
+            reply = await self._rewrite(keys=self._keys(turn.scope), args=args)
+        if reply[0] == 2:
+            raise SessionCleared()
+        if reply[0] == 3:
+            raise CorruptSession(turn.session.name)
+        return bool(reply[0] == 1)
+
     async def import_sessions(
         self, scope: str, sessions: dict[str, list[Message]], settings: SessionSettings
     ) -> None:
@@ -1273,7 +1463,7 @@ class RedisStore:
                     messages = session_key(scope, name, "messages")
                     refs = session_key(scope, name, "refs")
                     order = session_key(scope, name, "refseq")
-                    tx.delete(meta, messages, refs, order)
+                    tx.delete(meta, messages, refs, order, session_key(scope, name, "answers"))
                     if refs_before:
                         tx.hdel(index, *refs_before)
                     tx.hset(

@@ -13,6 +13,7 @@ at most once a minute (or twice per TTL when that is shorter).
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
 import time
@@ -43,6 +44,7 @@ from bot.store.base import (
     STORE_FORMAT,
     TICKET_TTL_MS,
     AlreadyClaimed,
+    Exchange,
     Message,
     SessionCleared,
     SessionInfo,
@@ -53,9 +55,12 @@ from bot.store.base import (
     SummarySource,
     Ticket,
     Turn,
+    answer_record,
     claim_lease,
     claim_order,
     decode_messages,
+    exchange_from,
+    is_user_message,
     listed_sessions,
     mcp_json,
     readable_name,
@@ -79,7 +84,7 @@ CREATE TABLE IF NOT EXISTS sessions (
 CREATE INDEX IF NOT EXISTS sessions_by_updated ON sessions (updated);
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT, scope TEXT NOT NULL, name TEXT NOT NULL,
-    body TEXT NOT NULL, ref TEXT, size INTEGER);
+    body TEXT NOT NULL, ref TEXT, size INTEGER, answer_record TEXT);
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages (scope, name, id);
 CREATE INDEX IF NOT EXISTS messages_by_ref ON messages (scope, ref) WHERE ref IS NOT NULL;
 CREATE TABLE IF NOT EXISTS claims (
@@ -155,6 +160,8 @@ class SqliteStore:
         if "size" not in columns:  # a file from before sessions had a size cap
             self._db.execute("ALTER TABLE messages ADD COLUMN size INTEGER")
             self._db.execute("UPDATE messages SET size = length(CAST(body AS BLOB))")
+        if "answer_record" not in columns:  # a file from before /retry and /undo
+            self._db.execute("ALTER TABLE messages ADD COLUMN answer_record TEXT")
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(scope_options)")}
         if "updated" not in columns:
             self._db.execute("ALTER TABLE scope_options ADD COLUMN updated REAL NOT NULL DEFAULT 0")
@@ -736,6 +743,95 @@ class SqliteStore:
             return [str(row[0]) for row in rows]
 
         return decode_messages(name, await self._run(work))
+
+    async def note_answer(self, scope: str, ref: str, replies: Sequence[str]) -> None:
+        record = answer_record(replies)
+        await self._run(
+            lambda db: db.execute(
+                "UPDATE messages SET answer_record = ? WHERE scope = ? AND ref = ?",
+                (record, scope, ref),
+            )
+        )
+
+    async def last_exchange(self, turn: Turn) -> Exchange | None:
+        scope, name = turn.scope, turn.session.name
+
+        def work(db: sqlite3.Connection) -> tuple[list[str], str | None, str | None] | None:
+            bodies: list[str] = []
+            for body, ref, record in db.execute(
+                "SELECT body, ref, answer_record FROM messages WHERE scope = ? AND name = ?"
+                " ORDER BY id DESC",
+                (scope, name),
+            ):
+                bodies.append(str(body))
+                try:
+                    found = is_user_message(json.loads(body))
+                except (ValueError, TypeError):
+                    raise CorruptSession(name) from None
+                if found:
+                    return bodies[::-1], ref, record
+            return None
+
+        found = await self._run(work)
+        if found is None:
+            return None
+        bodies, ref, record = found
+        return exchange_from(name, bodies, ref, record)
+
+    async def rewrite_last_exchange(
+        self, turn: Turn, exchange: Exchange, answer: Sequence[Message] | None
+    ) -> bool:
+        scope, name = turn.scope, turn.session.name
+        bodies = [] if answer is None else self._policy.check_sizes(answer)
+
+        def work(db: sqlite3.Connection) -> bool | SessionCleared:
+            row = db.execute(
+                "SELECT lock_token, lock_expires, last_turn, epoch FROM sessions"
+                " WHERE scope = ? AND name = ?",
+                (scope, name),
+            ).fetchone()
+            now = time.time()
+            if row is not None and row[2] == turn.lock_token:
+                return True  # done already: this call repeats one whose reply was lost
+            if row is None or (row[0] != turn.lock_token and _number(row[1]) > now):
+                return False
+            held = row[0] == turn.lock_token and _number(row[1]) > now
+            if row[3] != turn.epoch:  # cleared or replaced meanwhile
+                if not held:
+                    return False
+                self._unlock(db, scope, name)
+                return SessionCleared()
+            if not held and (
+                self._current_name(db, scope) != name or _position(db, scope, name) != turn.sequence
+            ):
+                return False  # the lock lapsed and the session moved on
+            count = len(exchange.stored)
+            tail = db.execute(
+                "SELECT id, body FROM messages WHERE scope = ? AND name = ?"
+                " ORDER BY id DESC LIMIT ?",
+                (scope, name, count),
+            ).fetchall()[::-1]
+            if [body for _, body in tail] != list(exchange.stored):
+                if held:
+                    self._unlock(db, scope, name)
+                return False
+            dropped = tail if answer is None else tail[1:]
+            db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i, _ in dropped])
+            db.executemany(
+                "INSERT INTO messages (scope, name, body, size) VALUES (?, ?, ?, ?)",
+                [(scope, name, body, len(body.encode())) for body in bodies],
+            )
+            db.execute(
+                "UPDATE sessions SET updated = ?, lock_token = NULL, lock_expires = 0,"
+                " last_turn = ? WHERE scope = ? AND name = ?",
+                (now, turn.lock_token, scope, name),
+            )
+            return True
+
+        outcome = await self._run(work)
+        if isinstance(outcome, SessionCleared):
+            raise outcome
+        return outcome
 
     async def import_sessions(
         self, scope: str, sessions: dict[str, list[Message]], settings: SessionSettings

@@ -48,6 +48,7 @@ from tests.fakes.discord_world import (
     GENERAL_ID,
     GUILD_ID,
     MEMBER_ID,
+    OTHER_MEMBER_ID,
     PRIVATE_THREAD,
     PUBLIC_THREAD,
     RANDOM_ID,
@@ -140,6 +141,8 @@ class FakeDiscord:
         self.admin_id, self.member_id = ADMIN_ID, MEMBER_ID
         self.admin: dict[str, Any] = self._world.users[ADMIN_ID]
         self.member: dict[str, Any] = self._world.users[MEMBER_ID]
+        self.other_member: dict[str, Any] = self._world.users[OTHER_MEMBER_ID]
+        """A second member without Manage Server, for what one member may not do to another's."""
         self.guild_id = GUILD_ID
         self.general_id, self.random_id = GENERAL_ID, RANDOM_ID
         self.channel_ids = {"general": GENERAL_ID, "random": RANDOM_ID}

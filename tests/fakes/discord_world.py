@@ -22,6 +22,7 @@ BOT_ID = 1_000_000_000_000_000_001
 GUILD_ID = 1_000_000_000_000_000_100
 ADMIN_ID = 1_000_000_000_000_000_201
 MEMBER_ID = 1_000_000_000_000_000_202
+OTHER_MEMBER_ID = 1_000_000_000_000_000_203
 ADMIN_ROLE_ID = 1_000_000_000_000_000_301
 BOT_ROLE_ID = 1_000_000_000_000_000_302
 GENERAL_ID = 1_000_000_000_000_000_401
@@ -242,6 +243,7 @@ class World:
             BOT_ID: self.bot_user,
             ADMIN_ID: _user(ADMIN_ID, "alice", "Alice Admin"),
             MEMBER_ID: _user(MEMBER_ID, "bob", "Bob Member"),
+            OTHER_MEMBER_ID: _user(OTHER_MEMBER_ID, "carol", "Carol Member"),
         }
         self.roles: dict[int, dict[str, Any]] = {
             GUILD_ID: _role(GUILD_ID, "@everyone", Perm.EVERYONE, 0),
@@ -254,6 +256,7 @@ class World:
             BOT_ID: [BOT_ROLE_ID],
             ADMIN_ID: [ADMIN_ROLE_ID],
             MEMBER_ID: [],
+            OTHER_MEMBER_ID: [],
         }
         self.joined_at = iso_time(GUILD_ID)
         self.channels: dict[int, Channel] = {
