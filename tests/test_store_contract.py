@@ -280,6 +280,19 @@ async def test_a_turn_reads_its_scopes_persona_as_it_begins(store: SessionStore)
     await store.finish_turn(turn, [])
 
 
+async def test_a_scope_option_is_swapped_by_one_caller_only(store: SessionStore) -> None:
+    """What makes a once-only act (naming a thread) once across processes and retries."""
+    assert not await store.swap_scope_option("s1", "title", "named:x", "titled")
+    assert await store.scope_option("s1", "title") is None  # nothing to swap: nothing set
+    await store.set_scope_option("s1", "title", "named:x")
+    assert not await store.swap_scope_option("s1", "title", "named:y", "titled")
+    assert await store.scope_option("s1", "title") == "named:x"
+    tries = [store.swap_scope_option("s1", "title", "named:x", "titled") for _ in range(5)]
+    assert sorted(await asyncio.gather(*tries)) == [False] * 4 + [True]
+    assert await store.scope_option("s1", "title") == "titled"
+    assert await store.scope_option("s2", "title") is None
+
+
 async def test_idle_sessions_expire_after_the_ttl(
     store: SessionStore, redis_url: str, tmp_path: object
 ) -> None:

@@ -526,6 +526,11 @@ class SessionStore(Protocol):
         """Set a per-scope option; None removes it (it reads as never set again)."""
         ...
 
+    async def swap_scope_option(self, scope: str, option: str, expected: str, value: str) -> bool:
+        """Set the option to `value` only while it holds `expected`, atomically across
+        processes; whether it did. So one caller among many (processes, retries) acts once."""
+        ...
+
     async def read_history(self, scope: str, name: str) -> list[Message]:
         """A session's whole stored history, oldest first (for export)."""
         ...

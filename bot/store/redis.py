@@ -993,6 +993,14 @@ def _summary_of(text: str | None, upto: str | None, covered: str | None) -> Summ
         return None
 
 
+_SWAP_OPTION = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+return 1
+"""
+
+
 def _refuse_damaged(reply: Sequence[ScriptArg]) -> None:
     if reply and reply[0] == DAMAGED:
         raise DamagedState(str(reply[1]))
@@ -1037,6 +1045,7 @@ class RedisStore:
         self._note = register(_NOTE_ANSWER)
         self._last = register(_LAST_EXCHANGE)
         self._rewrite = register(_REWRITE)
+        self._swap_option = register(_SWAP_OPTION)
 
     @classmethod
     def from_url(
@@ -1385,6 +1394,15 @@ class RedisStore:
                 await tx.execute()
         except ResponseError:
             raise DamagedState("its state key has the wrong type") from None
+
+    async def swap_scope_option(self, scope: str, option: str, expected: str, value: str) -> bool:
+        args: list[ScriptArg] = [f"opt:{option}", expected, value, self._policy.ttl_seconds]
+        try:
+            async with self._available():
+                swapped = await self._swap_option(keys=[scope_key(scope, "state")], args=args)
+        except ResponseError:
+            raise DamagedState("its state key has the wrong type") from None
+        return bool(swapped)
 
     async def read_history(self, scope: str, name: str) -> list[Message]:
         async with self._available():

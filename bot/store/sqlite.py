@@ -735,6 +735,17 @@ class SqliteStore:
     async def set_scope_option(self, scope: str, option: str, value: str | None) -> None:
         await self._run(lambda db: self._set_option(db, scope, option, value))
 
+    async def swap_scope_option(self, scope: str, option: str, expected: str, value: str) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            swapped = db.execute(
+                "UPDATE scope_options SET value = ?, updated = ?"
+                " WHERE scope = ? AND option = ? AND value = ?",
+                (value, time.time(), scope, option, expected),
+            )
+            return swapped.rowcount == 1
+
+        return await self._run(work)
+
     async def read_history(self, scope: str, name: str) -> list[Message]:
         def work(db: sqlite3.Connection) -> list[str]:
             rows = db.execute(
