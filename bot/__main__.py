@@ -105,6 +105,7 @@ async def run_bot(settings: Settings) -> None:
     )
     from bot.engine import Backfill
     from bot.health import HealthServer, store_check
+    from bot.titles import ThreadTitles
 
     setup_logging(settings.log_level, settings.log_format)
     store = open_store(settings)
@@ -120,6 +121,7 @@ async def run_bot(settings: Settings) -> None:
             commands,
             dev_guild_id=settings.dev_guild_id,
             backfill=Backfill(settings.backfill_max_age_seconds, settings.backfill_max_messages),
+            titles=ThreadTitles(store, model),
         )
         assert settings.discord_token is not None
         if settings.health_port:

@@ -15,6 +15,7 @@ from bot.engine import Engine, EngineLimits
 from bot.model import DedalusModel
 from bot.store.base import Message, StorePolicy
 from bot.store.redis import RedisStore
+from bot.titles import ThreadTitles
 from tests.conftest import TEST_MODELS
 from tests.fakes.dedalus_api import FakeDedalusAPI
 from tests.fakes.discord_gateway import FakeDiscord
@@ -34,11 +35,14 @@ class Harness:
         """The store's limits; set it, then `restart()`."""
         self.bot: ChatBot | None = None
         self.store: RedisStore | None = None
+        self.model: DedalusModel | None = None
         self._running: asyncio.Task[None] | None = None
 
     async def start(self) -> ChatBot:
         self.store = RedisStore.from_url(self.redis_url, self.policy)
-        model = DedalusModel.connect("test-key", self.api.base_url, timeout=60, max_retries=0)
+        self.model = model = DedalusModel.connect(
+            "test-key", self.api.base_url, timeout=60, max_retries=0
+        )
         limits = EngineLimits(
             SYSTEM,
             self.budget_bytes,
@@ -50,6 +54,7 @@ class Harness:
             engine,
             Commands(self.store, TEST_MODELS, self.policy.default_model, engine.summaries),
             dev_guild_id=self.dev_guild_id,
+            titles=ThreadTitles(self.store, model),
             guild_ready_timeout=0.1,
         )
         self.bot = bot
@@ -66,7 +71,9 @@ class Harness:
             await self.bot.engine.background_done()  # a summary being written, if any
         if self.store is not None:
             await self.store.close()
-        self.bot = self.store = self._running = None
+        if self.model is not None:  # its HTTP client, closed in this loop, not by the GC later
+            await self.model.close()
+        self.bot = self.store = self._running = self.model = None
 
     async def restart(self) -> ChatBot:
         await self.stop()
@@ -93,13 +100,15 @@ class Harness:
     async def settled(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
         """Wait until the bot has finished handling every message it received: discord.py
         runs each event handler as a task named for its event, and the answer's last edit
-        happens inside it (after the turn released its lock)."""
+        happens inside it (after the turn released its lock); a thread's title is written
+        after that, in a task of its own."""
 
         def handling() -> list[asyncio.Task[Any]]:
             return [
                 task
                 for task in asyncio.all_tasks()
-                if task.get_name().startswith("discord.py: on_") and not task.done()
+                if task.get_name().startswith(("discord.py: on_", "title thread"))
+                and not task.done()
             ]
 
         deadline = asyncio.get_running_loop().time() + timeout

@@ -17,7 +17,8 @@ from discord import app_commands
 from discord.http import Route
 
 from tests.fakes.discord_gateway import CommandRefused, FakeDiscord
-from tests.fakes.discord_world import Intent, Perm
+from tests.fakes.discord_interactions import ATTACHMENT_SIZE_LIMIT
+from tests.fakes.discord_world import DiscordError, Intent, Perm
 
 MODELS = ["openai/gpt-5.1", "openai/gpt-4o", "anthropic/claude-opus-4-5"]
 
@@ -187,6 +188,61 @@ async def test_a_channel_overwrite_denying_threads_is_refused_like_discord(
     for refused in (from_message.value, on_its_own.value):
         assert (refused.status, refused.code, refused.text) == (403, 50013, "Missing Permissions")
     assert fake.messages_in(message_id) == []
+
+
+async def test_thread_renames_are_recorded_and_checked_like_discord(
+    fake: FakeDiscord, bot: ThrowawayBot
+) -> None:
+    channel = bot.get_channel(fake.general_id)
+    assert isinstance(channel, discord.TextChannel)
+    thread = await channel.create_thread(name="first", type=discord.ChannelType.public_thread)
+    renamed = await thread.edit(name="second")
+    assert renamed.name == "second"
+    for name in ("", "x" * 101):
+        with pytest.raises(discord.HTTPException) as refused:
+            await thread.edit(name=name)
+        assert (refused.value.status, refused.value.code) == (400, 50035)
+    with pytest.raises(discord.HTTPException) as unsupported:
+        await thread.edit(name="third", locked=True)  # beyond this fake: refused, not ignored
+    assert unsupported.value.status == 400
+    fake.rename_thread(thread.id, "a person's name", by=fake.admin)
+    with pytest.raises(DiscordError, match="Missing Permissions"):  # not the owner, no right
+        fake.rename_thread(thread.id, "a member's name", by=fake.member)
+    assert fake.thread_names(thread.id) == ["first", "second", "a person's name"]
+    await fake.wait_for(
+        lambda: getattr(bot.get_channel(thread.id), "name", None) == "a person's name",
+        what="THREAD_UPDATE to arrive",
+    )
+    fake.refuse_next("PATCH", f"/channels/{thread.id}", 403, 50013, "Missing Permissions")
+    with pytest.raises(discord.Forbidden):
+        await thread.edit(name="refused once")
+    await thread.edit(name="then allowed")
+    assert fake.thread_names(thread.id)[-1] == "then allowed"
+
+
+async def test_uploaded_files_are_checked_like_discord(
+    fake: FakeDiscord, bot: ThrowawayBot
+) -> None:
+    channel = bot.get_channel(fake.general_id)
+    assert isinstance(channel, discord.TextChannel)
+    big = io.BytesIO(b"x" * (ATTACHMENT_SIZE_LIMIT + 1))
+    with pytest.raises(discord.HTTPException) as too_big:
+        await channel.send("big", file=discord.File(big, "big.bin"))
+    assert (too_big.value.status, too_big.value.code) == (413, 40005)
+    route = Route("POST", "/channels/{channel_id}/messages", channel_id=channel.id)
+    many: list[dict[str, Any]] = [{"name": "payload_json", "value": '{"content": "x"}'}]
+    many += [{"name": f"files[{i}]", "value": b"x", "filename": f"{i}.txt"} for i in range(11)]
+    unlisted: list[dict[str, Any]] = [
+        {"name": "payload_json", "value": '{"content": "x", "attachments": [{"id": 1}]}'},
+        {"name": "files[0]", "value": b"data", "filename": "a.txt"},
+    ]
+    for form in (many, unlisted):
+        with pytest.raises(discord.HTTPException) as refused:
+            await bot.http.request(route, form=form)
+        assert (refused.value.status, refused.value.code) == (400, 50035)
+    assert len(fake.refused) == 3 and fake.messages_in(fake.general_id) == []
+    sent = await channel.send("fine", file=discord.File(io.BytesIO(b"ok"), "ok.txt"))
+    assert fake.attachment_data(fake.message(sent.id).attachments[0]) == b"ok"
 
 
 async def test_command_syncs_with_its_permissions(fake: FakeDiscord, bot: ThrowawayBot) -> None:

@@ -152,7 +152,8 @@ async def test_new_with_thread_opens_a_thread_with_its_own_session(harness: Harn
     thread_id = int(said.split("<#")[1].split(">")[0])
     await harness.say(thread_id, fake.member, "thread talk")  # its own thread: no mention
     await harness.answer(thread_id)
-    assert [m["role"] for m in harness.api.messages_sent()] == ["system", "user"]
+    asked = harness.api.messages_sent(1)  # then the thread's title was asked for
+    assert [m["role"] for m in asked] == ["system", "user"] and "thread talk" in asked[1]["content"]
     status = await harness.command("status", user=fake.member, channel_id=thread_id)
     assert "Session: ideas" in status
 

@@ -28,11 +28,13 @@ from bot.discord_bot.render import (
     respond,
 )
 from bot.discord_bot.scopes import scope_for
+from bot.discord_bot.thread_titles import ThreadNamer
 from bot.engine import Backfill, Engine
 from bot.errors import BotError, SettingsError, StoreUnavailable
 from bot.health import Check
 from bot.logs import LogFormat, keep_payloads_out, use_json_lines
 from bot.store.base import AlreadyClaimed
+from bot.titles import ThreadTitles
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,7 @@ class ChatBot(commands.Bot):
         *,
         dev_guild_id: int | None = None,
         backfill: Backfill | None = None,
+        titles: ThreadTitles | None = None,
         **options: object,
     ) -> None:
         super().__init__(
@@ -155,6 +158,8 @@ class ChatBot(commands.Bot):
         self.engine = engine
         self.session_commands = session_commands
         self.conversation = Conversation(self)
+        self.thread_names = ThreadNamer(titles)
+        """Titles the threads the bot opens (none without `titles`)."""
         self._dev_guild_id = dev_guild_id
         self._backfill = backfill or Backfill()
         self._catching_up: asyncio.Task[None] | None = None
@@ -186,10 +191,15 @@ class ChatBot(commands.Bot):
         """No prefix commands: conversation is handled by the `Conversation` cog."""
 
     async def shut_down(self, grace: float) -> None:
-        """Take no new messages, let turns in flight finish within `grace` seconds, hand back
-        the others (another process, or the next start, answers them), then disconnect."""
-        await self.engine.drain(grace)
+        """Take no new messages, let turns in flight (and thread renames) finish within
+        `grace` seconds, hand back the others (another process, or the next start, answers
+        them), then disconnect."""
+        await asyncio.gather(self.engine.drain(grace), self.thread_names.drain(grace))
         await self.close()
+
+    async def close(self) -> None:
+        await self.thread_names.close()  # before the HTTP session they use is closed
+        await super().close()
 
     async def _command_failed(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError

@@ -245,6 +245,8 @@ class Conversation(commands.Cog):
                 await self.answer(message, channel, claimed=True)
                 return
             thread = opened
+        else:
+            await self.bot.thread_names.opened(thread)
         await in_order.aclose()  # a thread is a session of its own: answers there run in parallel
         await self.answer(message, thread, claimed=True)
 
@@ -288,6 +290,9 @@ class Conversation(commands.Cog):
                 await live.finish(reply.text + notes)
             if reply.kept:  # where /retry edits it
                 await self.bot.engine.note_answer(scope, str(message.id), live.message_ids)
+            if reply.kept and isinstance(channel, discord.Thread) and channel.owner_id == me.id:
+                question = readable_text(message, me.id)
+                self.bot.thread_names.answered(channel, question, reply.text)
         except AnsweredElsewhere:  # this process stalled; the other's answer is the one
             deleted = await live.discard()
             log.warning(

@@ -34,13 +34,14 @@ from aiohttp import web
 
 from tests.fakes.discord_interactions import (
     APPLICATION_COMMAND,
+    ATTACHMENT_SIZE_LIMIT,
     AUTOCOMPLETE,
     AppCommands,
     CommandRefused,
     InteractionReply,
     Interactions,
 )
-from tests.fakes.discord_rest import RecordedRequest, Refusal, RestApi
+from tests.fakes.discord_rest import API, RecordedRequest, Refusal, RestApi
 from tests.fakes.discord_websocket import Gateway
 from tests.fakes.discord_world import (
     ADMIN_ID,
@@ -52,6 +53,7 @@ from tests.fakes.discord_world import (
     PRIVATE_THREAD,
     PUBLIC_THREAD,
     RANDOM_ID,
+    DiscordError,
     Intent,
     Message,
     World,
@@ -173,7 +175,10 @@ class FakeDiscord:
         return self
 
     async def _serve(self) -> None:
-        app = web.Application(middlewares=[self._rest.middleware])
+        # Large enough for ten files at Discord's limit, so the fake (not aiohttp) refuses.
+        app = web.Application(
+            middlewares=[self._rest.middleware], client_max_size=12 * ATTACHMENT_SIZE_LIMIT
+        )
         app.router.add_get("/", self._gateway.handle)
         app.router.add_routes(self._rest.routes())
         app.router.add_route("*", "/{tail:.*}", self._rest.unhandled)
@@ -294,6 +299,30 @@ class FakeDiscord:
             owner_id = int(self._world.user(owner or MEMBER_ID)["id"])
             kind = PRIVATE_THREAD if private else PUBLIC_THREAD
             return self._world.create_thread(parent_id, name, owner_id, thread_type=kind).id
+
+    def rename_thread(
+        self, thread_id: int, name: str, *, by: dict[str, Any] | int | None = None
+    ) -> None:
+        """A person (the thread's owner, or a member with Manage Threads; by default the
+        admin) renames a thread (THREAD_UPDATE)."""
+        with self._lock:
+            user_id = int(self._world.user(by or ADMIN_ID)["id"])
+            self._world.rename_thread(self._world.channel(thread_id), name, user_id)
+
+    def thread_names(self, thread_id: int) -> list[str]:
+        """Every name the thread had, the first as opened, the last current."""
+        with self._lock:
+            return list(self._world.channel(thread_id).names)
+
+    def refuse_next(
+        self, method: str, path: str, status: int, code: int, message: str = "refused"
+    ) -> None:
+        """The next `method` request to `path` (under /api/v10, e.g. `/channels/123`) is
+        answered with this error instead, as Discord answers one it refuses (403 Missing
+        Permissions, 404 Unknown Channel, a 429 from its edge without a `Via` header)."""
+        with self._lock:
+            error = DiscordError(status, code, message)
+            self._rest.records.refuse_next.append((method, f"{API}{path}", error))
 
     def set_permission_overwrite(
         self, channel_id: int, target: dict[str, Any] | int, *, allow: int = 0, deny: int = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import re
 import threading
 import time
 import traceback
@@ -19,7 +20,12 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from tests.fakes.discord_interactions import AppCommands, Interactions, check_not_empty
+from tests.fakes.discord_interactions import (
+    ATTACHMENT_SIZE_LIMIT,
+    AppCommands,
+    Interactions,
+    check_not_empty,
+)
 from tests.fakes.discord_validation import body_errors
 from tests.fakes.discord_world import (
     ADMIN_ID,
@@ -36,6 +42,8 @@ from tests.fakes.discord_world import (
 API = "/api/v10"
 JSON = "application/json"  # exactly: discord.py treats "...; charset=utf-8" as plain text
 EDITS_PER_WINDOW, EDIT_WINDOW = 5, 5.0
+MAX_FILES = 10
+_FILE_FIELD = re.compile(r"files\[(\d+)\]")
 _NO_AUTH = (f"{API}/webhooks/", f"{API}/interactions/")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -66,6 +74,8 @@ class RestRecords:
     typing_calls: list[int] = field(default_factory=list)
     rate_limited: list[str] = field(default_factory=list)
     crashes: list[str] = field(default_factory=list)  # the fake's own bugs, as tracebacks
+    refuse_next: list[tuple[str, str, DiscordError]] = field(default_factory=list)
+    """Injected faults: the next request with this method and path gets this error."""
 
 
 def json_response(
@@ -116,6 +126,7 @@ def _too_many(retry_after: float, headers: dict[str, str]) -> web.Response:
 
 @dataclass
 class _Upload:
+    field: str  # the form field's name: `files[n]`
     filename: str
     data: bytes
     content_type: str
@@ -124,6 +135,38 @@ class _Upload:
 # The parsed JSON (or multipart payload_json) body, None when there was none.
 BODY: web.RequestKey[Any] = web.RequestKey("body", object)
 UPLOADS = web.RequestKey("uploads", list[_Upload])
+
+
+def _check_uploads(body: Any, uploads: list[_Upload]) -> None:
+    """Refuse files the way Discord does: at most 10, each under the size limit, each named
+    and sent as `files[n]` matching an entry `{"id": n}` of the payload's `attachments`
+    (when the payload lists them)."""
+    if len(uploads) > MAX_FILES:
+        raise DiscordError(400, 50035, "Invalid Form Body", {"files": _too_many_files()})
+    for upload in uploads:
+        if len(upload.data) > ATTACHMENT_SIZE_LIMIT:
+            raise DiscordError(413, 40005, "Request entity too large")
+        index = _FILE_FIELD.fullmatch(upload.field)
+        if index is None or not upload.filename or len(upload.filename) > 1024:
+            errors = {upload.field or "file": {"_errors": [_bad_file(upload)]}}
+            raise DiscordError(400, 50035, "Invalid Form Body", errors)
+    listed = (body or {}).get("attachments") if isinstance(body, dict) else None
+    if uploads and listed is not None:
+        sent = {int(_FILE_FIELD.fullmatch(u.field)[1]) for u in uploads}  # type: ignore[index]
+        named = {int(a["id"]) for a in listed if int(a["id"]) < MAX_FILES}
+        if sent != named:
+            error = {"code": "ATTACHMENT_NOT_FOUND", "message": "Unknown attachment"}
+            raise DiscordError(
+                400, 50035, "Invalid Form Body", {"attachments": {"_errors": [error]}}
+            )
+
+
+def _too_many_files() -> dict[str, Any]:
+    return {"_errors": [{"code": "BASE_TYPE_MAX_LENGTH", "message": "Must be 10 or fewer."}]}
+
+
+def _bad_file(upload: _Upload) -> dict[str, str]:
+    return {"code": "BINARY_TYPE_INVALID", "message": f"Invalid file field {upload.field!r}"}
 
 
 class RestApi:
@@ -163,6 +206,7 @@ class RestApi:
             web.put(guild_app + "{application_id}/guilds/{guild_id}/commands", self.put_commands),
             web.post(guild_app + "{application_id}/guilds/{guild_id}/commands", self.post_command),
             web.get(channel, self.get_channel),
+            web.patch(channel, self.edit_channel),
             web.get(f"{channel}/messages", self.get_messages),
             web.post(f"{channel}/messages", self.post_message),
             web.get(f"{channel}/messages/{{message_id}}", self.get_message),
@@ -222,6 +266,11 @@ class RestApi:
             return json_response({"message": "401: Unauthorized", "code": 0}, 401)
         if canonical == "/{tail}":
             return await handler(request)
+        with self.lock:
+            for injected in self.records.refuse_next:
+                if injected[:2] == (request.method, path):
+                    self.records.refuse_next.remove(injected)
+                    raise injected[2]
         spec_path = canonical.removeprefix(API)
         if request.method in ("POST", "PATCH", "PUT") and body is not None:
             errors = body_errors(spec_path, request.method, body)
@@ -229,6 +278,14 @@ class RestApi:
                 with self.lock:
                     self.records.refused.append(Refusal(request.method, path, body, errors))
                 raise DiscordError(400, 50035, "Invalid Form Body", errors)
+        if request[UPLOADS]:
+            try:
+                _check_uploads(body, request[UPLOADS])
+            except DiscordError as refused:
+                with self.lock:
+                    reason = refused.errors or {"_errors": [refused.message]}
+                    self.records.refused.append(Refusal(request.method, path, body, reason))
+                raise
         major = "+".join(
             request.match_info.get(k, "")
             for k in ("channel_id", "guild_id", "webhook_id", "webhook_token", "interaction_id")
@@ -271,10 +328,10 @@ class RestApi:
                     continue
                 if part.name == "payload_json":
                     body = json.loads(await part.text())
-                elif part.filename:
+                elif part.filename is not None:
                     data = bytes(await part.read())
                     content_type = part.headers.get("Content-Type", "application/octet-stream")
-                    uploads.append(_Upload(part.filename, data, content_type))
+                    uploads.append(_Upload(part.name or "", part.filename, data, content_type))
             return body, uploads
         raw = await request.read()
         if not raw:
@@ -349,6 +406,16 @@ class RestApi:
         with self.lock:
             channel = self.world.channel(request.match_info["channel_id"])
             return json_response(self.world.channel_payload(channel))
+
+    async def edit_channel(self, request: web.Request) -> web.Response:
+        """Renaming a thread; other changes to channels are beyond this fake."""
+        body = request[BODY] or {}
+        if set(body) != {"name"} or not isinstance(body["name"], str):
+            raise DiscordError(400, 0, f"the fake only renames threads, not {sorted(body)}")
+        with self.lock:
+            channel = self.world.channel(request.match_info["channel_id"])
+            renamed = self.world.rename_thread(channel, body["name"], BOT_ID)
+            return json_response(self.world.channel_payload(renamed))
 
     async def get_messages(self, request: web.Request) -> web.Response:
         query = request.query

@@ -27,6 +27,7 @@ MAX_EMBED_DESCRIPTION = 4096
 MAX_EMBEDS_TOTAL = 6000
 MAX_CHOICES = 25
 MAX_COMMAND_DESCRIPTION = 100
+MAX_CHANNEL_NAME = 100
 
 # The spec writes snowflakes as strings only, but Discord (and discord.py, which sends e.g.
 # `message_reference.message_id` as an int) also uses JSON integers for them.
@@ -186,6 +187,12 @@ def _extra_limits(spec_path: str, body: Any) -> list[dict[str, Any]]:
                 )
         return trees
     if not isinstance(body, dict):
+        return []
+    if spec_path == "/channels/{channel_id}":
+        name = body.get("name")
+        if isinstance(name, str) and not 1 <= len(name) <= MAX_CHANNEL_NAME:
+            message = f"Must be between 1 and {MAX_CHANNEL_NAME} in length."
+            return [_error_tree(("name",), "BASE_TYPE_BAD_LENGTH", message)]
         return []
     if spec_path.endswith("/callback"):
         data = body.get("data")

@@ -150,6 +150,7 @@ class Channel:
     last_message_id: int | None = None
     message_count: int = 0
     overwrites: list[dict[str, Any]] = field(default_factory=list)  # as Discord sends them
+    names: list[str] = field(default_factory=list)  # a thread's every name, the last current
 
 
 @dataclass
@@ -448,10 +449,28 @@ class World:
         if thread_id in self.channels:
             raise DiscordError(400, 160004, "A thread has already been created for this message")
         thread = Channel(
-            thread_id, thread_type, name, parent.guild_id, parent_id=parent.id, owner_id=owner_id
+            thread_id,
+            thread_type,
+            name,
+            parent.guild_id,
+            parent_id=parent.id,
+            owner_id=owner_id,
+            names=[name],
         )
         self.channels[thread_id] = thread
         self.dispatch("THREAD_CREATE", self.channel_payload(thread) | {"newly_created": True})
+        return thread
+
+    def rename_thread(self, thread: Channel, name: str, by: int) -> Channel:
+        """A thread's new name, as its owner or a member with Manage Threads gives it in
+        Discord (other members are refused); connected bots get THREAD_UPDATE."""
+        if thread.type not in THREAD_TYPES:
+            raise DiscordError(400, 50024, "Cannot execute action on this channel type")
+        if thread.owner_id != by:
+            self.require(by, thread, Perm.MANAGE_THREADS)
+        thread.name = name
+        thread.names.append(name)
+        self.dispatch("THREAD_UPDATE", self.channel_payload(thread))
         return thread
 
     def dm_channel(self, user_id: int) -> Channel:

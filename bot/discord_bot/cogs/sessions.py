@@ -12,6 +12,7 @@ from discord.ext import commands
 
 from bot.discord_bot.render import PRIVATE, respond
 from bot.discord_bot.scopes import parent_of, place_name, scope_for
+from bot.discord_bot.thread_titles import THREAD_NAME_MAX
 from bot.errors import BotError, InvalidInput
 from bot.store.base import checked_session_name
 
@@ -19,9 +20,6 @@ if TYPE_CHECKING:
     from bot.discord_bot.client import ChatBot
 
 log = logging.getLogger(__name__)
-
-THREAD_NAME_MAX = 100
-"""Discord's limit for a thread's name."""
 
 
 class Sessions(commands.Cog):
@@ -49,6 +47,7 @@ class Sessions(commands.Cog):
         started = await channel.create_thread(
             name=thread_name[:THREAD_NAME_MAX], type=discord.ChannelType.public_thread
         )
+        await self.bot.thread_names.opened(started)
         if scope_name:
             await self.bot.session_commands.new(scope_for(started.id), scope_name)
         await respond(interaction, f"Opened {started.mention}: I answer every message there.")
