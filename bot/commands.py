@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from bot.context import speaker_of
 from bot.errors import CorruptSession, DamagedState, InvalidInput, InvalidMcpServer, UnknownModel
+from bot.exports import Exported, export_session
 from bot.store.base import (
     PERSONA_OPTION,
     Exchange,
@@ -304,6 +305,10 @@ class Commands:
         if persona.text is None:
             return "No persona here: the bot's default system prompt applies."
         return f"Persona from {persona.source} ({len(persona.text)} characters):\n{persona.text}"
+
+    async def export(self, scope: str, choice: str, max_bytes: int | None = None) -> Exported:
+        """The current session as a file, in the chosen format (see `bot.exports`)."""
+        return await export_session(self.store, scope, choice, max_bytes)
 
     async def reply_mode(self, scope: str) -> ReplyMode:
         stored = await self.store.scope_option(scope, REPLY_MODE_OPTION)

@@ -243,3 +243,12 @@ def speaker_of(message: Message) -> tuple[str | None, str]:
     text = str(content or "")
     label = _SPEAKER.match(text)
     return (label[1], text[label.end() :]) if label else (None, text)
+
+
+def speaker_name(text: str) -> tuple[str | None, str]:
+    """The name a stored user message's label shows (None without a label), and the text
+    after the label: who spoke, for people reading an export."""
+    label = _SPEAKER.match(text)
+    if label is None:
+        return None, text
+    return text[1 : label.start(1) - len("(user id ")].rstrip(), text[label.end() :]

@@ -93,9 +93,14 @@ async def export_file(store: SessionStore, scope: str, path: Path) -> dict[str, 
     return sessions
 
 
+def dump_sessions(sessions: dict[str, list[Message]]) -> str:
+    """The reference format's text: what `parse_sessions_file` (and so an import) reads."""
+    return json.dumps(sessions, indent=2, ensure_ascii=False)
+
+
 def _write_whole(path: Path, sessions: dict[str, list[Message]]) -> None:
     with tempfile.NamedTemporaryFile(
         "w", encoding="utf-8", dir=path.resolve().parent, delete=False, suffix=".tmp"
     ) as out:
-        json.dump(sessions, out, indent=2, ensure_ascii=False)
+        out.write(dump_sessions(sessions))
     os.replace(out.name, path)

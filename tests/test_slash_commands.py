@@ -16,6 +16,8 @@ from tests.discord_harness import Harness
 from tests.fakes.discord_gateway import CommandRefused
 
 ADMIN_ONLY = {"clear", "compact", "model", "mcp", "mode", "persona"}
+COMMANDS = {"new", "list", "load", "clear", "compact", "status", "export", "model", "mcp"}
+COMMANDS |= {"mode", "persona", "retry", "undo"}
 
 
 async def ask(harness: Harness, text: str, answers_before: int) -> None:
@@ -26,20 +28,7 @@ async def ask(harness: Harness, text: str, answers_before: int) -> None:
 
 async def test_commands_are_registered_with_their_permissions(harness: Harness) -> None:
     registered = {c["name"]: c for c in harness.discord.commands()}
-    assert set(registered) == {
-        "new",
-        "list",
-        "load",
-        "clear",
-        "compact",
-        "status",
-        "model",
-        "mcp",
-        "mode",
-        "persona",
-        "retry",
-        "undo",
-    }
+    assert set(registered) == COMMANDS
     manage_guild = str(discord.Permissions(manage_guild=True).value)
     for name, command in registered.items():
         expected = manage_guild if name in ADMIN_ONLY else None
@@ -51,20 +40,7 @@ async def test_a_development_guild_gets_the_commands_at_once(harness: Harness) -
     harness.dev_guild_id = fake.guild_id
     await harness.restart()
     in_guild = {c["name"] for c in fake.commands(fake.guild_id)}
-    assert in_guild == {
-        "new",
-        "list",
-        "load",
-        "clear",
-        "compact",
-        "status",
-        "model",
-        "mcp",
-        "mode",
-        "persona",
-        "retry",
-        "undo",
-    }
+    assert in_guild == COMMANDS
     said = await harness.command("status", user=fake.member, channel_id=fake.general_id)
     assert "Session: default" in said
 

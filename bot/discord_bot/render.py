@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import re
 import time
@@ -323,3 +324,18 @@ async def respond(
             await interaction.delete_original_response()
     for piece in pieces:
         await interaction.followup.send(piece, ephemeral=private, allowed_mentions=NO_PINGS)
+
+
+async def respond_with_file(
+    interaction: discord.Interaction, text: str, filename: str, data: bytes
+) -> None:
+    """Answer a private command with one line and a file, shown only to the person who
+    asked; the file replaces the private "thinking" message. Whatever its size, it goes as
+    a file, never as chat text."""
+    file = discord.File(io.BytesIO(data), filename)
+    if interaction.response.is_done():
+        await interaction.followup.send(text, file=file, ephemeral=True, allowed_mentions=NO_PINGS)
+    else:
+        await interaction.response.send_message(
+            text, file=file, ephemeral=True, allowed_mentions=NO_PINGS
+        )

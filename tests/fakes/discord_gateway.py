@@ -499,6 +499,18 @@ class FakeDiscord:
         self._rest.strict_edit_rate = value
 
     @property
+    def attachment_size_limit(self) -> int:
+        """The most bytes a file may have: announced in each interaction and enforced on
+        uploads (Discord's default for a server without boosts: 10 MB)."""
+        with self._lock:
+            return self._interactions.attachment_size_limit
+
+    @attachment_size_limit.setter
+    def attachment_size_limit(self, size: int) -> None:
+        with self._lock:
+            self._interactions.attachment_size_limit = size
+
+    @property
     def interaction_ack_deadline(self) -> float:
         """Seconds the bot has to answer an interaction (Discord: 3) before 10062."""
         return self._interactions.ack_deadline

@@ -167,6 +167,7 @@ class Interactions:
         self.commands = commands
         self.by_id: dict[int, InteractionState] = {}
         self.ack_deadline = 3.0  # seconds Discord waits for the first callback
+        self.attachment_size_limit = ATTACHMENT_SIZE_LIMIT  # bytes per file, as announced
 
     # Building what the bot receives
 
@@ -263,7 +264,7 @@ class Interactions:
             "locale": "en-US",
             "entitlements": [],
             "entitlement_sku_ids": [],
-            "attachment_size_limit": ATTACHMENT_SIZE_LIMIT,
+            "attachment_size_limit": self.attachment_size_limit,
         }
         channel_payload = world.channel_payload(channel)
         if channel.guild_id is None:

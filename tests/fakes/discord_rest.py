@@ -20,12 +20,7 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from tests.fakes.discord_interactions import (
-    ATTACHMENT_SIZE_LIMIT,
-    AppCommands,
-    Interactions,
-    check_not_empty,
-)
+from tests.fakes.discord_interactions import AppCommands, Interactions, check_not_empty
 from tests.fakes.discord_validation import body_errors
 from tests.fakes.discord_world import (
     ADMIN_ID,
@@ -137,14 +132,14 @@ BODY: web.RequestKey[Any] = web.RequestKey("body", object)
 UPLOADS = web.RequestKey("uploads", list[_Upload])
 
 
-def _check_uploads(body: Any, uploads: list[_Upload]) -> None:
-    """Refuse files the way Discord does: at most 10, each under the size limit, each named
+def _check_uploads(body: Any, uploads: list[_Upload], size_limit: int) -> None:
+    """Refuse files the way Discord does: at most 10, each within the size limit, each named
     and sent as `files[n]` matching an entry `{"id": n}` of the payload's `attachments`
     (when the payload lists them)."""
     if len(uploads) > MAX_FILES:
         raise DiscordError(400, 50035, "Invalid Form Body", {"files": _too_many_files()})
     for upload in uploads:
-        if len(upload.data) > ATTACHMENT_SIZE_LIMIT:
+        if len(upload.data) > size_limit:
             raise DiscordError(413, 40005, "Request entity too large")
         index = _FILE_FIELD.fullmatch(upload.field)
         if index is None or not upload.filename or len(upload.filename) > 1024:
@@ -280,7 +275,7 @@ class RestApi:
                 raise DiscordError(400, 50035, "Invalid Form Body", errors)
         if request[UPLOADS]:
             try:
-                _check_uploads(body, request[UPLOADS])
+                _check_uploads(body, request[UPLOADS], self.interactions.attachment_size_limit)
             except DiscordError as refused:
                 with self.lock:
                     reason = refused.errors or {"_errors": [refused.message]}

@@ -1,5 +1,5 @@
 """`/new /list /load /clear /compact /status`: the session commands, acting on the channel,
-thread or DM where they are used."""
+thread or DM where they are used; and `/export`, which sends the session as a file."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord_bot.render import PRIVATE, respond
+from bot.discord_bot.render import PRIVATE, respond, respond_with_file
 from bot.discord_bot.scopes import parent_of, place_name, scope_for
 from bot.discord_bot.thread_titles import THREAD_NAME_MAX
 from bot.errors import BotError, InvalidInput
+from bot.exports import EXPORT_HELP, ExportFormat
 from bot.store.base import checked_session_name
 
 if TYPE_CHECKING:
@@ -91,6 +92,26 @@ class Sessions(commands.Cog):
     async def compact(self, interaction: discord.Interaction) -> None:
         text = await self.bot.session_commands.compact(scope_for(interaction.channel_id or 0))
         await respond(interaction, text)
+
+    @app_commands.command(
+        description="Get this session as a file, shown only to you", extras={PRIVATE: True}
+    )
+    @app_commands.describe(format_="json: what python -m bot import reads (default); markdown")
+    @app_commands.rename(format_="format")
+    @app_commands.choices(
+        format_=[
+            app_commands.Choice(name=f"{f.value}: {EXPORT_HELP[f]}", value=f.value)
+            for f in ExportFormat
+        ]
+    )
+    async def export(
+        self, interaction: discord.Interaction, format_: str = ExportFormat.JSON.value
+    ) -> None:
+        scope = scope_for(interaction.channel_id or 0)
+        exported = await self.bot.session_commands.export(
+            scope, format_, interaction.filesize_limit
+        )
+        await respond_with_file(interaction, exported.summary, exported.filename, exported.data)
 
     @app_commands.command(
         description="Show this place's session, model, MCP servers and persona",
