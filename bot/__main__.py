@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from bot.commands import Commands
 from bot.config import PERSONA_NOTE, Settings, load_settings
 from bot.engine import Engine, EngineLimits
-from bot.errors import BotError, SettingsError
+from bot.errors import BotError, SettingsError, StoreUnavailable
 from bot.logs import LogFormat, use_json_lines
 from bot.metrics import Metrics
 from bot.store import open_store
@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from bot.model import DedalusModel
 
 CONSOLE_SCOPE = "console"
+STORE_RETRY_MAX_SECONDS = 30.0
+"""The bot waits for an unreachable Redis, trying again after 1 s, 2 s, 4 s ... up to this."""
+
+log = logging.getLogger("bot")
 
 
 def connect_model(settings: Settings) -> DedalusModel:
@@ -62,10 +66,47 @@ def build_commands(settings: Settings, store: SessionStore, engine: Engine) -> C
     )
 
 
+async def reachable_store(settings: Settings, *, wait: bool) -> SessionStore:
+    """The configured store, once it answers. An unreachable Redis is found here, not when
+    users write: the bot (`wait`) logs one line naming its host and port and tries again with
+    a growing pause; a tool stops with that line (exit 2). Neither shows the URL: it may hold
+    a password. (A bad SQLite file stops every mode in `open_store`.)"""
+    store = open_store(settings)
+    variable, where = "SQLITE_PATH", str(settings.sqlite_path)
+    if settings.redis_url:
+        from bot.store.redis import redis_address
+
+        variable, where = "REDIS_URL", f"Redis at {redis_address(settings.redis_url)}"
+    pause = 1.0
+    try:
+        while True:
+            try:
+                await store.ping()
+                if pause > 1.0:
+                    log.info("storage: %s answers now", where)
+                return store
+            except StoreUnavailable as error:
+                from bot.store.redis import failure_reason
+
+                reason = failure_reason(error.__cause__)
+                if not wait:
+                    raise SettingsError(
+                        variable, f"points at {where}, which cannot be used ({reason})"
+                    ) from None
+                log.warning(
+                    "storage: %s cannot be used (%s); trying again in %g s", where, reason, pause
+                )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, STORE_RETRY_MAX_SECONDS)
+    except BaseException:
+        await store.close()
+        raise
+
+
 async def run_console(settings: Settings, scope: str) -> None:
     from bot.console import Console
 
-    store = open_store(settings)
+    store = await reachable_store(settings, wait=False)
     model = connect_model(settings)
     engine = build_engine(settings, store, model)
     try:
@@ -80,7 +121,7 @@ async def run_console(settings: Settings, scope: str) -> None:
 async def run_transfer(settings: Settings, action: str, path: Path, scope: str) -> str:
     from bot.transfer import export_file, import_file
 
-    store = open_store(settings)
+    store = await reachable_store(settings, wait=False)
     try:
         if action == "import":
             sessions = await import_file(
@@ -108,7 +149,7 @@ async def run_bot(settings: Settings) -> None:
     from bot.titles import ThreadTitles
 
     setup_logging(settings.log_level, settings.log_format)
-    store = open_store(settings)
+    store = await reachable_store(settings, wait=True)
     model = connect_model(settings)
     metrics = Metrics()
     metrics.watch_store(store.stats)

@@ -38,13 +38,14 @@ def free_port() -> int:
 class RedisServer:
     """A real redis-server on a free port that a test may stop and start again."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed; .ci/run installs it")
         self.binary = binary
         self.port = free_port()
         self.directory = directory
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -65,10 +66,11 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.directory),
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(port=self.port, password=self.password)
         deadline = time.monotonic() + 10
         while True:
             try:

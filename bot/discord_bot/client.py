@@ -235,13 +235,28 @@ class DiscordUnreachable(BotError):
         super().__init__(f"Cannot reach Discord ({cause}); check the network and try again.")
 
 
+PLAIN_FORMAT = "[{asctime}] [{levelname:<8}] {name}: {message}"
+"""discord.py's own log line, without colours."""
+
+
 def setup_logging(level: str, form: LogFormat = LogFormat.TEXT) -> None:
     """discord.py's own log format and handler (or JSON lines), at the configured level,
-    without the start-up warnings about voice support, which this bot does not use."""
+    without the start-up warnings about voice support, which this bot does not use. Colours
+    only on a terminal: discord.py also colours output in any Docker container, which leaves
+    escape codes in log files and journals."""
     if form is LogFormat.JSON:
         use_json_lines(level)
     else:
-        discord.utils.setup_logging(level=logging.getLevelName(level), root=True)
+        handler = logging.StreamHandler()
+        if handler.stream.isatty():
+            discord.utils.setup_logging(
+                handler=handler, level=logging.getLevelName(level), root=True
+            )
+        else:
+            plain = logging.Formatter(PLAIN_FORMAT, "%Y-%m-%d %H:%M:%S", style="{")
+            discord.utils.setup_logging(
+                handler=handler, formatter=plain, level=logging.getLevelName(level), root=True
+            )
         keep_payloads_out()
     logging.getLogger("discord.client").addFilter(
         lambda record: "voice will NOT be supported" not in record.getMessage()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 from typing import TYPE_CHECKING
 
+from bot.errors import SettingsError
 from bot.store.base import SessionStore, StorePolicy
 
 if TYPE_CHECKING:  # settings import the store's defaults, so not at run time
@@ -23,7 +25,9 @@ def policy_from(settings: Settings) -> StorePolicy:
 
 
 def open_store(settings: Settings) -> SessionStore:
-    """Redis whenever `REDIS_URL` is set (the production store), else the SQLite file."""
+    """Redis whenever `REDIS_URL` is set (the production store), else the SQLite file. A file
+    that cannot be opened is a bad `SQLITE_PATH`: one line naming it, in every mode. (Redis is
+    only reached at its first call: see `bot.store.redis.RedisStore.check`.)"""
     if settings.redis_url:
         from bot.store.redis import RedisStore
 
@@ -32,4 +36,25 @@ def open_store(settings: Settings) -> SessionStore:
         )
     from bot.store.sqlite import SqliteStore
 
-    return SqliteStore(settings.sqlite_path, policy_from(settings))
+    path = settings.sqlite_path
+    if path.is_dir():
+        raise SettingsError("SQLITE_PATH", f"names a folder, not a file: {path}")
+    if not path.parent.is_dir():
+        raise SettingsError("SQLITE_PATH", f"is in a folder that does not exist: {path.parent}")
+    try:  # a write to the file and its journal, before the store builds its tables
+        probe = sqlite3.connect(str(path), isolation_level=None, timeout=10)
+        try:
+            probe.execute("PRAGMA journal_mode=WAL")
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+        finally:
+            probe.close()
+    except sqlite3.OperationalError as error:  # its folder or the file is read-only
+        raise SettingsError(
+            "SQLITE_PATH", f"cannot be opened for writing ({error}): {path}"
+        ) from None
+    except sqlite3.DatabaseError:
+        raise SettingsError(
+            "SQLITE_PATH", f"names a file that is not an SQLite database: {path}"
+        ) from None
+    return SqliteStore(path, policy_from(settings))

@@ -435,7 +435,8 @@ class SessionStore(Protocol):
     stats: StoreStats
 
     async def ping(self) -> None:
-        """Return once storage answers (the health check); `StoreUnavailable` otherwise."""
+        """Return once storage answers (the health check, and the start-up check);
+        `StoreUnavailable` otherwise, its cause chained."""
         ...
 
     async def begin_turn(self, scope: str, ticket: Ticket, budget_bytes: int, lock_ms: int) -> Turn:

@@ -55,7 +55,10 @@ in `_PRELUDE` and the two must agree.
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -63,7 +66,14 @@ from dataclasses import replace
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ClusterError, RedisClusterException, ResponseError, TryAgainError
+from redis.exceptions import (
+    AuthenticationError,
+    ClusterError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -121,6 +131,32 @@ unavailable: Redis stopped answering. One deadline per call, not redis-py's per-
 `socket_timeout`, which wraps every command in a task and costs a tenth of a turn."""
 IMPORT_TIMEOUT_SECONDS = 120.0
 """An import sends whole sessions in one transaction, possibly many megabytes."""
+
+
+def redis_address(url: str) -> str:
+    """Where `url` points, for a log line or an error: host and port (or the socket's path),
+    never the password or the rest of the URL."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    host = parts.hostname or "localhost"
+    return f"[{host}]:{parts.port or 6379}" if ":" in host else f"{host}:{parts.port or 6379}"
+
+
+def failure_reason(error: BaseException | None) -> str:
+    """Why Redis could not be used, in a few words and without the URL (which may hold a
+    password); redis-py's messages say "Error 111 connecting to host:port. ..."."""
+    if isinstance(error, TimeoutError | RedisTimeoutError):
+        return "no answer in time"
+    text = str(error)
+    found = re.match(r"Error (-?\d+) connecting to \S+\. ?(.*?)\.?$", text)
+    if found and int(found[1]) > 0:
+        return os.strerror(int(found[1])).lower()
+    if found:
+        return found[2].lower() or "cannot connect"
+    if isinstance(error, AuthenticationError):
+        return f"authentication failed: {text.rstrip('.')}"
+    return text.rstrip(".")[:120] or type(error).__name__
 
 
 def scope_key(scope: str, part: str) -> str:
@@ -1105,8 +1141,11 @@ class RedisStore:
             raise StoreUnavailable() from error
 
     async def ping(self) -> None:
-        async with self._available():
-            await self._redis.ping()
+        try:
+            async with self._available():
+                await self._redis.ping()
+        except RedisError as error:  # e.g. a database number the server does not have
+            raise StoreUnavailable() from error
 
     @staticmethod
     def _keys(scope: str) -> list[str]:
