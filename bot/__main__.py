@@ -19,6 +19,7 @@ from bot.engine import Engine, EngineLimits
 from bot.errors import BotError, SettingsError, StoreUnavailable
 from bot.logs import LogFormat, use_json_lines
 from bot.metrics import Metrics
+from bot.model import ModelChoice
 from bot.store import open_store
 from bot.store.base import SessionSettings, SessionStore
 
@@ -56,6 +57,7 @@ def build_engine(
         lock_ms=int(settings.turn_lease_seconds * 1000),
         message_cap_bytes=settings.message_cap_kb * 1024,
         summary_lease_ms=int((settings.model_timeout_seconds * attempts + 30) * 1000),
+        models=ModelChoice(settings.allowed_models, settings.default_model),
     )
     return Engine(store, model, limits, metrics)
 

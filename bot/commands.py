@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from bot.context import speaker_of
 from bot.errors import CorruptSession, DamagedState, InvalidInput, InvalidMcpServer, UnknownModel
 from bot.exports import Exported, export_session
+from bot.model import ModelChoice
 from bot.store.base import (
     PERSONA_OPTION,
     Exchange,
@@ -155,6 +156,10 @@ class Commands:
     default_model: str
     summarizer: Summarizer | None = None
 
+    @property
+    def models(self) -> ModelChoice:
+        return ModelChoice(self.allowed_models, self.default_model)
+
     async def new(self, scope: str, name: str | None = None) -> str:
         """Start an empty session, keeping the current model and MCP servers (as the
         reference does: they are the user's settings, not the session's history)."""
@@ -162,6 +167,7 @@ class Commands:
             settings = (await self.store.current_session(scope)).settings
         except (CorruptSession, DamagedState):  # /new is a way out of both
             settings = SessionSettings(self.default_model)
+        settings = replace(settings, model=self.models.usable(settings.model))
         if name is None or not name.strip():
             try:
                 taken = {s.name for s in await self.store.list_sessions(scope)}
@@ -198,7 +204,7 @@ class Commands:
         """Fold the current session's whole history into its summary now."""
         if self.summarizer is None:
             raise InvalidInput("Summaries are not available here.")
-        return await self.summarizer.compact(scope)
+        return await self.summarizer.compact(scope, self.models)
 
     def resolve_model(self, choice: str) -> str:
         """A number from the model list or an allowed name (case-insensitive)."""
@@ -213,8 +219,9 @@ class Commands:
     async def model(self, scope: str, choice: str | None = None) -> str:
         current = await self.store.current_session(scope)
         if choice is None or not choice.strip():
+            in_use = self.models.usable(current.settings.model)
             lines = [
-                f"  {'*' if m == current.settings.model else ' '} {i}. {m}"
+                f"  {'*' if m == in_use else ' '} {i}. {m}"
                 for i, m in enumerate(self.allowed_models, 1)
             ]
             return "Available models:\n" + "\n".join(lines)
@@ -262,7 +269,7 @@ class Commands:
         else:
             line = f"Persona ({persona.source}): {persona_preview(persona.text)}"
         summary = await self.store.read_summary(scope, session.name)
-        return describe_status(session, summary) + "\n" + line
+        return describe_status(session, summary, self.models) + "\n" + line
 
     async def persona_in_effect(
         self, scope: str, here: str = "this place", parent: Parent | None = None
@@ -325,7 +332,11 @@ class Commands:
         return f"Reply mode: {mode.value} (the bot {REPLY_MODE_HELP[mode]})."
 
 
-def describe_status(session: SessionInfo, summary: Summary | None = None) -> str:
+def describe_status(
+    session: SessionInfo, summary: Summary | None = None, models: ModelChoice | None = None
+) -> str:
+    """The session's state; with `models`, the model that answers it (the default when its
+    own is no longer allowed, with a note saying so)."""
     servers = session.settings.mcp_servers
     used = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(session.updated_at))
     covered = (
@@ -334,16 +345,17 @@ def describe_status(session: SessionInfo, summary: Summary | None = None) -> str
         if summary
         else "none (nothing summarized yet)"
     )
-    return "\n".join(
-        [
-            f"Session: {session.name}",
-            f"Model: {session.settings.model}",
-            f"MCP Servers: {', '.join(servers) if servers else 'None'}",
-            f"Messages: {session.message_count}",
-            f"Summary: {covered}",
-            f"Last used: {used if session.updated_at else 'never'}",
-        ]
-    )
+    stored = session.settings.model
+    note = models.retired_note(stored) if models is not None else None
+    lines = [
+        f"Session: {session.name}",
+        f"Model: {models.usable(stored) if models is not None else stored}",
+        f"MCP Servers: {', '.join(servers) if servers else 'None'}",
+        f"Messages: {session.message_count}",
+        f"Summary: {covered}",
+        f"Last used: {used if session.updated_at else 'never'}",
+    ]
+    return "\n".join([*lines, f"Note: {note}"] if note else lines)
 
 
 QUOTE_MAX_CHARS = 80

@@ -49,7 +49,7 @@ from bot.errors import (
 )
 from bot.logs import about_turn, note_session
 from bot.metrics import Metrics, TurnOutcome, TurnPart
-from bot.model import ContextTooLong, ModelClient, TextSink
+from bot.model import ContextTooLong, ModelChoice, ModelClient, TextSink
 from bot.store.base import (
     LAST_ANSWERED_OPTION,
     MESSAGE_CAP_KB,
@@ -109,6 +109,9 @@ class EngineLimits:
     summary_lease_ms: int = 300_000
     """A process that dies while summarizing keeps others from summarizing that session
     at most this long; it should outlast a model call with its retries."""
+    models: ModelChoice | None = None
+    """A session whose model is not allowed (any more) is answered by the default; None
+    sends each session's model as stored."""
 
     persona_note: str = ""
     """Sent after a place's persona, which replaces `system_prompt` (see
@@ -257,6 +260,7 @@ class Engine:
         self._summarizing: dict[str, asyncio.Task[None]] = {}
         """The summaries being written in the background, by scope (one at a time each)."""
         self._summary_paused: dict[str, float] = {}
+        self._retired_logged: set[str] = set()
 
     @property
     def draining(self) -> bool:
@@ -716,7 +720,8 @@ class Engine:
                 if shortened or not context.history_bytes:
                     raise
                 log.warning(
-                    "context too long for %s; retrying with half", turn.session.settings.model
+                    "context too long for %s; retrying with half",
+                    self._usable_model(turn.session.settings.model),
                 )
                 budget = context.total_bytes - context.history_bytes // 2
                 measured = None
@@ -754,7 +759,9 @@ class Engine:
                 break
             keep += 1
         task = asyncio.create_task(
-            self._summarize(scope, turn.session.name, turn.session.settings.model, keep)
+            self._summarize(
+                scope, turn.session.name, self._usable_model(turn.session.settings.model), keep
+            )
         )
         self._summarizing[scope] = task
         task.add_done_callback(lambda _: self._summarizing.pop(scope, None))
@@ -778,19 +785,36 @@ class Engine:
         except Exception:
             log.exception("summarizing older messages in %s failed unexpectedly", scope)
 
+    def _usable_model(self, stored: str) -> str:
+        """The session's model, or the default when it is no longer allowed (logged once per
+        process and model, not once per turn)."""
+        models = self._limits.models
+        if models is None:
+            return stored
+        note = models.retired_note(stored)
+        if note is not None and stored not in self._retired_logged and len(stored) <= 100:
+            self._retired_logged.add(stored)
+            log.warning(
+                "sessions stored with model %s, no longer in ALLOWED_MODELS, are answered by %s",
+                stored,
+                models.default,
+            )
+        return models.usable(stored)
+
     async def _call_model(
         self, context: list[Message], settings: SessionSettings, on_text: TextSink | None
     ) -> tuple[list[Message], str]:
         """The messages the run added and the answer's text; an empty answer is a failure,
         so a reply the SDK could not parse is never saved as a silent turn."""
+        model = self._usable_model(settings.model)
         if on_text is None:
             added = paired_tool_messages(
-                await self._model.complete(context, settings.model, settings.mcp_servers)
+                await self._model.complete(context, model, settings.mcp_servers)
             )
             answers = [m for m in added if m.get("role") == "assistant" and m.get("content")]
             text = str(answers[-1]["content"]) if answers else ""
         else:
-            text = await self._model.stream(context, settings.model, settings.mcp_servers, on_text)
+            text = await self._model.stream(context, model, settings.mcp_servers, on_text)
             added = [{"role": "assistant", "content": text}]
         if not text:
             raise EmptyAnswer()

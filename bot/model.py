@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import dedalus_labs
@@ -22,6 +23,28 @@ from bot.store.base import Message
 log = logging.getLogger(__name__)
 
 TextSink = Callable[[str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The models sessions may use (`ALLOWED_MODELS`) and the default (`DEFAULT_MODEL`). A
+    session keeps the model it chose; when that one is no longer allowed, the default answers
+    instead (its choice stays stored, so allowing the model again gives it back)."""
+
+    allowed: tuple[str, ...]
+    default: str
+
+    def usable(self, stored: str) -> str:
+        return stored if stored in self.allowed else self.default
+
+    def retired_note(self, stored: str) -> str | None:
+        """The one line saying a session's model is no longer allowed; None when it is."""
+        if stored in self.allowed:
+            return None
+        return (
+            f"This session's model {stored[:100]} is no longer allowed; {self.default} answers "
+            "instead (/model picks another)."
+        )
 
 
 class ContextTooLong(ModelError):

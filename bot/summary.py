@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Sequence
 
 from bot.errors import InvalidInput, ModelError, StoreUnavailable, SummaryFailed
-from bot.model import ModelClient
+from bot.model import ModelChoice, ModelClient
 from bot.store.base import Message, SessionStore, Summary, SummarySource, message_size
 
 SUMMARY_REQUEST_MARK = "You keep the memory of a long Discord conversation."
@@ -162,13 +162,15 @@ class Summarizer:
                 await self._store.release_summary(scope, name, token)
             raise
 
-    async def compact(self, scope: str) -> str:
+    async def compact(self, scope: str, models: ModelChoice | None = None) -> str:
         """`/compact`: fold the whole history of the scope's current session into its
-        summary now, so the next answer starts from the summary alone."""
+        summary now, so the next answer starts from the summary alone (written by the model
+        that answers the session: `models` picks the default for one no longer allowed)."""
         session = await self._store.current_session(scope)
+        model = models.usable(session.settings.model) if models else session.settings.model
         folded: Summary | None = None
         for _ in range(COMPACT_ROUNDS):
-            summary = await self.fold(scope, session.name, session.settings.model, keep=0)
+            summary = await self.fold(scope, session.name, model, keep=0)
             if summary is None:
                 break
             folded = summary

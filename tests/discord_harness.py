@@ -12,7 +12,7 @@ from bot.config import PERSONA_NOTE
 from bot.discord_bot.client import ChatBot
 from bot.discord_bot.scopes import scope_for
 from bot.engine import Engine, EngineLimits
-from bot.model import DedalusModel
+from bot.model import DedalusModel, ModelChoice
 from bot.store.base import Message, StorePolicy
 from bot.store.redis import RedisStore
 from bot.titles import ThreadTitles
@@ -33,6 +33,8 @@ class Harness:
         self.dev_guild_id: int | None = None
         self.policy = StorePolicy(TEST_MODELS[0])
         """The store's limits; set it, then `restart()`."""
+        self.allowed_models: tuple[str, ...] = TEST_MODELS
+        """`ALLOWED_MODELS` (the default is the policy's); set it, then `restart()`."""
         self.bot: ChatBot | None = None
         self.store: RedisStore | None = None
         self.model: DedalusModel | None = None
@@ -43,16 +45,18 @@ class Harness:
         self.model = model = DedalusModel.connect(
             "test-key", self.api.base_url, timeout=60, max_retries=0
         )
+        models = ModelChoice(self.allowed_models, self.policy.default_model)
         limits = EngineLimits(
             SYSTEM,
             self.budget_bytes,
             message_cap_bytes=self.policy.message_cap_bytes,
             persona_note=PERSONA_NOTE,
+            models=models,
         )
         engine = Engine(self.store, model, limits)
         bot = ChatBot(
             engine,
-            Commands(self.store, TEST_MODELS, self.policy.default_model, engine.summaries),
+            Commands(self.store, models.allowed, models.default, engine.summaries),
             dev_guild_id=self.dev_guild_id,
             titles=ThreadTitles(self.store, model),
             guild_ready_timeout=0.1,
