@@ -1,6 +1,7 @@
-"""The session commands of the reference (`/new /list /load /clear /model /mcp /status`) and
-`/compact`, as plain async functions over a store. Discord and the console both call these
-and show the text they return; bad input raises an `InvalidInput` and changes nothing."""
+"""The session commands of the reference (`/new /list /load /clear /model /mcp /status`),
+`/compact`, and `/delete` and `/forget-channel` for deleting what is stored, as plain async
+functions over a store. Discord and the console both call these and show the text they
+return; bad input raises an `InvalidInput` and changes nothing."""
 
 from __future__ import annotations
 
@@ -206,6 +207,28 @@ class Commands:
             raise InvalidInput("Summaries are not available here.")
         return await self.summarizer.compact(scope, self.models)
 
+    async def delete(self, scope: str, name: str) -> str:
+        """Delete a session and everything stored with it; deleting the current one leaves
+        the place a fresh empty session. An answer being written in it is shown but not kept."""
+        wanted = checked_session_name(name)
+        fresh = await self.store.delete_session(scope, wanted)
+        said = f"Deleted session {wanted} and everything stored with it."
+        return f"{said} Now in a fresh empty session: {fresh}" if fresh else said
+
+    async def forget_place(self, scope: str, confirmation: str, place_name: str) -> str:
+        """Delete everything stored for this place, once `confirmation` repeats its name
+        (a leading '#' and letter case aside): such a deletion is not undone."""
+        typed = confirmation.strip().removeprefix("#").strip()
+        if typed.casefold() != place_name.casefold():
+            raise InvalidInput(
+                f"Nothing was deleted: to confirm, give this place's name, {place_name}, exactly."
+            )
+        count = await self.store.forget_place(scope)
+        return (
+            f"Deleted everything stored for {place_name}: {_count_sessions(count)} with their "
+            "messages and settings, and its /mode. The next message starts a fresh session."
+        )
+
     def resolve_model(self, choice: str) -> str:
         """A number from the model list or an allowed name (case-insensitive)."""
         wanted = choice.strip()
@@ -384,3 +407,7 @@ def describe_retried(exchange: Exchange) -> str:
 
 def _count(n: int) -> str:
     return f"{n} message{'s' if n != 1 else ''}"
+
+
+def _count_sessions(n: int) -> str:
+    return f"{n} session{'s' if n != 1 else ''}"

@@ -76,7 +76,8 @@ BUSY_POLL_MAX_SECONDS = 0.1
 SAVE_RETRY_PAUSES = (0.2, 0.5, 1.0)
 """Pauses between tries to save a turn whose answer is already in hand."""
 NOT_KEPT_NOTE = (
-    "The conversation was cleared while this answer was written; this exchange was not kept."
+    "The conversation was cleared or deleted while this answer was written; this exchange was "
+    "not kept."
 )
 """Shown under an answer whose `Reply.kept` is False."""
 HAND_BACK_SECONDS = 5.0

@@ -161,6 +161,10 @@ class Conversation(commands.Cog):
             self._modes.clear()
         self._modes[scope] = (mode, time.monotonic() + REPLY_MODE_CACHE_SECONDS)
 
+    def forget_mode(self, scope: str) -> None:
+        """The place's stored mode was deleted: read it (the default) again."""
+        self._modes.pop(scope, None)
+
     def _addressed(self, message: discord.Message, me: discord.ClientUser) -> bool:
         if me in message.mentions:
             return True

@@ -116,6 +116,9 @@ FORGOTTEN_TTL_SECONDS = 3_600
 answering it stores neither it nor its answer (a turn waits and runs well within this)."""
 CLAIM_TTL_SECONDS = 86_400
 """How long an answered message id is remembered (gateway replays come within minutes)."""
+DELETED_TTL_SECONDS = 86_400
+"""How long a deleted session's epoch is remembered, so a turn that began in it (and may run,
+or be frozen, long after) saves nothing instead of bringing the session back."""
 CLAIM_ANSWERED = "answered"
 """A claim's value once its message was answered; a lease's value is `claim_lease(token)`."""
 LAST_ANSWERED_OPTION = "last_answered"
@@ -517,6 +520,23 @@ class SessionStore(Protocol):
         """Remove the stored user message named by `user_ref`; False if none is stored.
         Damaged data in the way raises `DamagedState` (the place's) or `CorruptSession`,
         having changed nothing, so the deletion is reported rather than skipped silently."""
+        ...
+
+    async def delete_session(self, scope: str, name: str) -> str | None:
+        """Delete the session `name` and everything stored with it (its messages, their
+        delete references, its settings). When it was the current one, a fresh empty session
+        (`default`, or `chat-N` when that name is taken) becomes current, and its name is
+        returned; otherwise None. `UnknownSession` when there is none by that name. A turn
+        that began in the deleted session saves nothing (`finish_turn` raises
+        `SessionCleared`), even when a fresh session of the same name exists by then."""
+        ...
+
+    async def forget_place(self, scope: str) -> int:
+        """Delete everything the scope keeps: every session (as `delete_session`), its
+        current session, its options (`/mode`, the last message answered) and its entry in
+        the record of places answered. Returns how many sessions went. What lapses by itself
+        is left: message claims (ids only), the queue, deleted-message markers, locks of
+        turns in progress (which save nothing)."""
         ...
 
     async def scope_option(self, scope: str, option: str) -> str | None:

@@ -90,6 +90,7 @@ from bot.errors import (
 from bot.store.base import (
     CLAIM_ANSWERED,
     DEFAULT_SESSION,
+    DELETED_TTL_SECONDS,
     FORGOTTEN_TTL_SECONDS,
     LAST_ANSWERED_OPTION,
     PERSONA_OPTION,
@@ -521,6 +522,13 @@ local cap, byte_cap = tonumber(ARGV[4]), tonumber(ARGV[10])
 local out = {1}
 local first = 15  -- the first message among ARGV
 local saving = #ARGV >= first
+if ARGV[11] ~= '' and (epoch or '') ~= ARGV[11]
+   and redis.call('EXISTS', prefix .. 'deleted:' .. ARGV[11]) == 1 then
+  -- The session this turn began in was deleted meanwhile: nothing of it may come back.
+  if holder then redis.call('DEL', lock) end
+  if saving then return {2} end
+  return {1}
+end
 local deleted = prefix .. 'forgot:' .. ARGV[7]
 if saving and ARGV[7] ~= '' and redis.call('EXISTS', deleted) == 1 then
   -- Its author deleted the message while it was being answered: keep neither.
@@ -1016,6 +1024,79 @@ return {1}
 """
 )
 
+# Shared by the deletions: remove one session and everything stored with it (its lock stays
+# until its turn ends or its lease lapses: the turn learns of the deletion from the tombstone
+# of its epoch, `deleted:{epoch}`, kept for `deleted_ttl` seconds, and saves nothing).
+_DELETION = """
+local function delete_session(name, deleted_ttl)
+  local meta = key(name, 'meta')
+  local epoch = of_type(meta, 'hash') and redis.call('HGET', meta, 'epoch')
+  if epoch and epoch ~= '' then
+    redis.call('SET', prefix .. 'deleted:' .. epoch, 1, 'EX', deleted_ttl)
+  end
+  local index = prefix .. 'refindex'
+  if of_type(index, 'hash') then
+    if of_type(key(name, 'refs'), 'hash') then
+      unindex(redis.call('HKEYS', key(name, 'refs')))
+    else  -- its refs unreadable: find its entries in the index itself
+      local entries = redis.call('HGETALL', index)
+      for i = 1, #entries, 2 do
+        if entries[i + 1] == name then redis.call('HDEL', index, entries[i]) end
+      end
+    end
+  end
+  redis.call('DEL', meta, key(name, 'messages'), key(name, 'refs'), key(name, 'refseq'),
+             key(name, 'answers'),  -- where its answers went (/retry, /undo)
+             key(name, 'summarizing'))  -- a summary being written is not saved without meta
+  if of_type(KEYS[2], 'zset') then redis.call('ZREM', KEYS[2], name) end
+end
+"""
+
+# ARGV: prefix, name, default_model, now, ttl_seconds, deleted_ttl. {} when there is no such
+# session; else {fresh}: the name of the fresh empty session made current when the deleted
+# one was current ('' when it was not). Damaged place keys are dropped first, as /clear does.
+_DELETE_SESSION = _lua(
+    _DELETION
+    + """
+repair_scope()
+local name = ARGV[2]
+if redis.call('EXISTS', key(name, 'meta')) == 0 then return {} end
+delete_session(name, ARGV[6])
+local current = redis.call('HGET', KEYS[1], 'current')
+if current and current ~= name and readable_name(current) then return {''} end
+if not current and name ~= '$DEFAULT' then return {''} end
+local fresh, n = '$DEFAULT', 0
+while redis.call('EXISTS', key(fresh, 'meta')) == 1 do n = n + 1 fresh = 'chat-' .. n end
+mark_new_scope()
+create(fresh, ARGV[3], '[]', ARGV[4])
+redis.call('HSET', KEYS[1], 'current', fresh)
+touch(fresh, ARGV[4], ARGV[5])
+return {fresh}
+"""
+)
+
+# ARGV: prefix, deleted_ttl. Every session the place knows (its names and its current one)
+# and the place's own keys (state with its options, names, index). Returns how many sessions
+# went. Left to lapse by themselves: claims (message ids answered), the queue, forgotten ids.
+_FORGET_PLACE = _lua(
+    _DELETION
+    + """
+local names, seen, count = {}, {}, 0
+if of_type(KEYS[2], 'zset') then names = redis.call('ZRANGE', KEYS[2], 0, -1) end
+local current = of_type(KEYS[1], 'hash') and redis.call('HGET', KEYS[1], 'current')
+if current and readable_name(current) then names[#names + 1] = current end
+for _, name in ipairs(names) do
+  if not seen[name] then
+    seen[name] = true
+    if redis.call('EXISTS', key(name, 'meta')) == 1 then count = count + 1 end
+    delete_session(name, ARGV[2])
+  end
+end
+redis.call('DEL', KEYS[1], KEYS[2], prefix .. 'refindex')
+return count
+"""
+)
+
 _SUMMARY_FIELDS = 7
 _FINISH_FIRST_MESSAGE = 14
 """Index of the first saved message among `_FINISH_TURN`'s arguments."""
@@ -1082,6 +1163,8 @@ class RedisStore:
         self._last = register(_LAST_EXCHANGE)
         self._rewrite = register(_REWRITE)
         self._swap_option = register(_SWAP_OPTION)
+        self._delete = register(_DELETE_SESSION)
+        self._forget_place = register(_FORGET_PLACE)
 
     @classmethod
     def from_url(
@@ -1411,6 +1494,31 @@ class RedisStore:
         if reply[0] == "corrupt":
             raise CorruptSession(str(reply[1]))
         return bool(reply[0])
+
+    async def delete_session(self, scope: str, name: str) -> str | None:
+        args: list[ScriptArg] = [
+            self._prefix(scope),
+            name,
+            self._policy.default_model,
+            time.time(),
+            self._policy.ttl_seconds,
+            DELETED_TTL_SECONDS,
+        ]
+        self._recent.drop(scope)  # the window would not be reused after this
+        async with self._available():
+            reply = await self._delete(keys=self._keys(scope), args=args)
+        if not reply:
+            raise UnknownSession(f"There is no session named {name!r}; /list shows them.")
+        return str(reply[0]) or None
+
+    async def forget_place(self, scope: str) -> int:
+        self._recent.drop(scope)
+        async with self._available():
+            count = await self._forget_place(
+                keys=self._keys(scope), args=[self._prefix(scope), DELETED_TTL_SECONDS]
+            )
+            await self._redis.zrem(places_key(), scope)
+        return int(count)
 
     async def scope_option(self, scope: str, option: str) -> str | None:
         try:

@@ -36,6 +36,7 @@ from bot.errors import (
 from bot.store.base import (
     CLAIM_ANSWERED,
     DEFAULT_SESSION,
+    DELETED_TTL_SECONDS,
     FORGOTTEN_TTL_SECONDS,
     LAST_ANSWERED_OPTION,
     PERSONA_OPTION,
@@ -96,6 +97,9 @@ CREATE TABLE IF NOT EXISTS queue (
     PRIMARY KEY (scope, place));
 CREATE TABLE IF NOT EXISTS forgotten (
     scope TEXT NOT NULL, ref TEXT NOT NULL, expires REAL NOT NULL, PRIMARY KEY (scope, ref));
+CREATE TABLE IF NOT EXISTS deleted_epochs (
+    scope TEXT NOT NULL, epoch TEXT NOT NULL, expires REAL NOT NULL,
+    PRIMARY KEY (scope, epoch));
 """
 
 _SUMMARY = """
@@ -147,6 +151,7 @@ class SqliteStore:
             str(path), isolation_level=None, check_same_thread=False, timeout=10
         )
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA secure_delete=ON")  # what is deleted leaves the file too
         self._db.executescript(_SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
         if "last_turn" not in columns:  # a file from before turns were idempotent
@@ -262,6 +267,7 @@ class SqliteStore:
         self._last_purge = now
         db.execute("DELETE FROM claims WHERE expires < ?", (now,))
         db.execute("DELETE FROM queue WHERE deadline < ?", (now,))
+        db.execute("DELETE FROM deleted_epochs WHERE expires < ?", (now,))
         if not ttl:
             return
         cutoff = now - ttl
@@ -507,6 +513,8 @@ class SqliteStore:
             now = time.time()
             if row is not None and row[2] == turn.lock_token:
                 return True  # saved already: this call repeats one whose reply was lost
+            if bodies and (row is None or row[3] != turn.epoch) and self._epoch_deleted(db, turn):
+                return SessionCleared()  # its session was deleted: nothing of it comes back
             if row is None or (row[0] != turn.lock_token and _number(row[1]) > now):
                 return False
             held = row[0] == turn.lock_token and _number(row[1]) > now
@@ -558,6 +566,22 @@ class SqliteStore:
         if isinstance(outcome, SessionCleared):
             raise outcome
         return outcome
+
+    def _epoch_deleted(self, db: sqlite3.Connection, turn: Turn) -> bool:
+        found = db.execute(
+            "SELECT 1 FROM deleted_epochs WHERE scope = ? AND epoch = ?", (turn.scope, turn.epoch)
+        )
+        return bool(turn.epoch) and found.fetchone() is not None
+
+    def _delete(self, db: sqlite3.Connection, scope: str, name: str) -> None:
+        """Delete one session and its messages, remembering its epoch (see `delete_session`)."""
+        db.execute(
+            "INSERT OR REPLACE INTO deleted_epochs (scope, epoch, expires)"
+            " SELECT scope, epoch, ? FROM sessions WHERE scope = ? AND name = ? AND epoch != ''",
+            (time.time() + DELETED_TTL_SECONDS, scope, name),
+        )
+        db.execute("DELETE FROM messages WHERE scope = ? AND name = ?", (scope, name))
+        db.execute("DELETE FROM sessions WHERE scope = ? AND name = ?", (scope, name))
 
     def _deleted(self, db: sqlite3.Connection, scope: str, ref: str, now: float) -> bool:
         """Whether the message `ref` was deleted before its turn saved it (and forget that)."""
@@ -706,6 +730,42 @@ class SqliteStore:
                 (scope, user_ref, now + FORGOTTEN_TTL_SECONDS),
             )
             return False
+
+        return await self._run(work)
+
+    async def delete_session(self, scope: str, name: str) -> str | None:
+        def work(db: sqlite3.Connection) -> str | None:
+            if not self._summary_row_exists(db, scope, name):
+                raise UnknownSession(f"There is no session named {name!r}; /list shows them.")
+            self._delete(db, scope, name)
+            try:
+                current = self._current_name(db, scope)
+            except DamagedState:  # an unreadable current name: replaced by the fresh one
+                current = name
+            if current != name and (current is not None or name != DEFAULT_SESSION):
+                return None
+            fresh, n = DEFAULT_SESSION, 0
+            while self._summary_row_exists(db, scope, fresh):
+                n += 1
+                fresh = f"chat-{n}"
+            self._insert(db, scope, fresh, SessionSettings(self._policy.default_model))
+            self._set_current(db, scope, fresh)
+            return fresh
+
+        return await self._run(work)
+
+    async def forget_place(self, scope: str) -> int:
+        def work(db: sqlite3.Connection) -> int:
+            names = [
+                str(row[0])
+                for row in db.execute("SELECT name FROM sessions WHERE scope = ?", (scope,))
+            ]
+            for name in names:
+                self._delete(db, scope, name)
+            db.execute("DELETE FROM messages WHERE scope = ?", (scope,))  # none left unowned
+            for table in ("scopes", "scope_options", "places"):
+                db.execute(f"DELETE FROM {table} WHERE scope = ?", (scope,))
+            return len(names)
 
         return await self._run(work)
 

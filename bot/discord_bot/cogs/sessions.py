@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DM_NAME = "dm"
+"""What `/forget-channel` asks to be typed in a DM, which has no name of its own."""
+
 
 class Sessions(commands.Cog):
     def __init__(self, bot: ChatBot) -> None:
@@ -67,14 +70,20 @@ class Sessions(commands.Cog):
         await respond(interaction, text)
 
     @load.autocomplete("name")
+    async def _loadable_names(
+        self, interaction: discord.Interaction, typed: str
+    ) -> list[app_commands.Choice[str]]:
+        return await self._session_names(interaction, typed)
+
     async def _session_names(
         self, interaction: discord.Interaction, typed: str
     ) -> list[app_commands.Choice[str]]:
         scope = scope_for(interaction.channel_id or 0)
+        command = interaction.command and interaction.command.name
         try:
             sessions = await self.bot.session_commands.store.list_sessions(scope)
         except BotError as error:  # storage down, or the place's own state damaged
-            log.warning("autocomplete for /load in %s offers nothing: %s", scope, error)
+            log.warning("autocomplete for /%s in %s offers nothing: %s", command, scope, error)
             return []
         names = [s.name for s in sessions if typed.lower() in s.name.lower()]
         return [app_commands.Choice(name=n, value=n) for n in names[:25]]
@@ -83,6 +92,33 @@ class Sessions(commands.Cog):
     @app_commands.default_permissions(manage_guild=True)
     async def clear(self, interaction: discord.Interaction) -> None:
         text = await self.bot.session_commands.clear(scope_for(interaction.channel_id or 0))
+        await respond(interaction, text)
+
+    @app_commands.command(description="Delete a session and everything stored with it")
+    @app_commands.describe(name="The session to delete (the current one: a fresh one replaces it)")
+    @app_commands.default_permissions(manage_guild=True)
+    async def delete(self, interaction: discord.Interaction, name: str) -> None:
+        text = await self.bot.session_commands.delete(scope_for(interaction.channel_id or 0), name)
+        await respond(interaction, text)
+
+    @delete.autocomplete("name")
+    async def _deletable_names(
+        self, interaction: discord.Interaction, typed: str
+    ) -> list[app_commands.Choice[str]]:
+        return await self._session_names(interaction, typed)
+
+    @app_commands.command(
+        name="forget-channel",
+        description="Delete everything the bot stores for this channel, thread or DM",
+    )
+    @app_commands.describe(confirm=f"To confirm, type this channel's name (in a DM: {DM_NAME})")
+    @app_commands.default_permissions(manage_guild=True)
+    async def forget_channel(self, interaction: discord.Interaction, confirm: str) -> None:
+        scope = scope_for(interaction.channel_id or 0)
+        channel = interaction.channel
+        name = DM_NAME if isinstance(channel, discord.DMChannel) else getattr(channel, "name", "")
+        text = await self.bot.session_commands.forget_place(scope, confirm, name or DM_NAME)
+        self.bot.conversation.forget_mode(scope)
         await respond(interaction, text)
 
     @app_commands.command(
