@@ -15,9 +15,9 @@ from tests.conftest import TEST_MODELS, RedisServer
 from tests.discord_harness import Harness
 from tests.fakes.discord_gateway import CommandRefused
 
-ADMIN_ONLY = {"clear", "compact", "model", "mcp", "mode", "persona"}
+ADMIN_ONLY = {"clear", "compact", "model", "mcp", "mode", "persona", "delete", "forget-channel"}
 COMMANDS = {"new", "list", "load", "clear", "compact", "status", "export", "model", "mcp"}
-COMMANDS |= {"mode", "persona", "retry", "undo"}
+COMMANDS |= {"mode", "persona", "retry", "undo", "delete", "forget-channel"}
 
 
 async def ask(harness: Harness, text: str, answers_before: int) -> None:
