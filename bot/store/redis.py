@@ -55,6 +55,7 @@ in `_PRELUDE` and the two must agree.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import time
@@ -69,6 +70,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
     AuthenticationError,
     ClusterError,
+    OutOfMemoryError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -119,6 +121,8 @@ from bot.store.base import (
     session_info,
 )
 from bot.store.recent import RecentCache, RecentWindow
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "dcbot"
 
@@ -1220,6 +1224,12 @@ class RedisStore:
             RedisClusterException,  # no node reachable, or a slot not covered
             TryAgainError,  # a slot moving between nodes
         ) as error:
+            self.stats.unavailable += 1
+            raise StoreUnavailable() from error
+        except OutOfMemoryError as error:
+            # Under `maxmemory-policy noeviction` Redis refuses writes when full, rather than
+            # dropping sessions: an outage to explain, not a bug to trace.
+            log.warning("storage: Redis is full (maxmemory reached) and refuses writes")
             self.stats.unavailable += 1
             raise StoreUnavailable() from error
 
