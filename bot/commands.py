@@ -226,7 +226,8 @@ class Commands:
         count = await self.store.forget_place(scope)
         return (
             f"Deleted everything stored for {place_name}: {_count_sessions(count)} with their "
-            "messages and settings, and its /mode. The next message starts a fresh session."
+            "messages and settings, and its /mode and persona. The next message starts a fresh "
+            "session."
         )
 
     def resolve_model(self, choice: str) -> str:

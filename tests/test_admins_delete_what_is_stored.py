@@ -101,6 +101,13 @@ async def test_an_admin_forgets_a_channel_once_its_name_is_typed(harness: Harnes
     fake = harness.discord
     general = fake.general_id
     await harness.command("mode", {"mode": "all"}, user=fake.admin, channel_id=general)
+    await harness.command(
+        "persona",
+        {"text": "You are a pirate."},
+        user=fake.admin,
+        channel_id=general,
+        subcommand="set",
+    )
     await ask(harness, general, "first", 0)
     await harness.command("new", {"name": "work"}, user=fake.member, channel_id=general)
     await ask(harness, general, "second", 1)
@@ -122,8 +129,10 @@ async def test_an_admin_forgets_a_channel_once_its_name_is_typed(harness: Harnes
     )
     assert said == (
         "Deleted everything stored for general: 2 sessions with their messages and settings, "
-        "and its /mode. The next message starts a fresh session."
+        "and its /mode and persona. The next message starts a fresh session."
     )
+    status = await harness.command("status", user=fake.member, channel_id=general)
+    assert "Persona: default" in status
     assert await harness.history(general) == [] and await harness.history(general, "work") == []
     listed = await harness.command("list", user=fake.member, channel_id=general)
     assert listed.startswith("Sessions: (none yet")
