@@ -11,11 +11,10 @@ from contextlib import closing, suppress
 from pathlib import Path
 
 import pytest
-import redis
 
 from bot.errors import UnknownSession
 from bot.store.base import SessionCleared, SessionSettings, SessionStore, Ticket, Turn
-from bot.store.redis import RedisStore, scope_key
+from bot.store.redis import RedisStore, places_key, scope_key
 from bot.store.sqlite import SqliteStore
 from tests.conftest import TEST_MODELS
 
@@ -35,33 +34,36 @@ async def say(store: SessionStore, scope: str, text: str, ref: str) -> None:
     assert await store.finish_turn(turn, [*added, {"role": "assistant", "content": "ok"}], ref)
 
 
-def everything_stored(store: SessionStore, redis_url: str, scope: str) -> str:
-    """All the backend holds for `scope` (Redis: every key of the place and its value;
-    SQLite: every row naming the place, and the file's bytes once its journal is written
-    back), as one text to search."""
+async def everything_stored(store: SessionStore, scope: str) -> str:
+    """All the backend holds for `scope` (Redis, plain or cluster: every key of the place
+    and its value, read with the store's own client; SQLite: every row naming the place, and
+    the file's bytes once its journal is written back), as one text to search."""
     if isinstance(store, RedisStore):
-        client = redis.Redis.from_url(redis_url, decode_responses=True)
+        client = store._redis
         found = []
         pattern = scope_key(scope, "*").replace("{", "[{]")
-        for key in client.scan_iter(match=pattern, count=1000):
-            kind = str(client.type(key))
+        async for key in client.scan_iter(match=pattern, count=1000):
+            kind = str(await client.type(key))
             value: object
             if kind == "string":
-                value = client.get(key)
+                value = await client.get(key)
             elif kind == "hash":
-                value = client.hgetall(key)
+                value = await client.hgetall(key)
             elif kind == "list":
-                value = client.lrange(key, 0, -1)
+                value = await client.lrange(key, 0, -1)
             elif kind == "zset":
-                value = client.zrange(key, 0, -1, withscores=True)
+                value = await client.zrange(key, 0, -1, withscores=True)
             else:
-                value = client.smembers(key)
+                value = await client.smembers(key)
             found.append(f"{key} = {value!r}")
         found.sort()
-        found.append(repr(client.zrange("dcbot:places", 0, -1)))
-        client.close()
+        found.append(repr(await client.zrange(places_key(), 0, -1)))
         return "\n".join(found)
     assert isinstance(store, SqliteStore)
+    return sqlite_stored(store, scope)
+
+
+def sqlite_stored(store: SqliteStore, scope: str) -> str:
     path = store_path(store)
     with closing(sqlite3.connect(path)) as db:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -84,12 +86,12 @@ def store_path(store: SqliteStore) -> Path:
     return Path(path)
 
 
-async def test_deleting_a_session_leaves_nothing_of_it(store: SessionStore, redis_url: str) -> None:
+async def test_deleting_a_session_leaves_nothing_of_it(store: SessionStore) -> None:
     await store.create_session("p", "work", SETTINGS)
     await say(store, "p", SECRET, "m1")
     await store.create_session("p", "keep", SETTINGS)
     await say(store, "p", KEPT, "m2")
-    assert SECRET in everything_stored(store, redis_url, "p")
+    assert SECRET in await everything_stored(store, "p")
 
     assert await store.delete_session("p", "work") is None  # not the current one
 
@@ -98,7 +100,7 @@ async def test_deleting_a_session_leaves_nothing_of_it(store: SessionStore, redi
     with pytest.raises(UnknownSession):
         await store.switch_session("p", "work")
     assert not await store.forget_message("p", "m1")  # no reference to it is left
-    stored = everything_stored(store, redis_url, "p")
+    stored = await everything_stored(store, "p")
     assert SECRET not in stored and "s:work:" not in stored
     assert KEPT in stored  # the place's other session is untouched
     assert await store.forget_message("p", "m2")
@@ -108,7 +110,7 @@ async def test_deleting_a_session_leaves_nothing_of_it(store: SessionStore, redi
     ("sessions", "fresh"), [(["default"], "default"), (["default", "work"], "chat-1")]
 )
 async def test_deleting_the_current_session_leaves_a_fresh_empty_one(
-    store: SessionStore, redis_url: str, sessions: list[str], fresh: str
+    store: SessionStore, sessions: list[str], fresh: str
 ) -> None:
     await say(store, "p", KEPT, "m0")
     if len(sessions) > 1:
@@ -121,19 +123,17 @@ async def test_deleting_the_current_session_leaves_a_fresh_empty_one(
     current = await store.current_session("p")
     assert (current.name, current.message_count) == (fresh, 0)
     assert current.settings == SessionSettings(TEST_MODELS[0])  # the defaults, not the deleted
-    assert SECRET not in everything_stored(store, redis_url, "p")
+    assert SECRET not in await everything_stored(store, "p")
     await say(store, "p", "in the fresh one", "m2")
     assert len(await store.read_history("p", fresh)) == 2
 
 
-async def test_deleting_an_unknown_session_changes_nothing(
-    store: SessionStore, redis_url: str
-) -> None:
+async def test_deleting_an_unknown_session_changes_nothing(store: SessionStore) -> None:
     await say(store, "p", KEPT, "m1")
-    before = everything_stored(store, redis_url, "p")
+    before = await everything_stored(store, "p")
     with pytest.raises(UnknownSession, match="There is no session named 'ghost'"):
         await store.delete_session("p", "ghost")
-    assert everything_stored(store, redis_url, "p") == before
+    assert await everything_stored(store, "p") == before
 
 
 async def lapsed_turn(store: SessionStore, scope: str) -> Turn:
@@ -145,7 +145,7 @@ async def lapsed_turn(store: SessionStore, scope: str) -> Turn:
 @pytest.mark.parametrize("turn_kind", ["live", "lapsed"])
 @pytest.mark.parametrize("deleted", ["current", "no-longer-current", "the-whole-place"])
 async def test_a_turn_running_in_a_deleted_session_saves_nothing(
-    store: SessionStore, redis_url: str, turn_kind: str, deleted: str
+    store: SessionStore, turn_kind: str, deleted: str
 ) -> None:
     """Nothing of a deleted session comes back, whether its turn still holds the lock or its
     process froze past the lease, and even when a fresh session of the same name exists."""
@@ -169,11 +169,11 @@ async def test_a_turn_running_in_a_deleted_session_saves_nothing(
         with suppress(SessionCleared):
             assert not await store.finish_turn(turn, QUESTION, "m1")
     assert "work" not in [s.name for s in await store.list_sessions("p")]
-    assert SECRET not in everything_stored(store, redis_url, "p")
+    assert SECRET not in await everything_stored(store, "p")
     await say(store, "p", "after", "m2")  # nothing is left locked
 
 
-async def test_forgetting_a_place_leaves_nothing_of_it(store: SessionStore, redis_url: str) -> None:
+async def test_forgetting_a_place_leaves_nothing_of_it(store: SessionStore) -> None:
     await say(store, "p", SECRET, "m1")
     await store.create_session("p", "work", SETTINGS)
     await say(store, "p", SECRET, "m2")
@@ -191,9 +191,9 @@ async def test_forgetting_a_place_leaves_nothing_of_it(store: SessionStore, redi
     assert await store.scope_option("p", "reply_mode") is None
     assert await store.recent_places() == ["other"]
     assert not await store.forget_message("p", "m1")
-    stored = everything_stored(store, redis_url, "p")
+    stored = await everything_stored(store, "p")
     assert SECRET not in stored
     assert "reply_mode" not in stored.split("\n-- the file --\n")[0]
     assert await store.scope_option("other", "reply_mode") == "threads"  # others untouched
-    assert KEPT in everything_stored(store, redis_url, "other")
+    assert KEPT in await everything_stored(store, "other")
     assert await store.forget_place("p") == 0  # again: nothing left to delete
