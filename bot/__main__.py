@@ -141,6 +141,7 @@ async def run_bot(settings: Settings) -> None:
 
     from bot.discord_bot.client import (
         ChatBot,
+        ShardedChatBot,
         gateway_check,
         gateway_latencies,
         run_discord,
@@ -159,13 +160,28 @@ async def run_bot(settings: Settings) -> None:
     engine = build_engine(settings, store, model, metrics)
     try:
         commands = build_commands(settings, store, engine)
-        bot = ChatBot(
-            engine,
-            commands,
-            dev_guild_id=settings.dev_guild_id,
-            backfill=Backfill(settings.backfill_max_age_seconds, settings.backfill_max_messages),
-            titles=ThreadTitles(store, model),
-        )
+        backfill = Backfill(settings.backfill_max_age_seconds, settings.backfill_max_messages)
+        titles = ThreadTitles(store, model)
+        shards = settings.shards
+        if shards is None:
+            bot = ChatBot(
+                engine,
+                commands,
+                dev_guild_id=settings.dev_guild_id,
+                backfill=backfill,
+                titles=titles,
+            )
+        else:
+            bot = ShardedChatBot(
+                engine,
+                commands,
+                dev_guild_id=settings.dev_guild_id,
+                backfill=backfill,
+                titles=titles,
+                syncs_commands=shards.runs_shard_zero,
+                shard_count=shards.count,
+                shard_ids=None if shards.ids is None else list(shards.ids),
+            )
         assert settings.discord_token is not None
         if settings.health_port:
             metrics.watch_gauge(

@@ -38,6 +38,21 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class Shards:
+    """Which of the bot's gateway shards this process runs (`SHARD_COUNT`, `SHARD_IDS`).
+    Discord sends a guild's events on shard `(guild_id >> 22) % count` and DMs on shard 0, so
+    processes running disjoint sets of shards answer disjoint guilds."""
+
+    count: int | None  # None: the count Discord recommends (SHARD_COUNT=auto), all run here
+    ids: tuple[int, ...] | None  # None: every shard of `count`
+
+    @property
+    def runs_shard_zero(self) -> bool:
+        """Shard 0's process gets the DMs and is the one that syncs the slash commands."""
+        return self.ids is None or 0 in self.ids
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything configurable, with the variable that sets it in the field's comment."""
 
@@ -68,6 +83,7 @@ class Settings:
     log_format: LogFormat  # LOG_FORMAT: text (for people) or json (one object per line)
     health_host: str  # HEALTH_HOST: the address /healthz and /metrics listen on
     health_port: int  # HEALTH_PORT; 0 (the default) turns the listener off
+    shards: Shards | None = None  # SHARD_COUNT, SHARD_IDS; None: one connection, unsharded
 
     @property
     def context_budget_chars(self) -> int:
@@ -195,6 +211,45 @@ def _port(raw: str) -> int:
     return value
 
 
+def _shard_ranges(raw: str) -> list[tuple[int, int]]:
+    """`0-3,6` -> [(0, 3), (6, 6)]: inclusive ranges of shard ids."""
+    ranges: list[tuple[int, int]] = []
+    for part in raw.split(","):
+        low, dash, high = part.strip().partition("-")
+        first, last = int(low), int(high if dash else low)
+        if first < 0 or last < first:
+            raise ValueError(part)
+        ranges.append((first, last))
+    return ranges
+
+
+def _shards(env: Mapping[str, str]) -> Shards | None:
+    count_raw = env.get("SHARD_COUNT", "").strip().lower()
+    ids_set = bool(env.get("SHARD_IDS", "").strip())
+    if not count_raw:
+        if ids_set:
+            raise SettingsError("SHARD_IDS", "needs SHARD_COUNT, the total number of shards")
+        return None
+    if count_raw == "auto":
+        if ids_set:
+            raise SettingsError("SHARD_IDS", "needs a number in SHARD_COUNT, not auto")
+        return Shards(None, None)
+    count = _parsed(env, "SHARD_COUNT", 1, _positive_int, "a positive whole number or auto")
+    ranges = _parsed(
+        env, "SHARD_IDS", None, _shard_ranges, "shard ids like 0-3 or 0,2 (from 0, ascending)"
+    )
+    if ranges is None:
+        return Shards(count, None)
+    highest = max(last for _, last in ranges)
+    if highest >= count:
+        raise SettingsError(
+            "SHARD_IDS",
+            f"names shard {highest}, but SHARD_COUNT={count} has shards 0 to {count - 1}",
+        )
+    ids = sorted({i for first, last in ranges for i in range(first, last + 1)})
+    return Shards(count, tuple(ids))
+
+
 def _log_level(raw: str) -> str:
     level = raw.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -286,4 +341,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_format=_parsed(
             env, "LOG_FORMAT", LogFormat.TEXT, lambda raw: LogFormat(raw.lower()), "text or json"
         ),
+        shards=_shards(env),
     )

@@ -120,6 +120,11 @@ def gateway_check(bot: ChatBot) -> Check:
             return "gateway closed"
         if not bot.is_ready():
             return "gateway not connected yet"
+        if isinstance(bot, discord.AutoShardedClient):
+            down = [str(i) for i, shard in sorted(bot.shards.items()) if shard.is_closed()]
+            return (
+                f"gateway shard(s) {', '.join(down)} disconnected; reconnecting" if down else None
+            )
         if bot.ws is None or not bot.ws.open:
             return "gateway disconnected; reconnecting"
         return None
@@ -129,11 +134,11 @@ def gateway_check(bot: ChatBot) -> Check:
 
 def gateway_latencies(bot: ChatBot) -> list[tuple[str, float]]:
     """Heartbeat round trip per shard, for `/metrics` (none before the first heartbeat)."""
-    return [
-        (str(shard), latency)
-        for shard, latency in [(bot.shard_id or 0, bot.latency)]
-        if math.isfinite(latency)
-    ]
+    if isinstance(bot, discord.AutoShardedClient):
+        latencies = bot.latencies
+    else:
+        latencies = [(bot.shard_id or 0, bot.latency)]
+    return [(str(shard), latency) for shard, latency in latencies if math.isfinite(latency)]
 
 
 class ChatBot(commands.Bot):
@@ -145,6 +150,7 @@ class ChatBot(commands.Bot):
         dev_guild_id: int | None = None,
         backfill: Backfill | None = None,
         titles: ThreadTitles | None = None,
+        syncs_commands: bool = True,
         **options: object,
     ) -> None:
         super().__init__(
@@ -161,6 +167,7 @@ class ChatBot(commands.Bot):
         self.thread_names = ThreadNamer(titles)
         """Titles the threads the bot opens (none without `titles`)."""
         self._dev_guild_id = dev_guild_id
+        self._syncs_commands = syncs_commands
         self._backfill = backfill or Backfill()
         self._catching_up: asyncio.Task[None] | None = None
 
@@ -170,7 +177,9 @@ class ChatBot(commands.Bot):
         await self.add_cog(SettingsCog(self))
         await self.add_cog(Exchanges(self))
         self.tree.on_error = self._command_failed  # type: ignore[method-assign]
-        if self._dev_guild_id:
+        if not self._syncs_commands:
+            log.info("slash commands are synced by the process running shard 0")
+        elif self._dev_guild_id:
             guild = discord.Object(self._dev_guild_id)
             self.tree.copy_global_to(guild=guild)
             await self.tree.sync(guild=guild)
@@ -189,6 +198,11 @@ class ChatBot(commands.Bot):
 
     async def on_message(self, message: discord.Message) -> None:
         """No prefix commands: conversation is handled by the `Conversation` cog."""
+
+    def runs_guild(self, guild_id: int | None) -> bool:
+        """Whether Discord delivers this guild's events (None: a DM's) to this process:
+        unsharded, it gets everything."""
+        return True
 
     async def shut_down(self, grace: float) -> None:
         """Take no new messages, let turns in flight (and thread renames) finish within
@@ -228,6 +242,19 @@ class ChatBot(commands.Bot):
             )
         except (aiohttp.ClientError, OSError) as refused:
             log.warning("could not tell the user /%s failed: %s", command, type(refused).__name__)
+
+
+class ShardedChatBot(ChatBot, commands.AutoShardedBot):
+    """The bot running some of the shards (`shard_count`, `shard_ids` options; neither: as
+    many as Discord recommends, all here), each a gateway connection of its own."""
+
+    async def on_ready(self) -> None:
+        log.info("running shard(s) %s of %s", sorted(self.shards), self.shard_count)
+        await super().on_ready()
+
+    def runs_guild(self, guild_id: int | None) -> bool:
+        shard = 0 if guild_id is None else (guild_id >> 22) % (self.shard_count or 1)
+        return self.shard_ids is None or shard in self.shard_ids
 
 
 class DiscordUnreachable(BotError):

@@ -357,6 +357,10 @@ class Conversation(commands.Cog):
             channel = self.bot.get_channel(channel_id) or await self.bot.fetch_channel(channel_id)
             if not isinstance(channel, discord.abc.Messageable):
                 return
+            guild = getattr(channel, "guild", None)
+            if not self.bot.runs_guild(guild and guild.id):
+                log.debug("%s is on another process's shard; it catches up there", scope)
+                return
             newest_first = channel.history(
                 limit=limit, after=discord.Object(after), oldest_first=False
             )

@@ -49,6 +49,8 @@ from tests.fakes.discord_world import (
     GENERAL_ID,
     GUILD_ID,
     MEMBER_ID,
+    OTHER_CHANNEL_ID,
+    OTHER_GUILD_ID,
     OTHER_MEMBER_ID,
     PRIVATE_THREAD,
     PUBLIC_THREAD,
@@ -89,6 +91,10 @@ class FakeDiscord:
 
     `portal_intents` are the privileged intents (`Intent.PRIVILEGED` bits) switched on for the
     application in the Developer Portal; an IDENTIFY asking for any other is closed with 4014.
+
+    `second_guild` adds a guild (`other_guild_id`, with the channel `elsewhere_id`) on the
+    other shard of two than `guild_id`'s, for sharding; `recommended_shards` is the shard
+    count `/gateway/bot` answers (what discord.py's AutoShardedClient runs by default).
     """
 
     token = "test-token"
@@ -100,6 +106,8 @@ class FakeDiscord:
         rate_window: float = 1.0,
         heartbeat_interval_ms: int = 41_250,
         portal_intents: int = Intent.PRIVILEGED,
+        second_guild: bool = False,
+        recommended_shards: int = 1,
     ) -> None:
         self._lock = threading.Lock()
         # The port is reserved now, so the addresses below are valid before start().
@@ -112,7 +120,9 @@ class FakeDiscord:
 
         # The world reports changes through the gateway, which reads the world: bind late.
         self._world = World(
-            self.http_base, lambda event, data: self._gateway.dispatch_locked(event, data)
+            self.http_base,
+            lambda event, data: self._gateway.dispatch_locked(event, data),
+            second_guild=second_guild,
         )
         self._commands = AppCommands(self._world)
         self._interactions = Interactions(self._world, self._commands)
@@ -134,6 +144,7 @@ class FakeDiscord:
             not_websocket=self._rest.unhandled,
         )
         self._gateway.portal_intents = portal_intents
+        self._rest.recommended_shards = recommended_shards
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -148,6 +159,7 @@ class FakeDiscord:
         self.guild_id = GUILD_ID
         self.general_id, self.random_id = GENERAL_ID, RANDOM_ID
         self.channel_ids = {"general": GENERAL_ID, "random": RANDOM_ID}
+        self.other_guild_id, self.elsewhere_id = OTHER_GUILD_ID, OTHER_CHANNEL_ID
 
     # Lifecycle
 
@@ -439,6 +451,19 @@ class FakeDiscord:
         """The last IDENTIFY's data (token, intents, properties...), None before any."""
         with self._lock:
             return copy.deepcopy(self._gateway.identify_payload)
+
+    @property
+    def session_shards(self) -> list[tuple[int, int] | None]:
+        """The shard (`(shard_id, num_shards)`, None: unsharded) of each gateway session,
+        connected or waiting to resume, in the order they identified."""
+        with self._lock:
+            return [s.shard for s in self._gateway.sessions.values()]
+
+    def delivered(self, shard: tuple[int, int] | None) -> list[tuple[str, dict[str, Any]]]:
+        """The events sent on the sessions of `shard` (None: unsharded ones), in order."""
+        with self._lock:
+            sessions = [s for s in self._gateway.sessions.values() if s.shard == shard]
+            return copy.deepcopy([event for s in sessions for event in s.delivered])
 
     @property
     def connected_sessions(self) -> int:

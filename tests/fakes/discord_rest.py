@@ -25,7 +25,6 @@ from tests.fakes.discord_validation import body_errors
 from tests.fakes.discord_world import (
     ADMIN_ID,
     BOT_ID,
-    GUILD_ID,
     PRIVATE_THREAD,
     PUBLIC_THREAD,
     DiscordError,
@@ -180,6 +179,7 @@ class RestApi:
         self.commands, self.interactions = commands, interactions
         self.records = RestRecords()
         self.strict_edit_rate = False
+        self.recommended_shards = 1  # the shard count /gateway/bot recommends
         self._buckets = _Windows(rate_limit, rate_window)
         self._edits: dict[str, collections.deque[float]] = collections.defaultdict(
             lambda: collections.deque(maxlen=EDITS_PER_WINDOW)
@@ -373,13 +373,14 @@ class RestApi:
     async def get_gateway(self, request: web.Request) -> web.Response:
         url = f"ws://{request.host}/"
         limit = {"total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1}
-        return json_response({"url": url, "shards": 1, "session_start_limit": limit})
+        shards = self.recommended_shards
+        return json_response({"url": url, "shards": shards, "session_start_limit": limit})
 
     def _scope(self, request: web.Request) -> int | None:
         if request.match_info["application_id"] != str(BOT_ID):
             raise DiscordError(404, 10002, "Unknown Application")
         guild = request.match_info.get("guild_id")
-        if guild is not None and guild != str(GUILD_ID):
+        if guild is not None and guild not in {str(g) for g in self.world.guild_ids}:
             raise DiscordError(404, 10004, "Unknown Guild")
         return None if guild is None else int(guild)
 

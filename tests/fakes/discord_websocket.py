@@ -1,10 +1,14 @@
 """The fake's gateway: Discord's websocket protocol as discord.py 2.7.1 speaks it.
 
 HELLO, heartbeat ACKs, IDENTIFY -> READY + GUILD_CREATE (or close code 4004 for a wrong
-token, 4014 for a privileged intent not switched on in the Developer Portal), RESUME with
-replay of what a session missed, and REQUEST_MEMBERS. Events carry per-session sequence
-numbers and respect the intents the client identified with, including Discord's blanking of
-message content for a bot without the MESSAGE_CONTENT intent. Frames are plain text:
+token, 4014 for a privileged intent not switched on in the Developer Portal, 4010 for a
+`shard` that is not `[shard_id, num_shards]` with `shard_id < num_shards`), RESUME with
+replay of what a session missed, and REQUEST_MEMBERS. A session that identified with a
+shard gets only that shard's guilds and their events (a guild's shard is `(guild_id >> 22) %
+num_shards`), and events outside guilds (DMs) only on shard 0; one without a shard gets all.
+Events carry per-session sequence numbers and respect the intents the client identified
+with, including Discord's blanking of message content for a bot without the MESSAGE_CONTENT
+intent. Frames are plain text:
 discord.py asks for zlib-stream compression but only decompresses binary frames.
 """
 
@@ -23,11 +27,28 @@ from aiohttp import WSMsgType, web
 
 from tests.fakes.discord_world import BOT_ID, GUILD_ID, Intent, World
 
+Shard = tuple[int, int]  # (shard_id, num_shards), as IDENTIFY's `shard` names it
+
+
+def shard_of(guild_id: int | None, num_shards: int) -> int:
+    """The shard Discord delivers a guild's events on; events outside guilds go to shard 0."""
+    return 0 if guild_id is None else (guild_id >> 22) % num_shards
+
+
+def _valid_shard(value: object) -> Shard | None:
+    if not isinstance(value, list) or len(value) != 2:
+        return None
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in value):
+        return None
+    shard_id, num_shards = value
+    return (shard_id, num_shards) if 0 <= shard_id < num_shards else None
+
+
 _Frame = tuple[str, str | None]  # the JSON text sent, and its event name (None for non-dispatch)
 RESUMABLE_HISTORY = 1000
 HELLO, HEARTBEAT, IDENTIFY, RESUME, RECONNECT, REQUEST_MEMBERS = 10, 1, 2, 6, 7, 8
 INVALID_SESSION, HEARTBEAT_ACK = 9, 11
-AUTHENTICATION_FAILED, DISALLOWED_INTENTS = 4004, 4014
+AUTHENTICATION_FAILED, INVALID_SHARD, DISALLOWED_INTENTS = 4004, 4010, 4014
 
 
 def _op(op: int, data: Any) -> str:
@@ -37,10 +58,12 @@ def _op(op: int, data: Any) -> str:
 class _Session:
     """One gateway session; it outlives its websocket so a RESUME can replay what it missed."""
 
-    def __init__(self, intents: int) -> None:
+    def __init__(self, intents: int, shard: Shard | None) -> None:
         self.id = uuid.uuid4().hex
         self.intents = intents
+        self.shard = shard
         self.seq = 0
+        self.delivered: list[tuple[str, dict[str, Any]]] = []  # dispatched events, in order
         self.history: deque[tuple[int, _Frame]] = deque(maxlen=RESUMABLE_HISTORY)
         self.queue: asyncio.Queue[_Frame | None] | None = None  # None while disconnected
 
@@ -158,17 +181,21 @@ class Gateway:
                 return AUTHENTICATION_FAILED, b"Authentication failed."
             if int(data.get("intents") or 0) & Intent.PRIVILEGED & ~self.portal_intents:
                 return DISALLOWED_INTENTS, b"Disallowed intent(s)."
+            if "shard" in data and _valid_shard(data["shard"]) is None:
+                return INVALID_SHARD, b"Invalid shard."
         return None
 
     def _identify(self, data: dict[str, Any], queue: asyncio.Queue[_Frame | None]) -> _Session:
         with self.lock:
-            session = _Session(int(data.get("intents") or 0))
+            shard = _valid_shard(data["shard"]) if "shard" in data else None
+            session = _Session(int(data.get("intents") or 0), shard)
             session.queue = queue
             self.sessions[session.id] = session
+            guilds = [g for g in self.world.guild_ids if self._carries(session, g)]
             ready = {
                 "v": 10,
                 "user": self.world.bot_user | {"verified": True, "mfa_enabled": False, "flags": 0},
-                "guilds": [{"id": str(GUILD_ID), "unavailable": True}],
+                "guilds": [{"id": str(g), "unavailable": True} for g in guilds],
                 "session_id": session.id,
                 "session_type": "normal",
                 "resume_gateway_url": self.gateway_url,
@@ -183,8 +210,17 @@ class Gateway:
             if "shard" in data:
                 ready["shard"] = data["shard"]
             self._send_locked(session, "READY", ready)
-            self._send_locked(session, "GUILD_CREATE", self.world.guild_payload())
+            for guild_id in guilds:
+                self._send_locked(session, "GUILD_CREATE", self.world.guild_payload(guild_id))
         return session
+
+    @staticmethod
+    def _carries(session: _Session, guild_id: int | None) -> bool:
+        """Whether Discord delivers this guild's events (None: a DM's) on the session."""
+        if session.shard is None:
+            return True
+        shard_id, num_shards = session.shard
+        return shard_of(guild_id, num_shards) == shard_id
 
     def _resume(self, data: dict[str, Any], queue: asyncio.Queue[_Frame | None]) -> _Session | None:
         with self.lock:
@@ -209,7 +245,7 @@ class Gateway:
                 if not wanted or uid in wanted
             ]
             chunk = {
-                "guild_id": str(GUILD_ID),
+                "guild_id": str(data.get("guild_id") or GUILD_ID),
                 "members": members,
                 "chunk_index": 0,
                 "chunk_count": 1,
@@ -221,14 +257,19 @@ class Gateway:
     def _send_locked(self, session: _Session, event: str, data: dict[str, Any]) -> None:
         session.seq += 1
         frame = (json.dumps({"op": 0, "t": event, "s": session.seq, "d": data}), event)
+        session.delivered.append((event, data))
         session.history.append((session.seq, frame))
         if session.queue is not None and self.loop is not None:
             self.loop.call_soon_threadsafe(session.queue.put_nowait, frame)
 
     def dispatch_locked(self, event: str, data: dict[str, Any]) -> None:
-        """Send an event to every session the intents allow (a disconnected one: on RESUME)."""
+        """Send an event to every session of its shard that the intents allow (a
+        disconnected one: on RESUME)."""
         self.dispatched.append((event, copy.deepcopy(data)))
+        guild_id = int(data["guild_id"]) if data.get("guild_id") else None
         for session in self.sessions.values():
+            if not self._carries(session, guild_id):
+                continue
             if event.startswith("MESSAGE_"):
                 in_dm = "guild_id" not in data
                 needed = Intent.DIRECT_MESSAGES if in_dm else Intent.GUILD_MESSAGES

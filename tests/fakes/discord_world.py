@@ -1,4 +1,5 @@
-"""What the fake Discord knows: one guild, its people and channels, DMs, messages, files.
+"""What the fake Discord knows: one guild (or two), its people and channels, DMs, messages,
+files.
 
 Every method runs with the fake's lock held. Changes a client would see (a new message, an
 edit, a thread) go through `dispatch`, which the gateway turns into events for connected
@@ -27,6 +28,10 @@ ADMIN_ROLE_ID = 1_000_000_000_000_000_301
 BOT_ROLE_ID = 1_000_000_000_000_000_302
 GENERAL_ID = 1_000_000_000_000_000_401
 RANDOM_ID = 1_000_000_000_000_000_402
+# A second guild, only where a test asks for it (sharding): on shard 0 of 2, where GUILD_ID
+# is on shard 1 (a guild's shard is `(guild_id >> 22) % shard_count`).
+OTHER_GUILD_ID = 1_000_000_000_004_200_100
+OTHER_CHANNEL_ID = 1_000_000_000_004_200_401
 
 TEXT_CHANNEL, DM_CHANNEL, PUBLIC_THREAD, PRIVATE_THREAD = 0, 1, 11, 12
 THREAD_TYPES = (10, PUBLIC_THREAD, PRIVATE_THREAD)
@@ -235,7 +240,13 @@ def _role(role_id: int, name: str, permissions: int, position: int, **extra: Any
 
 
 class World:
-    def __init__(self, http_base: str, dispatch: Callable[[str, dict[str, Any]], None]) -> None:
+    def __init__(
+        self,
+        http_base: str,
+        dispatch: Callable[[str, dict[str, Any]], None],
+        *,
+        second_guild: bool = False,
+    ) -> None:
         self.http_base = http_base
         self.dispatch = dispatch
         self.ids = Snowflakes()
@@ -264,6 +275,12 @@ class World:
             GENERAL_ID: Channel(GENERAL_ID, TEXT_CHANNEL, "general", GUILD_ID, position=0),
             RANDOM_ID: Channel(RANDOM_ID, TEXT_CHANNEL, "random", GUILD_ID, position=1),
         }
+        self.guild_ids = [GUILD_ID]
+        if second_guild:  # the same people and roles, one channel
+            self.guild_ids.append(OTHER_GUILD_ID)
+            self.channels[OTHER_CHANNEL_ID] = Channel(
+                OTHER_CHANNEL_ID, TEXT_CHANNEL, "elsewhere", OTHER_GUILD_ID, position=0
+            )
         self.messages: dict[int, Message] = {}
         self.files: dict[int, StoredFile] = {}
 
@@ -343,13 +360,19 @@ class World:
 
     # Guild and channels
 
-    def guild_payload(self) -> dict[str, Any]:
-        """GUILD_CREATE's data: everything discord.py caches, members counted exactly."""
-        guild_channels = [c for c in self.channels.values() if c.type == TEXT_CHANNEL]
-        threads = [c for c in self.channels.values() if c.type in THREAD_TYPES]
+    def guild_payload(self, guild_id: int = GUILD_ID) -> dict[str, Any]:
+        """GUILD_CREATE's data: everything discord.py caches, members counted exactly. The
+        second guild has the same people and roles (its @everyone role bears its own id)."""
+        here = [c for c in self.channels.values() if c.guild_id == guild_id]
+        guild_channels = [c for c in here if c.type == TEXT_CHANNEL]
+        threads = [c for c in here if c.type in THREAD_TYPES]
+        roles = [
+            role | {"id": str(guild_id)} if int(role["id"]) == GUILD_ID else role
+            for role in self.roles.values()
+        ]
         return {
-            "id": str(GUILD_ID),
-            "name": "Fake Guild",
+            "id": str(guild_id),
+            "name": "Fake Guild" if guild_id == GUILD_ID else "Other Guild",
             "icon": None,
             "splash": None,
             "discovery_splash": None,
@@ -362,7 +385,7 @@ class World:
             "mfa_level": 0,
             "nsfw_level": 0,
             "premium_tier": 0,
-            "system_channel_id": str(GENERAL_ID),
+            "system_channel_id": str(guild_channels[0].id),
             "system_channel_flags": 0,
             "rules_channel_id": None,
             "preferred_locale": "en-US",
@@ -373,7 +396,7 @@ class World:
             "large": False,
             "unavailable": False,
             "member_count": len(self.member_roles),
-            "roles": list(self.roles.values()),
+            "roles": roles,
             "members": [self.member_payload(uid) for uid in self.member_roles],
             "channels": [self.channel_payload(c) for c in guild_channels],
             "threads": [self.channel_payload(c) for c in threads],
