@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +52,15 @@ def answered(port: int) -> float:
         for sample in family.samples
         if sample.name == "dcbot_turns_total" and sample.labels.get("outcome") == "answered"
     )
+
+
+def healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as reply:
+            status: int = reply.status
+            return status == 200
+    except urllib.error.HTTPError:
+        return False
 
 
 def start(
@@ -214,3 +224,27 @@ def test_a_bad_shard_setting_exits_2_with_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip() == (
         "error: SHARD_IDS names shard 2, but SHARD_COUNT=2 has shards 0 to 1"
     )
+
+
+async def test_shard_count_auto_runs_discords_recommended_shards_in_one_process(
+    redis_url: str, bots: list[BotProcess], tmp_path: Path
+) -> None:
+    with (
+        FakeDiscord(rate_limit=1000, second_guild=True, recommended_shards=2) as fake,
+        FakeDedalusAPI() as api,
+    ):
+        port = free_port()
+        env = bot_environment(fake, api, redis_url, SHARD_COUNT="auto", HEALTH_PORT=str(port))
+        bots.append(BotProcess(env, tmp_path / "bot.log"))
+        wait_connected(bots)
+        assert sorted(fake.session_shards, key=str) == [(0, 2), (1, 2)]
+        assert "running shard(s) [0, 1] of 2" in bots[0].text()
+        await fake.wait_for(lambda: healthy(port), 30, what="/healthz 200 with both shards up")
+        dm = fake.dm_channel(fake.member)
+        fake.user_says(fake.elsewhere_id, fake.member, "one", mentions_bot=True)
+        fake.user_says(fake.general_id, fake.member, "two", mentions_bot=True)
+        fake.user_says(dm, fake.member, "three")
+        for channel in (fake.elsewhere_id, fake.general_id, dm):
+            await fake.wait_bot_messages(channel, 1, timeout=120)
+        syncs = [r for r in fake.requests if r.method == "PUT" and r.path.endswith("/commands")]
+        assert len(syncs) == 1
