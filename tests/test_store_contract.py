@@ -241,6 +241,41 @@ async def test_import_replaces_named_sessions_whole(store: SessionStore) -> None
     assert {s.name for s in await store.list_sessions("s1")} == {"default", "other"}
 
 
+REFERENCE_NAMES = [
+    "my project",
+    "notes: week 1",
+    "ada@work",
+    "100% {done}!",
+    "café ☕ 日本語",
+    "a%20b",  # looks like an escape, and is a name of its own
+    "x" * 100,
+]
+
+
+async def test_every_name_the_reference_makes_works_like_any_other(store: SessionStore) -> None:
+    """Names with spaces, ':', '@', '%', braces or emoji are created, listed, loaded, used
+    for a turn, read back and imported under exactly the name given."""
+    for name in REFERENCE_NAMES:
+        created = await store.create_session("s1", name, SETTINGS)
+        assert created.name == name
+        turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+        assert turn.session.name == name
+        assert await store.finish_turn(turn, [{"role": "user", "content": name}])
+    await store.switch_session("s1", "my project")
+    assert (await store.current_session("s1")).name == "my project"
+    assert sorted(s.name for s in await store.list_sessions("s1")) == sorted(REFERENCE_NAMES)
+    for name in REFERENCE_NAMES:
+        assert await store.read_history("s1", name) == [{"role": "user", "content": name}]
+    imported = await store.import_sessions("s2", {n: TOOL_ROUND for n in REFERENCE_NAMES}, SETTINGS)
+    assert imported == {n: len(TOOL_ROUND) for n in REFERENCE_NAMES}
+    assert (await store.current_session("s2")).name == REFERENCE_NAMES[0]
+    assert sorted(s.name for s in await store.list_sessions("s2")) == sorted(REFERENCE_NAMES)
+    assert await store.read_history("s2", "a%20b") == TOOL_ROUND
+    assert await store.read_history("s2", "a b") == []  # never confused with "a%20b"
+    with pytest.raises(InvalidInput, match="'ada@work' exists already"):
+        await store.create_session("s1", "ada@work", SETTINGS)
+
+
 async def test_scope_options_are_kept_per_scope(store: SessionStore) -> None:
     assert await store.scope_option("s1", "reply_mode") is None
     await store.set_scope_option("s1", "reply_mode", "all")

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import re
+import string
 import time
+import unicodedata
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,11 +36,13 @@ from bot.errors import CorruptSession, InvalidSessionName, MessageTooLarge
 Message = dict[str, Any]
 
 DEFAULT_SESSION = "default"
-SESSION_NAME_MAX = 50
+SESSION_NAME_MAX = 100
+"""Discord's autocomplete (how /load offers names) holds at most 100 characters a choice."""
+STORED_NAME_MAX_BYTES = 4 * SESSION_NAME_MAX
+"""The longest stored form of a name (`stored_name`): 3 bytes for an escaped ASCII character,
+at most 4 for any other."""
 STORE_FORMAT = "1"
 """Stored sessions carry this; a session with another value is refused as unreadable."""
-
-_SESSION_NAME = re.compile(r"[\w.-]+")
 
 
 def encode_message(message: Message) -> str:
@@ -69,26 +73,68 @@ def sendable_as_stored(message: Message) -> bool:
 
 
 def readable_name(stored: object) -> bool:
-    """Whether a stored session name can be used to find the session (a store holding junk
-    there reports the place as damaged); the Redis scripts' `readable_name` is its twin."""
+    """Whether a stored session name (see `stored_name`) can be used to find the session (a
+    store holding junk there reports the place as damaged); the Redis scripts'
+    `readable_name` is its twin, so the checks are on ASCII, as Lua's are."""
     return (
         isinstance(stored, str)
-        and 0 < len(stored.encode()) <= 200
-        and not any(c.isspace() or not c.isprintable() or c in ":{}" for c in stored)
+        and 0 < len(stored.encode()) <= STORED_NAME_MAX_BYTES
+        and not any(c in _UNREADABLE_IN_STORED for c in stored)
     )
 
 
-def checked_session_name(raw: str) -> str:
-    """Session names become part of storage keys, so only a safe alphabet is accepted."""
-    name = raw.strip()
+_KEPT_IN_STORED = frozenset(string.ascii_letters + string.digits + "_.-")
+_UNREADABLE_IN_STORED = frozenset(
+    string.whitespace + ":{}" + "".join(map(chr, range(32))) + chr(127)
+)
+_ESCAPED = re.compile(r"%([0-7][0-9A-F])")
+
+
+def stored_name(name: str) -> str:
+    """A session name as the stores keep it (inside Redis keys, in SQLite rows): ASCII other
+    than letters, digits, '_', '.' and '-' is written `%XX`; other characters stay as they
+    are. Names of the first alphabet (`[\\w.-]+`) are stored unchanged, so data stored before
+    any other name was allowed reads the same, and the rule depends on no Unicode version,
+    so every process finds the same key for a name."""
+    return "".join(c if c in _KEPT_IN_STORED or ord(c) > 127 else f"%{ord(c):02X}" for c in name)
+
+
+def shown_name(stored: str) -> str:
+    """The session name a person gave, from its stored form (`stored_name`)."""
+    return _ESCAPED.sub(lambda escape: chr(int(escape.group(1), 16)), stored)
+
+
+def session_name_problem(name: str) -> str | None:
+    """Why `name` (as given, not stripped) cannot name a session, or None. Any name the
+    reference's `/new <name>` makes is accepted, spaces, ':', '@' and emoji included."""
     if not name:
-        raise InvalidSessionName("A session name cannot be empty.")
+        return "A session name cannot be empty."
+    if name != name.strip():
+        return "A session name cannot start or end with a space (commands could not name it)."
     if len(name) > SESSION_NAME_MAX:
-        raise InvalidSessionName(f"A session name is at most {SESSION_NAME_MAX} characters.")
-    if not _SESSION_NAME.fullmatch(name):
-        raise InvalidSessionName(
-            "A session name may use only letters, digits, '-', '_' and '.' (no spaces)."
+        return (
+            f"A session name is at most {SESSION_NAME_MAX} characters "
+            "(Discord shows no longer name in /load's choices)."
         )
+    if any(unicodedata.category(c) in _REFUSED_CATEGORIES for c in name):
+        return (
+            "A session name cannot contain control characters or line breaks "
+            "(they would garble /list and the terminal)."
+        )
+    return None
+
+
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+"""Control characters, lone surrogates (not storable as UTF-8) and line separators."""
+
+
+def checked_session_name(raw: str) -> str:
+    """A session name typed in a command (surrounding spaces dropped), or `InvalidSessionName`
+    saying why it cannot be one."""
+    name = raw.strip()
+    problem = session_name_problem(name)
+    if problem is not None:
+        raise InvalidSessionName(problem)
     return name
 
 
@@ -380,14 +426,14 @@ def session_info(row: Sequence[Any]) -> SessionInfo:
         if not isinstance(servers, list) or not all(isinstance(s, str) for s in servers):
             raise ValueError(mcp)
         return SessionInfo(
-            name=str(name),
+            name=shown_name(str(name)),
             settings=SessionSettings(model=str(model), mcp_servers=tuple(servers)),
             message_count=int(count),
             created_at=float(created),
             updated_at=float(updated),
         )
     except (ValueError, TypeError):
-        raise CorruptSession(str(name)) from None
+        raise CorruptSession(shown_name(str(name))) from None
 
 
 def listed_sessions(rows: Sequence[Sequence[Any]], default_model: str) -> list[SessionInfo]:
@@ -399,7 +445,8 @@ def listed_sessions(rows: Sequence[Sequence[Any]], default_model: str) -> list[S
             listed.append(session_info(row))
         except CorruptSession:
             settings = SessionSettings(default_model)
-            listed.append(SessionInfo(str(row[0]), settings, 0, 0.0, 0.0, readable=False))
+            name = shown_name(str(row[0]))
+            listed.append(SessionInfo(name, settings, 0, 0.0, 0.0, readable=False))
     return listed
 
 
@@ -584,9 +631,10 @@ class SessionStore(Protocol):
 
     async def import_sessions(
         self, scope: str, sessions: dict[str, list[Message]], settings: SessionSettings
-    ) -> None:
+    ) -> dict[str, int]:
         """Store whole sessions at once, replacing same-named ones, each cut to the caps: all
-        or nothing (`SessionLimit`, `MessageTooLarge` naming the message)."""
+        or nothing (`SessionLimit`, `MessageTooLarge` naming the message). Returns how many
+        messages of each session were stored (fewer than given when cut to the caps)."""
         ...
 
     async def read_summary(self, scope: str, name: str) -> Summary | None:

@@ -99,6 +99,7 @@ from bot.store.base import (
     PLACES_KEPT,
     PLACES_KEPT_SECONDS,
     STORE_FORMAT,
+    STORED_NAME_MAX_BYTES,
     TICKET_TTL_MS,
     AlreadyClaimed,
     Exchange,
@@ -119,6 +120,8 @@ from bot.store.base import (
     listed_sessions,
     mcp_json,
     session_info,
+    shown_name,
+    stored_name,
 )
 from bot.store.recent import RecentCache, RecentWindow
 
@@ -287,7 +290,7 @@ local function describe(name)  -- a key of the wrong type reads as an unknown fo
           redis.call('LLEN', key(name, 'messages'))}
 end
 local function readable_name(name)  -- what the scripts can build keys from
-  return #name > 0 and #name <= 200 and not string.find(name, '[%s%c:{}]')
+  return #name > 0 and #name <= $NAME_BYTES and not string.find(name, '[%s%c:{}]')
 end
 local function readable_mcp(raw)  -- a JSON list of strings, as the reader wants it
   if not raw or not string.find(raw, '^%s*%[') then return false end
@@ -361,6 +364,7 @@ def _lua(body: str) -> str:
         ("$LAST", LAST_ANSWERED_OPTION),
         ("$PERSONA", PERSONA_OPTION),
         ("$DAMAGED", DAMAGED),
+        ("$NAME_BYTES", str(STORED_NAME_MAX_BYTES)),
     ):
         script = script.replace(name, value)
     return script
@@ -1269,7 +1273,7 @@ class RedisStore:
         if status == "claimed":
             raise AlreadyClaimed(answered=reply[1] == "answered")
         if status == "corrupt":
-            raise CorruptSession(reply[1])
+            raise CorruptSession(shown_name(reply[1]))
         if status == "damaged":
             raise DamagedState(reply[1])
         if status == "busy":
@@ -1282,10 +1286,11 @@ class RedisStore:
         loaded.reverse()
         try:
             session = session_info(reply[1 : 1 + _SUMMARY_FIELDS])
-            messages = decode_message_array(name, "[" + ",".join(loaded) + "]")
+            messages = decode_message_array(shown_name(name), "[" + ",".join(loaded) + "]")
         except CorruptSession:
             self._recent.drop(scope)
-            placeholder = SessionInfo(name, SessionSettings(self._policy.default_model), 0, 0, 0)
+            settings = SessionSettings(self._policy.default_model)
+            placeholder = SessionInfo(shown_name(name), settings, 0, 0, 0)
             turn = Turn(scope, placeholder, [], 0, ticket.token, claim=ticket.claim)
             await self.finish_turn(turn, [])
             raise
@@ -1355,7 +1360,7 @@ class RedisStore:
         policy = self._policy
         args: list[ScriptArg] = [
             self._prefix(turn.scope),
-            turn.session.name,
+            stored_name(turn.session.name),
             turn.lock_token,
             policy.history_cap,
             time.time(),
@@ -1391,7 +1396,7 @@ class RedisStore:
         scope, cached = turn.scope, self._recent.get(turn.scope)
         if (
             cached is None
-            or cached.name != turn.session.name
+            or cached.name != stored_name(turn.session.name)
             or cached.generation != generation
             or cached.sequence + len(stored) != sequence
         ):
@@ -1409,7 +1414,7 @@ class RedisStore:
     async def extend_lock(self, turn: Turn, lock_ms: int) -> bool:
         args: list[ScriptArg] = [
             self._prefix(turn.scope),
-            turn.session.name,
+            stored_name(turn.session.name),
             turn.lock_token,
             lock_ms,
             turn.claim or "",
@@ -1422,7 +1427,8 @@ class RedisStore:
             row = await self._describe(keys=self._keys(scope), args=[self._prefix(scope)])
         _refuse_damaged(row)
         if row[1] == "":  # an untouched scope: report the session it would create
-            return SessionInfo(row[0], SessionSettings(self._policy.default_model), 0, 0.0, 0.0)
+            settings = SessionSettings(self._policy.default_model)
+            return SessionInfo(shown_name(row[0]), settings, 0, 0.0, 0.0)
         return session_info(row)
 
     async def list_sessions(self, scope: str) -> list[SessionInfo]:
@@ -1442,7 +1448,7 @@ class RedisStore:
     async def create_session(self, scope: str, name: str, settings: SessionSettings) -> SessionInfo:
         args: list[ScriptArg] = [
             self._prefix(scope),
-            name,
+            stored_name(name),
             settings.model,
             mcp_json(settings),
             time.time(),
@@ -1463,7 +1469,12 @@ class RedisStore:
         async with self._available():
             row = await self._switch(
                 keys=self._keys(scope),
-                args=[self._prefix(scope), name, time.time(), self._policy.ttl_seconds],
+                args=[
+                    self._prefix(scope),
+                    stored_name(name),
+                    time.time(),
+                    self._policy.ttl_seconds,
+                ],
             )
         if not row:
             raise UnknownSession(f"There is no session named {name!r}; /list shows them.")
@@ -1502,7 +1513,7 @@ class RedisStore:
             reply = await self._forget(keys=self._keys(scope), args=args)
         _refuse_damaged(reply)
         if reply[0] == "corrupt":
-            raise CorruptSession(str(reply[1]))
+            raise CorruptSession(shown_name(str(reply[1])))
         return bool(reply[0])
 
     async def delete_session(self, scope: str, name: str) -> str | None:
@@ -1563,7 +1574,7 @@ class RedisStore:
 
     async def read_history(self, scope: str, name: str) -> list[Message]:
         async with self._available():
-            raw = await self._redis.lrange(session_key(scope, name, "messages"), 0, -1)
+            raw = await self._redis.lrange(session_key(scope, stored_name(name), "messages"), 0, -1)
         return decode_messages(name, [str(item) for item in raw])
 
     async def note_answer(self, scope: str, ref: str, replies: Sequence[str]) -> None:
@@ -1611,17 +1622,18 @@ class RedisStore:
 
     async def import_sessions(
         self, scope: str, sessions: dict[str, list[Message]], settings: SessionSettings
-    ) -> None:
+    ) -> dict[str, int]:
         now = time.time()
         policy = self._policy
-        kept = policy.stored_for_import(sessions)
+        fitted = policy.stored_for_import(sessions)
+        kept = {stored_name(name): stored for name, stored in fitted.items()}
         names, index = scope_key(scope, "names"), scope_key(scope, "refindex")
         self._recent.drop(scope)  # the window would not be reused after this
         deadline = max(IMPORT_TIMEOUT_SECONDS, self._call_timeout)
         async with self._available(deadline):
             async with self._redis.pipeline(transaction=False) as reads:
                 reads.zrange(names, 0, -1)
-                for name in sessions:
+                for name in kept:
                     reads.hkeys(session_key(scope, name, "refs"))
                 listed, *replaced_refs = await reads.execute()
             async with self._redis.pipeline(transaction=False) as reads:
@@ -1629,7 +1641,7 @@ class RedisStore:
                     reads.exists(session_key(scope, name, "meta"))
                 found = await reads.execute()
             alive = {name for name, exists in zip(listed, found, strict=True) if exists}
-            if len(alive | set(sessions)) > policy.sessions_per_place:
+            if len(alive | set(kept)) > policy.sessions_per_place:
                 raise SessionLimit(policy.sessions_per_place)
             async with self._redis.pipeline(transaction=True) as tx:
                 for (name, stored), refs_before in zip(kept.items(), replaced_refs, strict=True):
@@ -1661,19 +1673,21 @@ class RedisStore:
                     if policy.ttl_seconds:
                         tx.expire(meta, policy.ttl_seconds)
                         tx.expire(messages, policy.ttl_seconds)
-                if sessions:
+                if kept:
                     state = scope_key(scope, "state")
-                    tx.hsetnx(state, "current", next(iter(sessions)))
+                    tx.hsetnx(state, "current", next(iter(kept)))
                     if policy.ttl_seconds:
                         for key in (state, names, index):
                             tx.expire(key, policy.ttl_seconds)
                 await tx.execute()
+        return {name: len(stored) for name, stored in fitted.items()}
 
     async def read_summary(self, scope: str, name: str) -> Summary | None:
         try:
             async with self._available():
                 found = await self._redis.hmget(
-                    session_key(scope, name, "meta"), ["summary", "summary_upto", "summary_covered"]
+                    session_key(scope, stored_name(name), "meta"),
+                    ["summary", "summary_upto", "summary_covered"],
                 )
         except ResponseError:  # a meta key of the wrong type: no summary to show
             return None
@@ -1683,7 +1697,8 @@ class RedisStore:
     async def begin_summary(
         self, scope: str, name: str, token: str, lease_ms: int, keep: int, limit: int
     ) -> SummarySource | None:
-        args: list[ScriptArg] = [self._prefix(scope), name, token, lease_ms, keep, limit]
+        args: list[ScriptArg] = [self._prefix(scope), stored_name(name), token, lease_ms]
+        args += [keep, limit]
         async with self._available():
             reply = await self._begin_summary(keys=self._keys(scope), args=args)
         if not reply:
@@ -1711,7 +1726,8 @@ class RedisStore:
         self, scope: str, token: str, source: SummarySource, summary: Summary
     ) -> bool:
         before = "" if source.summary is None else str(source.summary.upto)
-        args: list[ScriptArg] = [self._prefix(scope), source.name, token, source.epoch, before]
+        args: list[ScriptArg] = [self._prefix(scope), stored_name(source.name), token]
+        args += [source.epoch, before]
         args += [summary.text, summary.upto, summary.covered]
         async with self._available():
             return bool(await self._save_summary(keys=self._keys(scope), args=args))
@@ -1719,5 +1735,5 @@ class RedisStore:
     async def release_summary(self, scope: str, name: str, token: str) -> None:
         async with self._available():
             await self._release_summary(
-                keys=self._keys(scope), args=[self._prefix(scope), name, token]
+                keys=self._keys(scope), args=[self._prefix(scope), stored_name(name), token]
             )

@@ -66,6 +66,8 @@ from bot.store.base import (
     mcp_json,
     readable_name,
     session_info,
+    shown_name,
+    stored_name,
 )
 
 T = TypeVar("T")
@@ -361,7 +363,7 @@ class SqliteStore:
                 db.execute("DELETE FROM queue WHERE scope = ? AND place = ?", (scope, ticket.place))
                 if ticket.claim is not None:
                     self._settle(db, scope, ticket.claim, token, answered=True)
-                return CorruptSession(name)
+                return CorruptSession(shown_name(name))
             if _number(expires) > now:
                 return SessionBusy()
             db.execute("DELETE FROM queue WHERE scope = ? AND place = ?", (scope, ticket.place))
@@ -499,7 +501,7 @@ class SqliteStore:
     async def finish_turn(
         self, turn: Turn, added: Sequence[Message], user_ref: str | None = None
     ) -> bool:
-        scope, name = turn.scope, turn.session.name
+        scope, name = turn.scope, stored_name(turn.session.name)
         bodies = self._policy.check_sizes(added)
 
         def work(db: sqlite3.Connection) -> bool | SessionCleared:
@@ -603,7 +605,7 @@ class SqliteStore:
             cursor = db.execute(  # a lapsed lock stays lapsed, as a Redis key that expired
                 "UPDATE sessions SET lock_expires = ?"
                 " WHERE scope = ? AND name = ? AND lock_token = ? AND lock_expires > ?",
-                (expires, turn.scope, turn.session.name, turn.lock_token, now),
+                (expires, turn.scope, stored_name(turn.session.name), turn.lock_token, now),
             )
             if cursor.rowcount != 1:
                 return False
@@ -620,7 +622,8 @@ class SqliteStore:
         def work(db: sqlite3.Connection) -> SessionInfo:
             name = self._current_name(db, scope) or DEFAULT_SESSION
             found = self._summary(db, scope, name)
-            return found or SessionInfo(name, SessionSettings(self._policy.default_model), 0, 0, 0)
+            settings = SessionSettings(self._policy.default_model)
+            return found or SessionInfo(shown_name(name), settings, 0, 0, 0)
 
         return await self._run(work)
 
@@ -635,35 +638,36 @@ class SqliteStore:
         return await self._run(work)
 
     async def create_session(self, scope: str, name: str, settings: SessionSettings) -> SessionInfo:
+        stored = stored_name(name)
+
         def work(db: sqlite3.Connection) -> SessionInfo:
-            if len(self._live_sessions(db, scope)) >= self._policy.sessions_per_place:
-                exists = db.execute(
-                    "SELECT 1 FROM sessions WHERE scope = ? AND name = ?", (scope, name)
-                ).fetchone()
-                if exists is None:
-                    raise SessionLimit(self._policy.sessions_per_place)
+            full = len(self._live_sessions(db, scope)) >= self._policy.sessions_per_place
+            if full and not self._summary_row_exists(db, scope, stored):
+                raise SessionLimit(self._policy.sessions_per_place)
             try:
-                self._insert(db, scope, name, settings)
+                self._insert(db, scope, stored, settings)
             except sqlite3.IntegrityError:
                 raise InvalidInput(
                     f"A session named {name!r} exists already; use /load {name}."
                 ) from None
-            self._set_current(db, scope, name)
-            created = self._summary(db, scope, name)
+            self._set_current(db, scope, stored)
+            created = self._summary(db, scope, stored)
             assert created is not None
             return created
 
         return await self._run(work)
 
     async def switch_session(self, scope: str, name: str) -> SessionInfo:
+        stored = stored_name(name)
+
         def work(db: sqlite3.Connection) -> SessionInfo:
-            found = self._summary(db, scope, name)
+            found = self._summary(db, scope, stored)
             if found is None:
                 raise UnknownSession(f"There is no session named {name!r}; /list shows them.")
-            self._set_current(db, scope, name)
+            self._set_current(db, scope, stored)
             db.execute(
                 "UPDATE sessions SET updated = ? WHERE scope = ? AND name = ?",
-                (time.time(), scope, name),
+                (time.time(), scope, stored),
             )
             return found
 
@@ -809,7 +813,8 @@ class SqliteStore:
     async def read_history(self, scope: str, name: str) -> list[Message]:
         def work(db: sqlite3.Connection) -> list[str]:
             rows = db.execute(
-                "SELECT body FROM messages WHERE scope = ? AND name = ? ORDER BY id", (scope, name)
+                "SELECT body FROM messages WHERE scope = ? AND name = ? ORDER BY id",
+                (scope, stored_name(name)),
             ).fetchall()
             return [str(row[0]) for row in rows]
 
@@ -906,8 +911,9 @@ class SqliteStore:
 
     async def import_sessions(
         self, scope: str, sessions: dict[str, list[Message]], settings: SessionSettings
-    ) -> None:
-        kept = self._policy.stored_for_import(sessions)
+    ) -> dict[str, int]:
+        fitted = self._policy.stored_for_import(sessions)
+        kept = {stored_name(name): stored for name, stored in fitted.items()}
 
         def work(db: sqlite3.Connection) -> None:
             if len(self._live_sessions(db, scope) | set(kept)) > self._policy.sessions_per_place:
@@ -920,17 +926,20 @@ class SqliteStore:
                     "INSERT INTO messages (scope, name, body, size) VALUES (?, ?, ?, ?)",
                     [(scope, name, body, len(body.encode())) for body in stored],
                 )
-            if sessions and self._current_name(db, scope) is None:
-                self._set_current(db, scope, next(iter(sessions)))
+            if kept and self._current_name(db, scope) is None:
+                self._set_current(db, scope, next(iter(kept)))
 
         await self._run(work)
+        return {name: len(stored) for name, stored in fitted.items()}
 
     async def read_summary(self, scope: str, name: str) -> Summary | None:
+        stored = stored_name(name)
+
         def work(db: sqlite3.Connection) -> Summary | None:
             row = db.execute(
                 "SELECT summary, summary_upto, summary_covered FROM sessions"
                 " WHERE scope = ? AND name = ?",
-                (scope, name),
+                (scope, stored),
             ).fetchone()
             return None if row is None else _summary_of(*row)
 
@@ -939,6 +948,8 @@ class SqliteStore:
     async def begin_summary(
         self, scope: str, name: str, token: str, lease_ms: int, keep: int, limit: int
     ) -> SummarySource | None:
+        stored = stored_name(name)
+
         def work(
             db: sqlite3.Connection,
         ) -> tuple[str, Summary | None, list[tuple[int, str]], int] | SummaryInProgress | None:
@@ -946,7 +957,7 @@ class SqliteStore:
             row = db.execute(
                 "SELECT epoch, summary, summary_upto, summary_covered, summary_lease,"
                 " summary_lease_expires FROM sessions WHERE scope = ? AND name = ?",
-                (scope, name),
+                (scope, stored),
             ).fetchone()
             if row is None:
                 return None
@@ -956,7 +967,7 @@ class SqliteStore:
             after = summary.upto if summary is not None else 0
             (uncovered,) = db.execute(
                 "SELECT count(*) FROM messages WHERE scope = ? AND name = ? AND id > ?",
-                (scope, name, after),
+                (scope, stored, after),
             ).fetchone()
             wanted = min(uncovered - keep, limit)
             if wanted <= 0:
@@ -964,12 +975,12 @@ class SqliteStore:
             rows = db.execute(
                 "SELECT id, body FROM messages WHERE scope = ? AND name = ? AND id > ?"
                 " ORDER BY id LIMIT ?",
-                (scope, name, after, wanted + 1),
+                (scope, stored, after, wanted + 1),
             ).fetchall()
             db.execute(
                 "UPDATE sessions SET summary_lease = ?, summary_lease_expires = ?"
                 " WHERE scope = ? AND name = ?",
-                (token, now + lease_ms / 1000, scope, name),
+                (token, now + lease_ms / 1000, scope, stored),
             )
             return str(row[0]), summary, [(int(i), str(body)) for i, body in rows], wanted
 
@@ -997,23 +1008,25 @@ class SqliteStore:
     async def save_summary(
         self, scope: str, token: str, source: SummarySource, summary: Summary
     ) -> bool:
+        stored = stored_name(source.name)
+
         def work(db: sqlite3.Connection) -> bool:
             row = db.execute(
                 "SELECT epoch, summary, summary_upto, summary_covered, summary_lease,"
                 " summary_lease_expires FROM sessions WHERE scope = ? AND name = ?",
-                (scope, source.name),
+                (scope, stored),
             ).fetchone()
             if row is None:
                 return False
             if row[4] not in (None, token) and _number(row[5]) > time.time():
                 return False  # another process took the lease over: its summary counts
-            self._release_summary(db, scope, source.name, token)
+            self._release_summary(db, scope, stored, token)
             if row[0] != source.epoch or _summary_of(*row[1:4]) != source.summary:
                 return False
             db.execute(
                 "UPDATE sessions SET summary = ?, summary_upto = ?, summary_covered = ?"
                 " WHERE scope = ? AND name = ?",
-                (summary.text, summary.upto, summary.covered, scope, source.name),
+                (summary.text, summary.upto, summary.covered, scope, stored),
             )
             return True
 
@@ -1027,4 +1040,5 @@ class SqliteStore:
         )
 
     async def release_summary(self, scope: str, name: str, token: str) -> None:
-        await self._run(lambda db: self._release_summary(db, scope, name, token))
+        stored = stored_name(name)
+        await self._run(lambda db: self._release_summary(db, scope, stored, token))

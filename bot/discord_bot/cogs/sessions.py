@@ -32,7 +32,7 @@ class Sessions(commands.Cog):
 
     @app_commands.command(description="Start a fresh conversation here; the old one stays in /list")
     @app_commands.describe(
-        name="A name for the session (letters, digits, - _ .)",
+        name="A name for the session (up to 100 characters)",
         thread="Open a new thread with its own conversation instead",
     )
     async def new(
