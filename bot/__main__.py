@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from bot.commands import Commands
 from bot.config import PERSONA_NOTE, Settings, load_settings
+from bot.discord_bot.scopes import scope_for
 from bot.engine import Engine, EngineLimits
 from bot.errors import BotError, SettingsError, StoreUnavailable
 from bot.logs import LogFormat, use_json_lines
@@ -22,6 +23,7 @@ from bot.metrics import Metrics
 from bot.model import ModelChoice
 from bot.store import open_store
 from bot.store.base import SessionSettings, SessionStore
+from bot.transfer import OnConflict
 
 if TYPE_CHECKING:
     from bot.model import DedalusModel
@@ -29,6 +31,10 @@ if TYPE_CHECKING:
 CONSOLE_SCOPE = "console"
 STORE_RETRY_MAX_SECONDS = 30.0
 """The bot waits for an unreachable Redis, trying again after 1 s, 2 s, 4 s ... up to this."""
+SCOPE_HELP = (
+    f"whose sessions: '{CONSOLE_SCOPE}' (the default) or {scope_for(0)[:-1]}<id> for a Discord "
+    "channel, thread or DM (Discord's Developer Mode, then Copy Channel ID)"
+)
 
 log = logging.getLogger("bot")
 
@@ -46,12 +52,16 @@ def connect_model(settings: Settings) -> DedalusModel:
 
 
 def build_engine(
-    settings: Settings, store: SessionStore, model: DedalusModel, metrics: Metrics | None = None
+    settings: Settings,
+    store: SessionStore,
+    model: DedalusModel,
+    system_prompt: str,
+    metrics: Metrics | None = None,
 ) -> Engine:
     # A summary call may take its full timeout on every try: the lease outlasts all of them.
     attempts = settings.model_max_retries + 1
     limits = EngineLimits(
-        system_prompt=settings.system_prompt,
+        system_prompt=system_prompt,
         persona_note=PERSONA_NOTE,
         budget_bytes=settings.context_budget_chars,
         lock_ms=int(settings.turn_lease_seconds * 1000),
@@ -110,7 +120,7 @@ async def run_console(settings: Settings, scope: str) -> None:
 
     store = await reachable_store(settings, wait=False)
     model = connect_model(settings)
-    engine = build_engine(settings, store, model)
+    engine = build_engine(settings, store, model, settings.console_system_prompt)
     try:
         commands = build_commands(settings, store, engine)
         await Console(engine, commands, scope).run()
@@ -120,18 +130,26 @@ async def run_console(settings: Settings, scope: str) -> None:
         await store.close()
 
 
-async def run_transfer(settings: Settings, action: str, path: Path, scope: str) -> str:
-    from bot.transfer import export_file, import_file
+async def run_transfer(settings: Settings, args: argparse.Namespace) -> list[str]:
+    from bot.transfer import EmptyScope, export_file, import_file
 
     store = await reachable_store(settings, wait=False)
+    path, scope = args.file, args.scope
     try:
-        if action == "import":
-            sessions = await import_file(
-                store, scope, path, SessionSettings(settings.default_model)
+        if args.mode == "import":
+            report = await import_file(
+                store,
+                scope,
+                path,
+                SessionSettings(settings.default_model),
+                OnConflict(args.on_conflict),
             )
-            return f"Imported {len(sessions)} session(s) into scope {scope!r}."
-        sessions = await export_file(store, scope, path)
-        return f"Exported {len(sessions)} session(s) of scope {scope!r} to {path}."
+            return report.lines()
+        try:
+            sessions = await export_file(store, scope, path)
+        except EmptyScope as empty:
+            raise EmptyScope(scope, f"--scope is {SCOPE_HELP}") from empty
+        return [f"Exported {len(sessions)} session(s) of scope {scope!r} to {path}."]
     finally:
         await store.close()
 
@@ -157,7 +175,7 @@ async def run_bot(settings: Settings) -> None:
     metrics = Metrics()
     metrics.watch_store(store.stats)
     listener: web.AppRunner | None = None
-    engine = build_engine(settings, store, model, metrics)
+    engine = build_engine(settings, store, model, settings.system_prompt, metrics)
     try:
         commands = build_commands(settings, store, engine)
         backfill = Backfill(settings.backfill_max_age_seconds, settings.backfill_max_messages)
@@ -208,11 +226,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     modes = parser.add_subparsers(dest="mode")
     console = modes.add_parser("console", help="chat in the terminal (no Discord needed)")
-    console.add_argument("--scope", default=CONSOLE_SCOPE, help="whose sessions to use")
+    console.add_argument("--scope", default=CONSOLE_SCOPE, help=SCOPE_HELP)
     for action in ("import", "export"):
         tool = modes.add_parser(action, help=f"{action} a reference-format sessions.json")
         tool.add_argument("file", type=Path)
-        tool.add_argument("--scope", default=CONSOLE_SCOPE, help="whose sessions to use")
+        tool.add_argument("--scope", default=CONSOLE_SCOPE, help=SCOPE_HELP)
+        if action == "import":
+            tool.add_argument(
+                "--on-conflict",
+                choices=list(OnConflict),
+                default=OnConflict.REFUSE.value,
+                help="a session whose name is taken: import nothing (default), import it "
+                "as 'name (2)', or replace the stored one",
+            )
     return parser.parse_args(argv)
 
 
@@ -230,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             asyncio.run(run_console(settings, args.scope))
         elif args.mode in ("import", "export"):
-            print(asyncio.run(run_transfer(settings, args.mode, args.file, args.scope)))
+            print("\n".join(asyncio.run(run_transfer(settings, args))))
         else:
             settings.require("DISCORD_TOKEN", "DEDALUS_API_KEY")
             asyncio.run(run_bot(settings))

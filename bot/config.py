@@ -33,6 +33,10 @@ DEFAULT_SYSTEM_PROMPT = (
 PERSONA_NOTE = f"(This conversation is a Discord chat. {SPEAKERS_NOTE} Discord markdown works.)"
 """Sent after a channel's persona (`/persona`), which replaces the whole system prompt: who
 the model is changes, how the chat reaches it does not."""
+DEFAULT_CONSOLE_SYSTEM_PROMPT = (
+    "You are a helpful assistant talking with one person in a terminal. Answer concisely, "
+    "in plain text or light Markdown that reads well without rendering."
+)
 
 T = TypeVar("T")
 
@@ -65,6 +69,7 @@ class Settings:
     default_model: str  # DEFAULT_MODEL
     allowed_models: tuple[str, ...]  # ALLOWED_MODELS, comma-separated
     system_prompt: str  # SYSTEM_PROMPT
+    console_system_prompt: str  # CONSOLE_SYSTEM_PROMPT
     context_budget_tokens: int  # CONTEXT_BUDGET_TOKENS
     session_ttl_seconds: int  # SESSION_TTL_SECONDS; 0 keeps sessions forever
     history_cap_messages: int  # HISTORY_CAP_MESSAGES
@@ -299,6 +304,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         default_model=default_model,
         allowed_models=allowed,
         system_prompt=_text(env, "SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT) or DEFAULT_SYSTEM_PROMPT,
+        console_system_prompt=_text(env, "CONSOLE_SYSTEM_PROMPT", None)
+        or DEFAULT_CONSOLE_SYSTEM_PROMPT,
         context_budget_tokens=_parsed(
             env, "CONTEXT_BUDGET_TOKENS", 16000, _positive_int, "a positive whole number"
         ),

@@ -1,15 +1,21 @@
-"""The reference's terminal chat, over the same engine and commands as the Discord bot."""
+"""The reference's terminal chat, over the same engine and commands as the Discord bot.
+
+It looks and answers as the reference's `demo()` does (its banner, its `[session] You: `
+prompt, its wording), and leaves as it does: at once on Ctrl-C or Ctrl-D at the prompt,
+saying "Goodbye!".
+"""
 
 from __future__ import annotations
 
-import asyncio
+import signal
 import sys
-from typing import TextIO
 
 from bot.commands import Commands
-from bot.engine import NOT_KEPT_NOTE, Engine
+from bot.engine import NOT_KEPT_NOTE, WITHOUT_HISTORY_NOTE, Engine
 from bot.errors import BotError
 
+RULE = "=" * 60
+TITLE = "  Dedalus Session Management"
 HELP = """Commands:
   /new [name]       - Start new session
   /list             - List sessions
@@ -23,39 +29,35 @@ HELP = """Commands:
   /mcp remove <e>   - Remove MCP server
   /mcp clear        - Clear MCP servers
   /status           - Show current config
+  /help             - Show these commands
   /quit             - Exit"""
 
 
 class Console:
-    def __init__(
-        self,
-        engine: Engine,
-        commands: Commands,
-        scope: str,
-        stdin: TextIO = sys.stdin,
-        stdout: TextIO = sys.stdout,
-    ) -> None:
+    def __init__(self, engine: Engine, commands: Commands, scope: str) -> None:
         self._engine = engine
         self._commands = commands
         self._scope = scope
-        self._in = stdin
-        self._out = stdout
 
     def _say(self, text: str = "", end: str = "\n") -> None:
-        self._out.write(text + end)
-        self._out.flush()
+        sys.stdout.write(text + end)
+        sys.stdout.flush()
 
     async def run(self) -> None:
-        self._say("Dedalus session chat. /help lists the commands, /quit exits.")
+        self._say("\n".join([RULE, TITLE, RULE, "", HELP, ""]))
+        try:
+            first = await self._commands.store.current_session(self._scope)
+            self._say(f"Session: {first.name}\nModel: {first.settings.model}\n")
+        except BotError as error:
+            self._say(f"Error: {error}\n")
         while True:
             try:
                 session = (await self._commands.store.current_session(self._scope)).name
             except BotError as error:
                 session = "?"
-                self._say(str(error))
-            self._say(f"[{session}] You: ", end="")
-            line = await asyncio.to_thread(self._in.readline)
-            if not line:
+                self._say(f"Error: {error}")
+            line = self._read_line(f"[{session}] You: ")
+            if line is None:
                 self._say("\nGoodbye!")
                 return
             text = line.strip()
@@ -69,6 +71,19 @@ class Console:
                     await self._chat(text)
             except BotError as error:
                 self._say(f"Error: {error}")
+
+    def _read_line(self, prompt: str) -> str | None:
+        """One line typed at the prompt; None on Ctrl-D or Ctrl-C, as the reference's
+        `input()` loop ends on both. The loop waits here, in the main thread, with Python's
+        own Ctrl-C handling, so Ctrl-C ends the wait at once (asyncio's handler, restored
+        after, only cancels the task at the next await, which would wait for Enter)."""
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            return input(prompt)
+        except (EOFError, KeyboardInterrupt):
+            return None
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     async def _chat(self, text: str) -> None:
         self._say("Assistant: ", end="")
@@ -84,13 +99,16 @@ class Console:
             self._say(
                 "(The conversation was too long for the model; older messages were left out.)"
             )
+        if reply.without_history:
+            self._say(f"({WITHOUT_HISTORY_NOTE})")
         if not reply.kept:
             self._say(f"({NOT_KEPT_NOTE})")
+        self._say()
 
     async def _command(self, text: str) -> bool:
-        """Run one command; False means quit."""
-        name, _, arg = text.partition(" ")
-        name, arg = name.lower(), arg.strip()
+        """Run one command, split as the reference splits it; False means quit."""
+        parts = text.split(maxsplit=1)
+        name, arg = parts[0].lower(), parts[1].strip() if len(parts) > 1 else ""
         commands, scope = self._commands, self._scope
         if name == "/quit":
             self._say("Goodbye!")
@@ -118,14 +136,20 @@ class Console:
         return True
 
     async def _mcp(self, arg: str) -> str:
-        action, _, entry = arg.partition(" ")
+        parts = arg.split(maxsplit=1)
+        action = parts[0].lower() if parts else ""
+        entry = parts[1].strip() if len(parts) > 1 else ""
         commands, scope = self._commands, self._scope
         if not arg:
             return await commands.mcp_list(scope)
-        if action == "clear" and not entry:
-            return await commands.mcp_clear(scope)
+        if action == "clear":
+            return (
+                "Usage: /mcp clear (nothing after it)" if entry else await commands.mcp_clear(scope)
+            )
         if action == "remove":
+            if not entry:
+                return "Usage: /mcp remove <entry> (/mcp lists the active ones)"
             return await commands.mcp_remove(scope, entry)
         if action == "add":
-            return await commands.mcp_add(scope, entry)
+            return await commands.mcp_add(scope, entry) if entry else "Usage: /mcp add <entry>"
         return await commands.mcp_add(scope, arg)  # the reference's `/mcp <url>`

@@ -80,6 +80,11 @@ NOT_KEPT_NOTE = (
     "not kept."
 )
 """Shown under an answer whose `Reply.kept` is False."""
+WITHOUT_HISTORY_NOTE = (
+    "The model saw this message without the earlier conversation: they did not fit the "
+    "context budget together (CONTEXT_BUDGET_TOKENS)."
+)
+"""Shown under an answer whose `Reply.without_history` is True."""
 HAND_BACK_SECONDS = 5.0
 """At shutdown, how long turns cut short get to hand back their claims and locks."""
 PLACE_NOTE_SECONDS = 60.0
@@ -143,6 +148,9 @@ class Reply:
     kept: bool = True
     """False when the session was cleared while the model answered: /clear means "forget
     everything said until now", so this exchange, begun before it, was not saved."""
+    without_history: bool = False
+    """The session had earlier messages but none fitted the budget beside the new message
+    (a long message, or a long last answer): the model answered it alone."""
 
 
 class EmptyAnswer(ModelError):
@@ -412,7 +420,13 @@ class Engine:
                 raise LostTurn()
             if kept:
                 self._summarize_if_due(turn, context, stored)
-            return Reply(text=text, session=turn.session.name, shortened=shortened, kept=kept)
+            return Reply(
+                text=text,
+                session=turn.session.name,
+                shortened=shortened,
+                kept=kept,
+                without_history=context.history_from > 0 and not context.history_bytes,
+            )
 
     async def retry(
         self,

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from bot.store.base import SessionStore, StorePolicy
 from bot.store.redis import RedisStore
 from bot.store.sqlite import SqliteStore
+from tests.fakes.dedalus_api import FakeDedalusAPI
 from tests.redis_cluster import RedisClusterNodes
 
 if TYPE_CHECKING:
@@ -155,6 +156,25 @@ async def raw_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+def api() -> Iterator[FakeDedalusAPI]:
+    with FakeDedalusAPI() as fake:
+        yield fake
+
+
+@pytest.fixture(params=["redis", "sqlite"])
+def console_env(
+    request: pytest.FixtureRequest, api: FakeDedalusAPI, redis_url: str, tmp_path: Path
+) -> dict[str, str]:
+    """The environment of a `python -m bot` process on each store, talking to `api`."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **api.env()}
+    env["SQLITE_PATH"] = str(tmp_path / "console.sqlite3")
+    env["MODEL_MAX_RETRIES"] = "0"
+    if request.param == "redis":
+        env["REDIS_URL"] = redis_url
+    return env
 
 
 @pytest.fixture

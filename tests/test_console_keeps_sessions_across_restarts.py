@@ -3,48 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.console_process import run_console
 from tests.fakes.dedalus_api import FakeDedalusAPI
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def api() -> Iterator[FakeDedalusAPI]:
-    with FakeDedalusAPI() as fake:
-        yield fake
-
-
-def run_console(
-    lines: list[str], env: dict[str, str], *args: str
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "bot", *(args or ("console",))],
-        input="".join(line + "\n" for line in lines),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env=env,
-    )
-
-
-@pytest.fixture(params=["redis", "sqlite"])
-def console_env(
-    request: pytest.FixtureRequest, api: FakeDedalusAPI, redis_url: str, tmp_path: Path
-) -> dict[str, str]:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **api.env()}
-    env["SQLITE_PATH"] = str(tmp_path / "console.sqlite3")
-    env["MODEL_MAX_RETRIES"] = "0"
-    if request.param == "redis":
-        env["REDIS_URL"] = redis_url
-    return env
 
 
 def test_history_model_and_mcp_survive_a_restart(
@@ -93,7 +57,7 @@ def test_sessions_are_created_listed_loaded_and_cleared(console_env: dict[str, s
         ("/mcp https://user:pw@example.com/x", "credentials are refused"),
         ("/mcp not a slug", "cannot contain spaces"),
         ("/mcp remove acme/none", "is not active"),
-        ("/new bad name!", "may use only letters"),
+        ("/new " + "x" * 101, "at most 100 characters"),
         ("/load ghost", "no session named 'ghost'"),
         ("/load", "Usage: /load <name>"),
         ("/frobnicate", "Unknown command: /frobnicate"),
@@ -131,7 +95,9 @@ def test_import_then_export_round_trips_the_reference_file(
     [
         ('{"default": [{"role": "user", "content": "hi"},]}', "bad.json: line 1, column 48"),
         ('{"default": [{"role": "user"}, {"role": "wizard"}]}', '$["default"][1].role'),
-        ('{"ok": [], "bad name": []}', '$["bad name"]'),
+        ('{"ok": [], " padded": []}', '$[" padded"]: A session name cannot start or end'),
+        ('{"ok": [], "a\\tb": []}', '$["a\\tb"]: A session name cannot contain control'),
+        ('{"ok": [], "ok": [{"role": "user"}]}', '$["ok"]: this session appears twice'),
         ('{"default": [{"role": "tool", "content": "x"}]}', '$["default"][0].tool_call_id'),
         ('["not", "an", "object"]', "$: expected an object"),
     ],
@@ -145,8 +111,9 @@ def test_a_malformed_import_names_the_problem_and_imports_nothing(
     assert result.returncode == 1
     assert position in result.stderr and "Traceback" not in result.stderr
     exported = tmp_path / "after.json"
-    run_console([], console_env, "export", str(exported))
-    assert exported.read_text().strip() == "{}"
+    nothing = run_console([], console_env, "export", str(exported))
+    assert "Scope 'console' has no sessions; nothing was written." in nothing.stderr
+    assert not exported.exists()
 
 
 def test_compact_in_the_console_summarizes_the_session(

@@ -22,7 +22,14 @@ from bot.commands import ReplyMode
 from bot.context import speaker_label
 from bot.discord_bot.render import LiveReply
 from bot.discord_bot.scopes import channel_of, parent_of, scope_for
-from bot.engine import HAND_BACK_SECONDS, NOT_KEPT_NOTE, AnsweredElsewhere, Backfill, ShuttingDown
+from bot.engine import (
+    HAND_BACK_SECONDS,
+    NOT_KEPT_NOTE,
+    WITHOUT_HISTORY_NOTE,
+    AnsweredElsewhere,
+    Backfill,
+    ShuttingDown,
+)
 from bot.errors import BotError, CorruptSession, DamagedState, StoreUnavailable
 from bot.metrics import TurnPart
 from bot.store.base import AlreadyClaimed, Message
@@ -289,6 +296,7 @@ class Conversation(commands.Cog):
                     parent=parent.scope if parent else None,
                 )
             notes = SHORTENED_NOTE if reply.shortened else ""
+            notes += f"\n\n-# {WITHOUT_HISTORY_NOTE}" if reply.without_history else ""
             notes += "" if reply.kept else f"\n\n-# {NOT_KEPT_NOTE}"
             with self.bot.engine.metrics.timed(TurnPart.DISCORD):
                 await live.finish(reply.text + notes)
