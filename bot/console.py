@@ -7,8 +7,10 @@ saying "Goodbye!".
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from bot.commands import Commands
 from bot.engine import NOT_KEPT_NOTE, WITHOUT_HISTORY_NOTE, Engine
@@ -44,6 +46,12 @@ class Console:
         sys.stdout.flush()
 
     async def run(self) -> None:
+        # A signal goes to any thread not blocking it, and only the thread it reaches is
+        # interrupted: the worker threads (SQLite, name lookups) block SIGINT, so Ctrl-C
+        # reaches the main thread waiting at the prompt.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(initializer=_refuse_sigint)
+        )
         self._say("\n".join([RULE, TITLE, RULE, "", HELP, ""]))
         try:
             first = await self._commands.store.current_session(self._scope)
@@ -153,3 +161,7 @@ class Console:
         if action == "add":
             return await commands.mcp_add(scope, entry) if entry else "Usage: /mcp add <entry>"
         return await commands.mcp_add(scope, arg)  # the reference's `/mcp <url>`
+
+
+def _refuse_sigint() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})

@@ -28,6 +28,7 @@ from bot.store.base import (
     Message,
     SessionSettings,
     SessionStore,
+    encode_message,
     session_name_problem,
 )
 
@@ -161,6 +162,12 @@ def _check_message(message: Any, where: str) -> None:
         isinstance(calls, list) and all(isinstance(c, dict) and "id" in c for c in calls)
     ):
         raise InvalidSessionFile(f"{where}.tool_calls: expected a list of calls with ids")
+    try:
+        encode_message(message).encode()
+    except UnicodeEncodeError:
+        raise InvalidSessionFile(
+            f"{where}: holds a lone surrogate escape (such as \\ud800), which is not text"
+        ) from None
 
 
 def free_name(name: str, taken: Iterable[str]) -> str:
@@ -268,12 +275,15 @@ def dump_sessions(sessions: dict[str, list[Message]]) -> str:
 
 def _check_target(path: Path) -> None:
     """The target's problems a person can fix, found before the store is read."""
-    if path.is_dir():
-        suggestion = path / "sessions.json"
-        raise ExportFailed(f"{path} is a folder; give a file name, such as {suggestion}.")
     folder = path.absolute().parent
-    if not folder.is_dir():
-        raise ExportFailed(f"The folder {folder} does not exist; nothing was written.")
+    try:
+        if path.is_dir():
+            suggestion = path / "sessions.json"
+            raise ExportFailed(f"{path} is a folder; give a file name, such as {suggestion}.")
+        if not folder.is_dir():
+            raise ExportFailed(f"The folder {folder} does not exist; nothing was written.")
+    except OSError as error:  # a name too long, a folder not searchable
+        raise ExportFailed(f"Cannot write {path}: {error.strerror}; nothing was written.") from None
 
 
 def write_whole(path: Path, text: str) -> None:
@@ -281,7 +291,9 @@ def write_whole(path: Path, text: str) -> None:
     is atomic and nothing is left in the system's temporary folder), removed on failure."""
     folder = path.absolute().parent
     try:
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        handle, temporary = tempfile.mkstemp(
+            dir=folder, prefix=f".{path.name[:40]}.", suffix=".tmp"
+        )
     except OSError as error:
         raise ExportFailed(
             f"Cannot write in {folder}: {error.strerror}; nothing was written."

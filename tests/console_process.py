@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import select
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -29,6 +31,12 @@ def run_console(
     )
 
 
+def _take_terminal() -> None:
+    """In the child, in its new session: make the pty its controlling terminal, so the
+    terminal sends it SIGINT for ^C (an inherited descriptor alone does not)."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
 class Terminal:
     """`python -m bot console` on a pseudo-terminal: what is typed goes through the
     terminal's line discipline, so ^C is turned into SIGINT by the terminal, as for a
@@ -43,7 +51,8 @@ class Terminal:
             stderr=child,
             cwd=ROOT,
             env={**env, "TERM": "dumb"},
-            start_new_session=True,  # the pty becomes its controlling terminal
+            start_new_session=True,
+            preexec_fn=_take_terminal,
         )
         os.close(child)
         self.output = ""

@@ -98,6 +98,7 @@ def test_import_then_export_round_trips_the_reference_file(
         ('{"ok": [], " padded": []}', '$[" padded"]: A session name cannot start or end'),
         ('{"ok": [], "a\\tb": []}', '$["a\\tb"]: A session name cannot contain control'),
         ('{"ok": [], "ok": [{"role": "user"}]}', '$["ok"]: this session appears twice'),
+        ('{"a": [{"role": "user", "content": "x\\ud800"}]}', '$["a"][0]: holds a lone surrogate'),
         ('{"default": [{"role": "tool", "content": "x"}]}', '$["default"][0].tool_call_id'),
         ('["not", "an", "object"]', "$: expected an object"),
     ],

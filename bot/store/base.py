@@ -118,8 +118,8 @@ def session_name_problem(name: str) -> str | None:
         )
     if any(unicodedata.category(c) in _REFUSED_CATEGORIES for c in name):
         return (
-            "A session name cannot contain control characters or line breaks "
-            "(they would garble /list and the terminal)."
+            "A session name cannot contain control characters, line breaks or lone "
+            "surrogates (they would garble /list and the terminal)."
         )
     return None
 

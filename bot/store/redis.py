@@ -34,6 +34,9 @@ and a script touches a single slot, as Redis Cluster requires; running on a Clus
     {prefix}:{scope}:s:{name}:summarizing  string  token of the process writing its summary,
                                                 with expiry (the summarizing lease)
 
+A session name appears in keys and values in its stored form (`stored_name`: `my%20project`
+for "my project"); the scripts see only that form, and Python turns it back at the edge.
+
 With a TTL, every script that uses a session (a turn, /new, /load, /clear, a settings
 change, an import) sets it on that session's keys and the scope's `state`, `names` and
 `refindex`, so a place's keys go TTL after its last use; a session not used that long goes
@@ -180,7 +183,8 @@ def places_key() -> str:
 
 
 def session_key(scope: str, name: str, part: str) -> str:
-    """A session-level key (`meta`, `messages`, `refs`, `refseq` or `lock`)."""
+    """A session-level key (`meta`, `messages`, `refs`, `refseq` or `lock`); `name` is the
+    stored form (`stored_name`)."""
     return scope_key(scope, f"s:{name}:{part}")
 
 
