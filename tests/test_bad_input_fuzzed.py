@@ -4,6 +4,7 @@ is accepted as something valid; none crashes."""
 from __future__ import annotations
 
 import asyncio
+import re
 import string
 import tempfile
 import unicodedata
@@ -15,7 +16,15 @@ from hypothesis import strategies as st
 
 from bot.commands import PERSONA_MAX_CHARS, Commands, PersonaInEffect, checked_mcp_server
 from bot.errors import InvalidInput
-from bot.store.base import SessionInfo, StorePolicy, checked_session_name
+from bot.store.base import (
+    SessionInfo,
+    StorePolicy,
+    checked_session_name,
+    readable_name,
+    session_name_problem,
+    shown_name,
+    stored_name,
+)
 from bot.store.sqlite import SqliteStore
 from tests.conftest import TEST_MODELS
 
@@ -126,6 +135,19 @@ def test_session_names() -> None:
             assert current.startswith("chat-")
 
     check()
+
+
+@FUZZ
+@given(st.one_of(nasty_text, st.from_regex(r"[\w.-]+", fullmatch=True)))
+def test_stored_names_read_back_as_given_and_old_names_are_stored_as_before(name: str) -> None:
+    """Every session name survives the stores' escaping; a name of the alphabet allowed
+    before (`[\\w.-]+`) is stored exactly as it was, so data stored then is found now."""
+    stored = stored_name(name)
+    assert shown_name(stored) == name
+    if session_name_problem(name) is None:
+        assert readable_name(stored)
+    if re.fullmatch(r"[\w.-]+", name):
+        assert stored == name
 
 
 def test_reply_modes_and_mcp_removals() -> None:

@@ -44,6 +44,22 @@ async def test_too_long_for_the_model_is_retried_shorter_and_noted(harness: Harn
     assert said.startswith("short answer") and "left out" in said
 
 
+async def test_a_message_leaving_no_room_for_the_history_is_answered_with_a_note(
+    harness: Harness,
+) -> None:
+    harness.budget_bytes = 1_000
+    await harness.restart()
+    said = await ask(harness, "short", 0)
+    assert "earlier conversation" not in said
+    said = await ask(harness, "long " * 200, 1)
+    assert said.startswith("echo: ") and "long long" in said
+    assert said.endswith(
+        "-# The model saw this message without the earlier conversation: they did not fit "
+        "the context budget together (CONTEXT_BUDGET_TOKENS)."
+    )
+    assert [m["role"] for m in harness.api.messages_sent()] == ["system", "user"]
+
+
 async def test_storage_down_is_explained_and_the_bot_recovers(
     harness: Harness, redis_server: RedisServer
 ) -> None:
