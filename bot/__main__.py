@@ -266,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     except BotError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the console's prompt handles its own; this is mid-answer
+        if args.mode == "console":
+            print("\nInterrupted; an answer in progress is not kept. Goodbye!")
         return 130
     return 0
 

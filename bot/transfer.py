@@ -75,13 +75,14 @@ class ImportReport:
     replaced: dict[str, int] = field(default_factory=dict)
     """Name -> how many messages the replaced session held (`OnConflict.REPLACE`)."""
     dropped: dict[str, int] = field(default_factory=dict)
-    """Name in the file -> tool messages dropped for lacking their call or their results."""
+    """Name stored under -> tool messages dropped for lacking their call or their results."""
     cut: dict[str, int] = field(default_factory=dict)
     """Name stored under -> oldest messages left out to stay within the history caps."""
 
     def lines(self) -> list[str]:
         names = ", ".join(repr(name) for name in self.stored)
-        lines = [f"Imported {len(self.stored)} session(s) into scope {self.scope!r}: {names}."]
+        done = f"Imported {len(self.stored)} session(s) into scope {self.scope!r}"
+        lines = [f"{done}: {names}." if names else f"{done}; the file holds none."]
         lines += [
             f"Kept both: the file's {name!r} was imported as {new!r}; the stored one is unchanged."
             for name, new in self.renamed.items()
@@ -91,8 +92,8 @@ class ImportReport:
             for name, count in self.replaced.items()
         ]
         lines += [
-            f"Dropped {count} tool message(s) of {name!r} that lacked their call or their "
-            "results (the model refuses them)."
+            f"Dropped the unpaired tool calls or results of {count} message(s) of {name!r} "
+            "(the model refuses them); any text they carried was kept."
             for name, count in self.dropped.items()
         ]
         lines += [
@@ -108,7 +109,8 @@ def parse_sessions_file(text: str) -> dict[str, list[Message]]:
         data: Any = json.loads(text, object_pairs_hook=_refuse_repeated_names)
     except _RepeatedName as repeated:
         raise InvalidSessionFile(
-            f"$[{json.dumps(repeated.name)}]: this session appears twice in the file"
+            f"$[{json.dumps(repeated.name, ensure_ascii=False)}]: this session appears twice "
+            "in the file"
         ) from None
     except json.JSONDecodeError as error:
         raise InvalidSessionFile(
@@ -232,7 +234,7 @@ async def import_sessions(
         unchanged = {id(message) for message in kept}
         changed = sum(1 for message in messages if id(message) not in unchanged)
         if changed:
-            dropped[name] = changed
+            dropped[renamed.get(name, name)] = changed
         paired[renamed.get(name, name)] = kept
     stored = await store.import_sessions(scope, paired, settings)
     return ImportReport(

@@ -4,6 +4,7 @@ and commands, and the model is told it talks to one person in a terminal."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,6 +53,23 @@ def test_ctrl_c_after_a_turn_leaves_too(terminal: Terminal, api: FakeDedalusAPI)
     terminal.type("\x03")
     terminal.wait_for("Goodbye!", shown)
     assert terminal.exit_code() == 0
+
+
+def test_ctrl_c_during_an_answer_leaves_and_keeps_nothing(
+    terminal: Terminal, api: FakeDedalusAPI, sqlite_env: dict[str, str]
+) -> None:
+    held = threading.Event()
+    api.reply_text("an answer that never ends", hold=held)
+    terminal.wait_for("[default] You: ")
+    terminal.type("hello\r")
+    terminal.wait_for("Assistant: ")
+    shown = len(terminal.output)  # the turn is under way (the fake holds its answer)
+    terminal.type("\x03")
+    terminal.wait_for("Interrupted; an answer in progress is not kept. Goodbye!", shown)
+    held.set()
+    assert terminal.exit_code() == 130
+    assert "Traceback" not in terminal.output
+    assert "Messages: 0" in run_console(["/status"], sqlite_env).stdout
 
 
 def test_ctrl_d_at_the_prompt_leaves_saying_goodbye(terminal: Terminal) -> None:

@@ -94,7 +94,7 @@ def test_a_name_taken_is_refused_kept_beside_or_replaced_only_when_asked(
     assert stored["default"] == REFERENCE_SESSIONS["default"]
 
 
-def test_unpaired_tool_messages_are_dropped_and_said(
+def test_unpaired_tool_messages_and_messages_over_the_cap_are_dropped_and_said(
     console_env: dict[str, str], tmp_path: Path
 ) -> None:
     call = {"id": "call_1", "type": "function", "function": {"name": "w", "arguments": "{}"}}
@@ -105,16 +105,20 @@ def test_unpaired_tool_messages_are_dropped_and_said(
             {"role": "user", "content": "never mind"},
             {"role": "tool", "tool_call_id": "call_9", "content": "orphan"},
             {"role": "assistant", "content": "ok"},
-        ]
+        ],
+        "long": [{"role": "user", "content": f"message {i}"} for i in range(6)],
     }
     reference = write_reference_file(tmp_path / "sessions.json", sessions)
-    imported = run_console([], console_env, "import", str(reference))
+    env = {**console_env, "HISTORY_CAP_MESSAGES": "4"}
+    imported = run_console([], env, "import", str(reference))
     assert imported.stdout.splitlines()[1:] == [
-        "Dropped 2 tool message(s) of 'tools' that lacked their call or their results "
-        "(the model refuses them)."
+        "Dropped the unpaired tool calls or results of 2 message(s) of 'tools' "
+        "(the model refuses them); any text they carried was kept.",
+        "Left out the oldest 2 message(s) of 'long', over HISTORY_CAP_MESSAGES or HISTORY_CAP_MB.",
     ]
     exported = tmp_path / "out.json"
-    run_console([], console_env, "export", str(exported))
+    run_console([], env, "export", str(exported))
+    assert json.loads(exported.read_text())["long"] == sessions["long"][2:]
     assert json.loads(exported.read_text())["tools"] == [
         {"role": "user", "content": "weather?"},
         {"role": "assistant", "content": "let me see"},
