@@ -8,6 +8,7 @@ saying "Goodbye!".
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -40,15 +41,15 @@ class Console:
         self._engine = engine
         self._commands = commands
         self._scope = scope
+        self._typed = TypedLines(sys.stdin.fileno())
 
     def _say(self, text: str = "", end: str = "\n") -> None:
         sys.stdout.write(text + end)
         sys.stdout.flush()
 
     async def run(self) -> None:
-        # A signal goes to any thread not blocking it, and only the thread it reaches is
-        # interrupted: the worker threads (SQLite, name lookups) block SIGINT, so Ctrl-C
-        # reaches the main thread waiting at the prompt.
+        # A signal goes to any thread not blocking it: the worker threads (SQLite, name
+        # lookups) block SIGINT, so Ctrl-C during an answer wakes the main thread at once.
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(initializer=_refuse_sigint)
         )
@@ -64,7 +65,7 @@ class Console:
             except BotError as error:
                 session = "?"
                 self._say(f"Error: {error}")
-            line = self._read_line(f"[{session}] You: ")
+            line = await self._typed.line(f"[{session}] You: ")
             if line is None:
                 self._say("\nGoodbye!")
                 return
@@ -79,19 +80,6 @@ class Console:
                     await self._chat(text)
             except BotError as error:
                 self._say(f"Error: {error}")
-
-    def _read_line(self, prompt: str) -> str | None:
-        """One line typed at the prompt; None on Ctrl-D or Ctrl-C, as the reference's
-        `input()` loop ends on both. The loop waits here, in the main thread, with Python's
-        own Ctrl-C handling, so Ctrl-C ends the wait at once (asyncio's handler, restored
-        after, only cancels the task at the next await, which would wait for Enter)."""
-        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-        try:
-            return input(prompt)
-        except (EOFError, KeyboardInterrupt):
-            return None
-        finally:
-            signal.signal(signal.SIGINT, previous)
 
     async def _chat(self, text: str) -> None:
         self._say("Assistant: ", end="")
@@ -161,6 +149,74 @@ class Console:
         if action == "add":
             return await commands.mcp_add(scope, entry) if entry else "Usage: /mcp add <entry>"
         return await commands.mcp_add(scope, arg)  # the reference's `/mcp <url>`
+
+
+class TypedLines:
+    """Lines typed at the prompt, read by the event loop, so that Ctrl-C is an answer too.
+
+    A blocking `input()` misses a Ctrl-C that arrives just before its read starts (the
+    handler runs, but the read is not interrupted, and waits for Enter); the event loop is
+    woken by any signal, whenever it arrives. The prompt is shown only once Ctrl-C is
+    handled so. A terminal delivers whole lines (with its own line editing, as the
+    reference's `input()` has); a pipe may deliver several at once."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffer = b""
+        self._ended = False
+
+    async def line(self, prompt: str) -> str | None:
+        """Show `prompt`, then the next line, without its line break; None on Ctrl-C or at
+        the end of input."""
+        loop = asyncio.get_running_loop()
+        interrupted = asyncio.Event()
+        previous = signal.getsignal(signal.SIGINT)
+        loop.add_signal_handler(signal.SIGINT, interrupted.set)
+        try:
+            sys.stdout.write(prompt)
+            sys.stdout.flush()
+            while b"\n" not in self._buffer and not self._ended:
+                if not await self._more(interrupted):
+                    self._buffer = b""
+                    return None
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+            signal.signal(signal.SIGINT, previous)
+        if b"\n" in self._buffer:
+            line, _, self._buffer = self._buffer.partition(b"\n")
+        elif self._buffer:  # the input ended mid-line (Ctrl-D after some text)
+            line, self._buffer = self._buffer, b""
+        else:
+            return None
+        return line.decode(errors="replace").rstrip("\r")
+
+    async def _more(self, interrupted: asyncio.Event) -> bool:
+        """Wait for more input (or its end); False when Ctrl-C came first."""
+        loop = asyncio.get_running_loop()
+        arrived = asyncio.Event()
+
+        def read() -> None:
+            try:
+                data = os.read(self._fd, 65536)
+            except OSError:  # the terminal hung up
+                data = b""
+            self._buffer += data
+            self._ended = not data
+            arrived.set()
+
+        try:
+            loop.add_reader(self._fd, read)
+        except PermissionError:  # a regular file (or /dev/null): reading never waits
+            read()
+            return not interrupted.is_set()
+        waits = [asyncio.ensure_future(arrived.wait()), asyncio.ensure_future(interrupted.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            loop.remove_reader(self._fd)
+            for waiting in waits:
+                waiting.cancel()
+        return not interrupted.is_set()
 
 
 def _refuse_sigint() -> None:
