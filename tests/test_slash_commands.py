@@ -134,7 +134,7 @@ async def test_new_with_thread_opens_a_thread_with_its_own_session(harness: Harn
     assert "Session: ideas" in status
 
 
-@pytest.mark.parametrize("name", ["two words", "x" * 101, "café/menu"])
+@pytest.mark.parametrize("name", ["x" * 101, "tab\there"])
 async def test_new_with_thread_refuses_a_bad_name_before_opening_the_thread(
     harness: Harness, name: str
 ) -> None:
@@ -162,7 +162,7 @@ async def test_model_autocomplete_offers_the_allowed_models(harness: Harness) ->
         ("mcp", {"server": "https://u:p@example.com/mcp"}, "add", "credentials are refused"),
         ("mcp", {"server": "acme/none"}, "remove", "is not active"),
         ("load", {"name": "ghost"}, None, "no session named 'ghost'"),
-        ("new", {"name": "two words"}, None, "no spaces"),
+        ("new", {"name": "x" * 101}, None, "at most 100 characters"),
         ("compact", None, None, "nothing to summarize"),
     ],
 )
