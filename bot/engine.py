@@ -425,7 +425,7 @@ class Engine:
                 session=turn.session.name,
                 shortened=shortened,
                 kept=kept,
-                without_history=context.history_from > 0 and not context.history_bytes,
+                without_history=not context.history_bytes and self._had_history(turn),
             )
 
     async def retry(
@@ -748,6 +748,11 @@ class Engine:
         if turn.pending is None or turn.pending >= len(turn.recent):
             return turn.recent
         return turn.recent[len(turn.recent) - turn.pending :]
+
+    @staticmethod
+    def _had_history(turn: Turn) -> bool:
+        """Whether the session held messages the summary does not cover (sent or not)."""
+        return (turn.session.message_count if turn.pending is None else turn.pending) > 0
 
     def _summarize_if_due(self, turn: Turn, context: Context, stored: list[Message]) -> None:
         """After a saved turn, bring the summary up to date in the background when the history

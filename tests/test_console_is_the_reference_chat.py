@@ -122,8 +122,8 @@ def test_mcp_clear_and_remove_explain_their_arguments(sqlite_env: dict[str, str]
 def test_a_message_too_long_for_the_budget_is_answered_alone_and_said(
     sqlite_env: dict[str, str], api: FakeDedalusAPI
 ) -> None:
-    env = {**sqlite_env, "CONTEXT_BUDGET_TOKENS": "150"}  # 600 bytes
-    long = "tell me about this: " + "words " * 100
+    env = {**sqlite_env, "CONTEXT_BUDGET_TOKENS": "400"}  # 1,600 bytes: no summary is due
+    long = "tell me about this: " + "words " * 300
     out = run_console(["short question", long], env).stdout
     note = (
         "(The model saw this message without the earlier conversation: they did not fit the "
