@@ -1588,7 +1588,7 @@ class RedisStore:
 
     async def last_exchange(self, turn: Turn) -> Exchange | None:
         name = turn.session.name
-        args: list[ScriptArg] = [self._prefix(turn.scope), name]
+        args: list[ScriptArg] = [self._prefix(turn.scope), stored_name(name)]
         async with self._available():
             reply = await self._last(keys=self._keys(turn.scope), args=args)
         if reply[0] == "corrupt":
@@ -1603,7 +1603,7 @@ class RedisStore:
         stored = [] if answer is None else self._policy.check_sizes(answer)
         args: list[ScriptArg] = [
             self._prefix(turn.scope),
-            turn.session.name,
+            stored_name(turn.session.name),
             turn.lock_token,
             time.time(),
             self._policy.ttl_seconds,

@@ -830,7 +830,7 @@ class SqliteStore:
         )
 
     async def last_exchange(self, turn: Turn) -> Exchange | None:
-        scope, name = turn.scope, turn.session.name
+        scope, name = turn.scope, stored_name(turn.session.name)
 
         def work(db: sqlite3.Connection) -> tuple[list[str], str | None, str | None] | None:
             bodies: list[str] = []
@@ -843,7 +843,7 @@ class SqliteStore:
                 try:
                     found = is_user_message(json.loads(body))
                 except (ValueError, TypeError):
-                    raise CorruptSession(name) from None
+                    raise CorruptSession(turn.session.name) from None
                 if found:
                     return bodies[::-1], ref, record
             return None
@@ -852,12 +852,12 @@ class SqliteStore:
         if found is None:
             return None
         bodies, ref, record = found
-        return exchange_from(name, bodies, ref, record)
+        return exchange_from(turn.session.name, bodies, ref, record)
 
     async def rewrite_last_exchange(
         self, turn: Turn, exchange: Exchange, answer: Sequence[Message] | None
     ) -> bool:
-        scope, name = turn.scope, turn.session.name
+        scope, name = turn.scope, stored_name(turn.session.name)
         bodies = [] if answer is None else self._policy.check_sizes(answer)
 
         def work(db: sqlite3.Connection) -> bool | SessionCleared:
