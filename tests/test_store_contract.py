@@ -263,6 +263,11 @@ async def test_every_name_the_reference_makes_works_like_any_other(store: Sessio
         assert await store.finish_turn(turn, [{"role": "user", "content": name}])
     await store.switch_session("s1", "my project")
     assert (await store.current_session("s1")).name == "my project"
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    exchange = await store.last_exchange(turn)  # what /retry and /undo act on
+    assert exchange is not None
+    assert list(exchange.messages) == [{"role": "user", "content": "my project"}]
+    await store.finish_turn(turn, [])
     assert sorted(s.name for s in await store.list_sessions("s1")) == sorted(REFERENCE_NAMES)
     for name in REFERENCE_NAMES:
         assert await store.read_history("s1", name) == [{"role": "user", "content": name}]
