@@ -279,6 +279,9 @@ async def test_every_name_the_reference_makes_works_like_any_other(store: Sessio
     assert await store.read_history("s2", "a b") == []  # never confused with "a%20b"
     with pytest.raises(InvalidInput, match="'ada@work' exists already"):
         await store.create_session("s1", "ada@work", SETTINGS)
+    assert await store.delete_session("s1", "ada@work") is None  # not the current one
+    assert "ada@work" not in {s.name for s in await store.list_sessions("s1")}
+    assert await store.read_history("s1", "ada@work") == []
 
 
 async def test_scope_options_are_kept_per_scope(store: SessionStore) -> None:

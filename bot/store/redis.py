@@ -1523,7 +1523,7 @@ class RedisStore:
     async def delete_session(self, scope: str, name: str) -> str | None:
         args: list[ScriptArg] = [
             self._prefix(scope),
-            name,
+            stored_name(name),
             self._policy.default_model,
             time.time(),
             self._policy.ttl_seconds,
@@ -1534,7 +1534,7 @@ class RedisStore:
             reply = await self._delete(keys=self._keys(scope), args=args)
         if not reply:
             raise UnknownSession(f"There is no session named {name!r}; /list shows them.")
-        return str(reply[0]) or None
+        return shown_name(str(reply[0])) or None
 
     async def forget_place(self, scope: str) -> int:
         self._recent.drop(scope)

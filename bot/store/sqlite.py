@@ -738,9 +738,11 @@ class SqliteStore:
         return await self._run(work)
 
     async def delete_session(self, scope: str, name: str) -> str | None:
+        shown, name = name, stored_name(name)
+
         def work(db: sqlite3.Connection) -> str | None:
             if not self._summary_row_exists(db, scope, name):
-                raise UnknownSession(f"There is no session named {name!r}; /list shows them.")
+                raise UnknownSession(f"There is no session named {shown!r}; /list shows them.")
             self._delete(db, scope, name)
             try:
                 current = self._current_name(db, scope)
