@@ -21,6 +21,7 @@ from bot.config import DEFAULT_SYSTEM_PROMPT, REFERENCE_MODELS
 from bot.engine import Engine, EngineLimits
 from bot.model import TextSink
 from bot.store.base import Message, SessionSettings, SessionStore, StorePolicy, message_size
+from bot.usage import UsageMeter
 from tests.conftest import RedisServer
 
 BUDGET_BYTES = 16_000 * 4
@@ -103,7 +104,11 @@ class InstantModel:
         self.sent_messages = 0
 
     async def complete(
-        self, messages: list[Message], model: str, mcp_servers: Sequence[str]
+        self,
+        messages: list[Message],
+        model: str,
+        mcp_servers: Sequence[str],
+        meter: UsageMeter | None = None,
     ) -> list[Message]:
         start = time.perf_counter_ns()
         self.sent_messages = len(messages)
@@ -112,7 +117,12 @@ class InstantModel:
         return added
 
     async def stream(
-        self, messages: list[Message], model: str, mcp_servers: Sequence[str], on_text: TextSink
+        self,
+        messages: list[Message],
+        model: str,
+        mcp_servers: Sequence[str],
+        on_text: TextSink,
+        meter: UsageMeter | None = None,
     ) -> str:
         self.sent_messages = len(messages)
         text = str(self.answer["content"])

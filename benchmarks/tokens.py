@@ -21,6 +21,7 @@ from bot.model import TextSink
 from bot.store.base import Message, message_size
 from bot.store.redis import RedisStore
 from bot.summary import SUMMARY_REQUEST_MARK
+from bot.usage import UsageMeter
 
 CHECKPOINTS = (1, 10, 25, 50, 100, 150, 200, 300, 500, 750, 1000)
 
@@ -36,7 +37,11 @@ class ModelWithSummaries:
         self.summary_calls = 0
 
     async def complete(
-        self, messages: list[Message], model: str, mcp_servers: Sequence[str]
+        self,
+        messages: list[Message],
+        model: str,
+        mcp_servers: Sequence[str],
+        meter: UsageMeter | None = None,
     ) -> list[Message]:
         if str(messages[0].get("content", "")).startswith(SUMMARY_REQUEST_MARK):
             self.summary_calls += 1
@@ -45,7 +50,12 @@ class ModelWithSummaries:
         return [dict(self.answer)]
 
     async def stream(
-        self, messages: list[Message], model: str, mcp_servers: Sequence[str], on_text: TextSink
+        self,
+        messages: list[Message],
+        model: str,
+        mcp_servers: Sequence[str],
+        on_text: TextSink,
+        meter: UsageMeter | None = None,
     ) -> str:
         raise NotImplementedError
 

@@ -68,6 +68,7 @@ def build_engine(
         message_cap_bytes=settings.message_cap_kb * 1024,
         summary_lease_ms=int((settings.model_timeout_seconds * attempts + 30) * 1000),
         models=ModelChoice(settings.allowed_models, settings.default_model),
+        usage=settings.usage_limits,
     )
     return Engine(store, model, limits, metrics)
 

@@ -9,7 +9,8 @@ import re
 import time
 import unicodedata
 import urllib.parse
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,13 @@ from bot.store.base import (
     SessionStore,
     Summary,
     checked_session_name,
+)
+from bot.usage import (
+    USAGE_REPORT_DAYS,
+    day_of,
+    days_back,
+    describe_server_usage,
+    describe_session_usage,
 )
 
 if TYPE_CHECKING:
@@ -161,6 +169,9 @@ class Commands:
     def models(self) -> ModelChoice:
         return ModelChoice(self.allowed_models, self.default_model)
 
+    clock: Callable[[], float] = field(default=time.time)
+    """Unix seconds: which day's usage is today's."""
+
     async def new(self, scope: str, name: str | None = None) -> str:
         """Start an empty session, keeping the current model and MCP servers (as the
         reference does: they are the user's settings, not the session's history)."""
@@ -283,9 +294,14 @@ class Commands:
         return "Cleared MCP servers"
 
     async def status(
-        self, scope: str, here: str = "this place", parent: Parent | None = None
+        self,
+        scope: str,
+        here: str = "this place",
+        parent: Parent | None = None,
+        server: str | None = None,
     ) -> str:
-        """The session's state, and the persona in effect (`here` names the place itself)."""
+        """The session's state, and the persona in effect (`here` names the place itself);
+        with the `server` the place belongs to, the session's tokens too."""
         session = await self.store.current_session(scope)
         persona = await self.persona_in_effect(scope, here, parent)
         if persona.text is None:
@@ -293,7 +309,12 @@ class Commands:
         else:
             line = f"Persona ({persona.source}): {persona_preview(persona.text)}"
         summary = await self.store.read_summary(scope, session.name)
-        return describe_status(session, summary, self.models) + "\n" + line
+        lines = [describe_status(session, summary, self.models), line]
+        if server is not None:
+            today = day_of(self.clock())
+            usage = await self.store.session_usage(scope, session.name, server, today)
+            lines += describe_session_usage(usage, server)
+        return "\n".join(lines)
 
     async def persona_in_effect(
         self, scope: str, here: str = "this place", parent: Parent | None = None
@@ -340,6 +361,12 @@ class Commands:
     async def export(self, scope: str, choice: str, max_bytes: int | None = None) -> Exported:
         """The current session as a file, in the chosen format (see `bot.exports`)."""
         return await export_session(self.store, scope, choice, max_bytes)
+
+    async def usage(self, server: str, mention: str) -> str:
+        """`/usage`: the server's tokens today and lately, and its top users (each shown
+        with `mention`, a format for the user id)."""
+        days = days_back(self.clock(), USAGE_REPORT_DAYS)
+        return describe_server_usage(await self.store.server_usage(server, days), mention)
 
     async def reply_mode(self, scope: str) -> ReplyMode:
         stored = await self.store.scope_option(scope, REPLY_MODE_OPTION)

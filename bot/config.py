@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from bot.errors import SettingsError
 from bot.logs import LogFormat
 from bot.store.base import HISTORY_CACHE_MB, HISTORY_CAP_MB, MESSAGE_CAP_KB, SESSIONS_PER_PLACE
+from bot.usage import UsageLimits
 
 REFERENCE_MODELS: tuple[str, ...] = (
     "openai/gpt-5.1",
@@ -83,12 +84,25 @@ class Settings:
     shutdown_grace_seconds: float  # SHUTDOWN_GRACE_SECONDS
     backfill_max_age_seconds: int  # BACKFILL_MAX_AGE_SECONDS; 0 answers nothing missed
     backfill_max_messages: int  # BACKFILL_MAX_MESSAGES
+    user_messages_per_minute: int  # USER_MESSAGES_PER_MINUTE; 0 = no limit
+    user_tokens_per_day: int  # USER_TOKENS_PER_DAY; 0 = no limit
+    server_tokens_per_day: int  # SERVER_TOKENS_PER_DAY; 0 = no limit
+    limits_apply_to_admins: bool  # LIMITS_APPLY_TO_ADMINS
     dev_guild_id: int | None  # DISCORD_DEV_GUILD_ID
     log_level: str  # LOG_LEVEL
     log_format: LogFormat  # LOG_FORMAT: text (for people) or json (one object per line)
     health_host: str  # HEALTH_HOST: the address /healthz and /metrics listen on
     health_port: int  # HEALTH_PORT; 0 (the default) turns the listener off
     shards: Shards | None = None  # SHARD_COUNT, SHARD_IDS; None: one connection, unsharded
+
+    @property
+    def usage_limits(self) -> UsageLimits:
+        return UsageLimits(
+            messages_per_minute=self.user_messages_per_minute,
+            user_tokens_per_day=self.user_tokens_per_day,
+            server_tokens_per_day=self.server_tokens_per_day,
+            apply_to_admins=self.limits_apply_to_admins,
+        )
 
     @property
     def context_budget_chars(self) -> int:
@@ -255,6 +269,13 @@ def _shards(env: Mapping[str, str]) -> Shards | None:
     return Shards(count, tuple(ids))
 
 
+def _boolean(raw: str) -> bool:
+    value = raw.lower()
+    if value not in {"true", "false", "1", "0", "yes", "no"}:
+        raise ValueError(raw)
+    return value in {"true", "1", "yes"}
+
+
 def _log_level(raw: str) -> str:
     level = raw.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -340,6 +361,18 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         backfill_max_messages=_parsed(
             env, "BACKFILL_MAX_MESSAGES", 20, _up_to_100, "a whole number from 1 to 100"
+        ),
+        user_messages_per_minute=_parsed(
+            env, "USER_MESSAGES_PER_MINUTE", 0, _non_negative_int, "a whole number >= 0"
+        ),
+        user_tokens_per_day=_parsed(
+            env, "USER_TOKENS_PER_DAY", 0, _non_negative_int, "a whole number >= 0"
+        ),
+        server_tokens_per_day=_parsed(
+            env, "SERVER_TOKENS_PER_DAY", 0, _non_negative_int, "a whole number >= 0"
+        ),
+        limits_apply_to_admins=_parsed(
+            env, "LIMITS_APPLY_TO_ADMINS", False, _boolean, "true or false"
         ),
         dev_guild_id=_parsed(env, "DISCORD_DEV_GUILD_ID", None, _positive_int, "a guild ID"),
         log_level=_parsed(env, "LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),

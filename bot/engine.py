@@ -24,7 +24,7 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 from bot.context import (
@@ -65,6 +65,7 @@ from bot.store.base import (
     message_size,
 )
 from bot.summary import Summarizer
+from bot.usage import Account, Admission, Charge, OverLimit, Usage, UsageLimits, UsageMeter, day_of
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,8 @@ class EngineLimits:
     models: ModelChoice | None = None
     """A session whose model is not allowed (any more) is answered by the default; None
     sends each session's model as stored."""
+    usage: UsageLimits = field(default_factory=UsageLimits)
+    """Messages per minute and tokens per day (all off by default), checked before a turn."""
 
     persona_note: str = ""
     """Sent after a place's persona, which replaces `system_prompt` (see
@@ -151,6 +154,8 @@ class Reply:
     without_history: bool = False
     """The session had earlier messages but none fitted the budget beside the new message
     (a long message, or a long last answer): the model answered it alone."""
+    usage: Usage | None = None
+    """The tokens the model run took (reported by the API, or estimated)."""
 
 
 class EmptyAnswer(ModelError):
@@ -251,13 +256,16 @@ class Engine:
         model: ModelClient,
         limits: EngineLimits,
         metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """`clock` (unix seconds) dates usage and measures the limits' windows."""
         self.metrics = metrics or Metrics()
         """Counted here, whoever serves them (`bot.health`); a bot without the listener
         counts into a registry nobody reads."""
         self._store = store
         self._model = model
         self._limits = limits
+        self._clock = clock
         self._scope_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
@@ -358,6 +366,8 @@ class Engine:
         on_text: TextSink | None = None,
         on_begin: Callable[[], Awaitable[None]] | None = None,
         parent: str | None = None,
+        account: Account | None = None,
+        limits_checked: bool = False,
     ) -> Reply:
         """Answer `user` in the scope's current session. With `on_text`, the answer streams:
         each text delta is handed to it as it arrives, and the full text is saved at the end.
@@ -379,7 +389,10 @@ class Engine:
                 await self._settle(scope, claim, token, answered=True)
             raise MessageTooLarge(size, cap)
         ticket = Ticket(order=order, claim=claim) if order is not None else Ticket.now(claim)
+        meter = UsageMeter()
         async with self._scope_turn(scope) as holding:
+            if account is not None and not limits_checked:
+                await self._admit(scope, ticket.claim, ticket.token, account)
             # The history loaded: what fits beside the default prompt. The place's persona
             # comes with the turn, and the context is then cut to the room beside it.
             room = history_room(self._limits.system_prompt, user, self._limits.budget_bytes)
@@ -400,8 +413,9 @@ class Engine:
                     await on_begin()
                 with self.metrics.timed(TurnPart.MODEL):
                     added, text, shortened, context = await self._kept_alive(
-                        turn, held, self._run(turn, system, user, on_text)
+                        turn, held, self._run(turn, system, user, on_text, meter)
                     )
+                usage = await self._charge(turn, account, meter)
                 await self._still_claimed(turn, held)
                 stored = self._within_size([user, *added])
                 try:
@@ -426,7 +440,46 @@ class Engine:
                 shortened=shortened,
                 kept=kept,
                 without_history=not context.history_bytes and self._had_history(turn),
+                usage=usage,
             )
+
+    async def _admit(self, scope: str, claim: str | None, token: str, account: Account) -> None:
+        """Check the message against its account's limits, once: the process that holds the
+        message (its claim, taken here) checks and charges it. A refused message is settled
+        as answered, so nobody answers it later (the start-up catch-up included)."""
+        if not self._limits.usage.apply_to(account):
+            return
+        if claim is not None:
+            await self._until_claimed(
+                lambda: self._store.claim(scope, claim, token, self._limits.lock_ms)
+            )
+        now = self._clock()
+        try:
+            refusal = await self._store.admit(
+                Admission(account, claim or token, now, self._limits.usage)
+            )
+        except BaseException:
+            if claim is not None:  # handed back: another process (or a retry) checks it
+                await self._settle(scope, claim, token, answered=False)
+            raise
+        if refusal is None:
+            return
+        if claim is not None:
+            await self._settle(scope, claim, token, answered=True)
+        raise OverLimit(refusal, self._limits.usage, now)
+
+    async def _charge(self, turn: Turn, account: Account | None, meter: UsageMeter) -> Usage:
+        """Count the run's tokens for its session and its account's server (they were spent,
+        whether or not the turn is saved); a storage fault loses the count, not the turn."""
+        usage = meter.usage()
+        if account is None:
+            return usage
+        charge = Charge(account, turn.scope, turn.session.name, usage, day_of(self._clock()))
+        try:
+            await self._store.record_usage(charge)
+        except BotError as error:
+            log.warning("could not count a turn's tokens: %s", error)
+        return usage
 
     async def retry(
         self,
@@ -462,7 +515,7 @@ class Engine:
                 turn, recent=earlier, recent_bytes=measured, as_stored=False, pending=pending
             )
             added, text, shortened, _ = await self._kept_alive(
-                turn, held, self._run(replayed, system, exchange.user, on_text)
+                turn, held, self._run(replayed, system, exchange.user, on_text, UsageMeter())
             )
             await self._rewrite(turn, exchange, self._within_size(added), "retry")
         return Retried(text=text, exchange=exchange, shortened=shortened)
@@ -593,13 +646,18 @@ class Engine:
         return await self._store.forget_message(scope, user_ref)
 
     @contextlib.asynccontextmanager
-    async def claimed(self, scope: str, claim: str) -> AsyncIterator[None]:
+    async def claimed(
+        self, scope: str, claim: str, account: Account | None = None
+    ) -> AsyncIterator[None]:
         """Hold a message while acting on it outside a turn (the threads mode opens a thread,
         then answers there): a lease renewed while the body runs, settled as answered when
         it ends, handed back when it is cancelled. While another process has the message in
-        progress this waits, as a turn does; `AlreadyClaimed` once it was answered."""
+        progress this waits, as a turn does; `AlreadyClaimed` once it was answered. The
+        message is checked against `account`'s limits before the body runs (`OverLimit`)."""
         token, lease_ms = uuid.uuid4().hex, self._limits.lock_ms
         with self._working_on() as holding:
+            if account is not None:  # it takes the claim, and settles it when refused
+                await self._admit(scope, claim, token, account)
             await self._until_claimed(lambda: self._store.claim(scope, claim, token, lease_ms))
             holding()
             async with self._renewed(scope, claim, token):
@@ -709,7 +767,12 @@ class Engine:
         return system_prompt(limits.system_prompt, persona, limits.persona_note)
 
     async def _run(
-        self, turn: Turn, system: str, user: Message, on_text: TextSink | None
+        self,
+        turn: Turn,
+        system: str,
+        user: Message,
+        on_text: TextSink | None,
+        meter: UsageMeter,
     ) -> tuple[list[Message], str, bool, Context]:
         """Call the model; when the provider says the context is too long, once more with
         half of the history that was sent."""
@@ -728,7 +791,7 @@ class Engine:
             )
             try:
                 added, text = await self._call_model(
-                    context.messages, turn.session.settings, on_text
+                    context.messages, turn.session.settings, on_text, meter
                 )
                 return added, text, shortened, context
             except ContextTooLong:
@@ -822,19 +885,23 @@ class Engine:
         return models.usable(stored)
 
     async def _call_model(
-        self, context: list[Message], settings: SessionSettings, on_text: TextSink | None
+        self,
+        context: list[Message],
+        settings: SessionSettings,
+        on_text: TextSink | None,
+        meter: UsageMeter,
     ) -> tuple[list[Message], str]:
         """The messages the run added and the answer's text; an empty answer is a failure,
         so a reply the SDK could not parse is never saved as a silent turn."""
         model = self._usable_model(settings.model)
         if on_text is None:
             added = paired_tool_messages(
-                await self._model.complete(context, model, settings.mcp_servers)
+                await self._model.complete(context, model, settings.mcp_servers, meter)
             )
             answers = [m for m in added if m.get("role") == "assistant" and m.get("content")]
             text = str(answers[-1]["content"]) if answers else ""
         else:
-            text = await self._model.stream(context, model, settings.mcp_servers, on_text)
+            text = await self._model.stream(context, model, settings.mcp_servers, on_text, meter)
             added = [{"role": "assistant", "content": text}]
         if not text:
             raise EmptyAnswer()

@@ -8,6 +8,8 @@ whose text is safe to show a user (no request bodies, no keys).
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,7 +20,8 @@ import httpx
 from dedalus_labs import AsyncDedalus, DedalusRunner
 
 from bot.errors import ModelError
-from bot.store.base import Message
+from bot.store.base import Message, encode_message
+from bot.usage import UsageMeter
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +61,117 @@ class ContextTooLong(ModelError):
 
 class ModelClient(Protocol):
     async def complete(
-        self, messages: list[Message], model: str, mcp_servers: Sequence[str]
+        self,
+        messages: list[Message],
+        model: str,
+        mcp_servers: Sequence[str],
+        meter: UsageMeter | None = None,
     ) -> list[Message]:
-        """Run the model (with its tool rounds) and return only the messages the run added."""
+        """Run the model (with its tool rounds) and return only the messages the run added;
+        `meter` is filled in with the tokens the run's calls reported (or what an estimate
+        of them needs)."""
         ...
 
     async def stream(
-        self, messages: list[Message], model: str, mcp_servers: Sequence[str], on_text: TextSink
+        self,
+        messages: list[Message],
+        model: str,
+        mcp_servers: Sequence[str],
+        on_text: TextSink,
+        meter: UsageMeter | None = None,
     ) -> str:
         """Run the model streaming, handing each text delta to `on_text`; return the full text."""
         ...
+
+
+_METER: contextvars.ContextVar[UsageMeter | None] = contextvars.ContextVar("meter", default=None)
+"""The meter of the run in progress in this task: the HTTP layer below the SDK fills it."""
+STREAM_OPTIONS = {"include_usage": True}
+"""Asks an OpenAI-style API to end a streamed answer with a chunk carrying its `usage`."""
+USAGE_BODY_MAX_BYTES = 8 * 1024 * 1024
+"""A JSON answer longer than this is not parsed again for its usage (it counts as unreported)."""
+
+
+class UsageTap(httpx.AsyncBaseTransport):
+    """Reads each chat completion's `usage` off the wire, as the answer passes to the SDK.
+
+    The runner drops what it is not interested in: it returns no usage for a run, and in a
+    stream it skips the last chunk, the one with no choices that carries `usage`. Every
+    call of a run (tool rounds included) goes through this transport, so the tokens it
+    reports are summed into the meter of the run in progress (`_METER`), and a call whose
+    answer carries no usage is counted as such (the run's usage is then estimated)."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self._inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._inner.handle_async_request(request)
+        meter = _METER.get()
+        if (
+            meter is None
+            or response.status_code != 200
+            or not request.url.path.endswith("/chat/completions")
+        ):
+            return response
+        meter.calls += 1
+        streamed = response.headers.get("content-type", "").startswith("text/event-stream")
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        return httpx.Response(
+            status_code=response.status_code,
+            headers=response.headers,
+            stream=_UsageReader(response.stream, meter, streamed),
+            extensions=response.extensions,
+        )
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _UsageReader(httpx.AsyncByteStream):
+    """Passes an answer's bytes on unchanged, noting the `usage` found in it: in a JSON
+    answer at its end, in an SSE stream in whichever `data:` line carries one."""
+
+    def __init__(self, inner: httpx.AsyncByteStream, meter: UsageMeter, streamed: bool) -> None:
+        self._inner = inner
+        self._meter = meter
+        self._streamed = streamed
+        self._buffer = b""
+        self._found = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            self._take(chunk)
+            yield chunk
+        if not self._streamed:
+            self._note(self._buffer)
+        elif self._buffer:
+            self._line(self._buffer)
+
+    def _take(self, chunk: bytes) -> None:
+        if not self._streamed:
+            if len(self._buffer) + len(chunk) <= USAGE_BODY_MAX_BYTES:
+                self._buffer += chunk
+            return
+        *lines, self._buffer = (self._buffer + chunk).split(b"\n")
+        for line in lines:
+            self._line(line)
+
+    def _line(self, line: bytes) -> None:
+        if line.startswith(b"data:") and b'"usage"' in line:
+            self._note(line[len(b"data:") :])
+
+    def _note(self, body: bytes) -> None:
+        try:
+            usage = json.loads(body).get("usage")
+            tokens = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return  # no usage here (or none readable): the call counts as unreported
+        if not self._found:
+            self._found = True
+            self._meter.add_reported(*tokens)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 class DedalusModel:
@@ -84,8 +188,16 @@ class DedalusModel:
     def connect(
         cls, api_key: str, base_url: str | None, timeout: float, max_retries: int
     ) -> DedalusModel:
+        """A client whose HTTP layer reads the token usage of every answer (`UsageTap`), with
+        the SDK's own connection defaults."""
+        limits = dedalus_labs.DEFAULT_CONNECTION_LIMITS
+        transport = UsageTap(httpx.AsyncHTTPTransport(limits=limits))
         client = AsyncDedalus(
-            api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries
+            api_key=api_key,
+            base_url=base_url,
+            timeout=timeout,
+            max_retries=max_retries,
+            http_client=dedalus_labs.DefaultAsyncHttpxClient(transport=transport),
         )
         return cls(client)
 
@@ -98,35 +210,69 @@ class DedalusModel:
         return args
 
     async def complete(
-        self, messages: list[Message], model: str, mcp_servers: Sequence[str]
+        self,
+        messages: list[Message],
+        model: str,
+        mcp_servers: Sequence[str],
+        meter: UsageMeter | None = None,
     ) -> list[Message]:
-        with _model_errors():
+        with _metered(meter) as meter, _model_errors():
             result = await self._runner.run(**self._run_args(messages, model, mcp_servers))
             conversation: list[Message] = result.to_input_list()
         # The runner returns the whole conversation; what this run added is the tail.
-        return conversation[len(messages) :]
+        added = conversation[len(messages) :]
+        meter.sent_chars += _chars(messages)
+        meter.answer_chars += _chars(added)
+        return added
 
     async def stream(
-        self, messages: list[Message], model: str, mcp_servers: Sequence[str], on_text: TextSink
+        self,
+        messages: list[Message],
+        model: str,
+        mcp_servers: Sequence[str],
+        on_text: TextSink,
+        meter: UsageMeter | None = None,
     ) -> str:
         parts: list[str] = []
-        chunks: AsyncIterator[Any] = self._runner.run(
-            **self._run_args(messages, model, mcp_servers), stream=True
-        )
-        try:
-            while True:
-                with _model_errors():
-                    try:
-                        chunk = await anext(chunks)
-                    except StopAsyncIteration:
-                        break
-                    delta = chunk.choices[0].delta.content if chunk.choices else None
-                if delta:
-                    parts.append(delta)
-                    await on_text(delta)
-        finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
-        return "".join(parts)
+        with _metered(meter) as meter:
+            chunks: AsyncIterator[Any] = self._runner.run(
+                **self._run_args(messages, model, mcp_servers),
+                stream=True,
+                stream_options=STREAM_OPTIONS,
+            )
+            try:
+                while True:
+                    with _model_errors():
+                        try:
+                            chunk = await anext(chunks)
+                        except StopAsyncIteration:
+                            break
+                        delta = chunk.choices[0].delta.content if chunk.choices else None
+                    if delta:
+                        parts.append(delta)
+                        await on_text(delta)
+            finally:
+                await chunks.aclose()  # type: ignore[attr-defined]
+        text = "".join(parts)
+        meter.sent_chars += _chars(messages)
+        meter.answer_chars += len(text)
+        return text
+
+
+def _chars(messages: list[Message]) -> int:
+    return sum(len(encode_message(m)) for m in messages)
+
+
+@contextlib.contextmanager
+def _metered(meter: UsageMeter | None) -> Iterator[UsageMeter]:
+    """Make `meter` (a throwaway one when None) the meter of the calls made inside; the
+    caller adds what an estimate needs once the run succeeded (a refused call costs none)."""
+    meter = meter if meter is not None else UsageMeter()
+    token = _METER.set(meter)
+    try:
+        yield meter
+    finally:
+        _METER.reset(token)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,8 @@ storing in real Redis. `restart()` replaces every object, as a new process would
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 from bot.commands import Commands
@@ -16,6 +18,7 @@ from bot.model import DedalusModel, ModelChoice
 from bot.store.base import Message, StorePolicy
 from bot.store.redis import RedisStore
 from bot.titles import ThreadTitles
+from bot.usage import UsageLimits
 from tests.conftest import TEST_MODELS
 from tests.fakes.dedalus_api import FakeDedalusAPI
 from tests.fakes.discord_gateway import FakeDiscord
@@ -35,6 +38,10 @@ class Harness:
         """The store's limits; set it, then `restart()`."""
         self.allowed_models: tuple[str, ...] = TEST_MODELS
         """`ALLOWED_MODELS` (the default is the policy's); set it, then `restart()`."""
+        self.usage_limits = UsageLimits()
+        """Messages per minute and tokens per day; set them, then `restart()`."""
+        self.clock: Callable[[], float] = time.time
+        """What the engine and commands take for the time (a test may move it forward)."""
         self.bot: ChatBot | None = None
         self.store: RedisStore | None = None
         self.model: DedalusModel | None = None
@@ -52,11 +59,14 @@ class Harness:
             message_cap_bytes=self.policy.message_cap_bytes,
             persona_note=PERSONA_NOTE,
             models=models,
+            usage=self.usage_limits,
         )
-        engine = Engine(self.store, model, limits)
+        engine = Engine(self.store, model, limits, clock=lambda: self.clock())
         bot = ChatBot(
             engine,
-            Commands(self.store, models.allowed, models.default, engine.summaries),
+            Commands(
+                self.store, models.allowed, models.default, engine.summaries, lambda: self.clock()
+            ),
             dev_guild_id=self.dev_guild_id,
             titles=ThreadTitles(self.store, model),
             guild_ready_timeout=0.1,

@@ -293,3 +293,37 @@ def test_start_and_stop_without_a_with_block() -> None:
     fake.stop()  # idempotent
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{fake.base_url}/v1/models")
+
+
+async def test_a_stream_ends_with_its_usage_only_when_asked(
+    api: FakeDedalusAPI, client: AsyncDedalus
+) -> None:
+    """As OpenAI-style APIs do: a last chunk with no choices carries `usage`, and only for a
+    request with `stream_options.include_usage`. (The runner drops that chunk: the bot reads
+    usage below the SDK, see `bot.model.UsageTap`.)"""
+    plain = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    assert [chunk.usage for chunk in [c async for c in plain]] == [None] * 3
+    assert api.reported_usage == []
+
+    asked = await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    *chunks, last = [chunk async for chunk in asked]
+    assert all(chunk.usage is None and chunk.choices for chunk in chunks)
+    assert last.choices == [] and last.usage is not None
+    [reported] = api.reported_usage
+    assert last.usage.model_dump() | reported == last.usage.model_dump()
+    assert reported["total_tokens"] == reported["prompt_tokens"] + reported["completion_tokens"]
+
+
+async def test_usage_can_be_left_out(api: FakeDedalusAPI, client: AsyncDedalus) -> None:
+    api.report_usage = False
+    response = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}]
+    )
+    assert response.usage is None and api.reported_usage == []

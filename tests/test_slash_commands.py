@@ -16,8 +16,9 @@ from tests.discord_harness import Harness
 from tests.fakes.discord_gateway import CommandRefused
 
 ADMIN_ONLY = {"clear", "compact", "model", "mcp", "mode", "persona", "delete", "forget-channel"}
+ADMIN_ONLY |= {"usage"}
 COMMANDS = {"new", "list", "load", "clear", "compact", "status", "export", "model", "mcp"}
-COMMANDS |= {"mode", "persona", "retry", "undo", "delete", "forget-channel"}
+COMMANDS |= {"mode", "persona", "retry", "undo", "delete", "forget-channel", "usage"}
 
 
 async def ask(harness: Harness, text: str, answers_before: int) -> None:
@@ -53,6 +54,7 @@ async def test_a_development_guild_gets_the_commands_at_once(harness: Harness) -
         ("model", {"name": "2"}, None),
         ("mcp", {"server": "acme/x"}, "add"),
         ("mode", {"mode": "all"}, None),
+        ("usage", None, None),
     ],
 )
 async def test_a_member_cannot_use_admin_commands(

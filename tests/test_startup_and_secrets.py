@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 
 from bot.commands import Commands
+from bot.config import load_settings
 from bot.discord_bot.client import ChatBot, run_discord
 from bot.engine import Engine, EngineLimits
 from bot.errors import SettingsError
 from bot.model import DedalusModel
 from bot.store.base import StorePolicy
 from bot.store.redis import RedisStore
+from bot.usage import UsageLimits
 from tests.bot_process import bot_environment
 from tests.conftest import TEST_MODELS
 from tests.discord_harness import Harness
@@ -68,6 +70,22 @@ ROOT = Path(__file__).resolve().parents[1]
         (
             {"DISCORD_TOKEN": "t", "DEDALUS_API_KEY": "k", "DEFAULT_MODEL": "gpt-2"},
             "error: DEFAULT_MODEL 'gpt-2' is not in ALLOWED_MODELS",
+        ),
+        (
+            {"DISCORD_TOKEN": "t", "DEDALUS_API_KEY": "k", "USER_MESSAGES_PER_MINUTE": "-5"},
+            "error: USER_MESSAGES_PER_MINUTE must be a whole number >= 0, got '-5'",
+        ),
+        (
+            {"DISCORD_TOKEN": "t", "DEDALUS_API_KEY": "k", "USER_TOKENS_PER_DAY": "1e6"},
+            "error: USER_TOKENS_PER_DAY must be a whole number >= 0, got '1e6'",
+        ),
+        (
+            {"DISCORD_TOKEN": "t", "DEDALUS_API_KEY": "k", "SERVER_TOKENS_PER_DAY": "lots"},
+            "error: SERVER_TOKENS_PER_DAY must be a whole number >= 0",
+        ),
+        (
+            {"DISCORD_TOKEN": "t", "DEDALUS_API_KEY": "k", "LIMITS_APPLY_TO_ADMINS": "maybe"},
+            "error: LIMITS_APPLY_TO_ADMINS must be true or false, got 'maybe'",
         ),
     ],
 )
@@ -190,3 +208,15 @@ async def test_no_secret_reaches_the_log(
     assert fake.token not in logged and harness.api.api_key not in logged  # ... without secrets
     shown = "\n".join(m.content for m in fake.bot_messages(fake.general_id))
     assert "refused the bot's API key" in shown and harness.api.api_key not in shown
+
+
+def test_usage_limits_are_off_unless_set() -> None:
+    base = {"DISCORD_TOKEN": "t", "DEDALUS_API_KEY": "k"}
+    assert load_settings(base).usage_limits == UsageLimits()
+    chosen = {
+        "USER_MESSAGES_PER_MINUTE": "5",
+        "USER_TOKENS_PER_DAY": "20000",
+        "SERVER_TOKENS_PER_DAY": "500000",
+        "LIMITS_APPLY_TO_ADMINS": "true",
+    }
+    assert load_settings(base | chosen).usage_limits == UsageLimits(5, 20_000, 500_000, True)

@@ -18,6 +18,7 @@ from bot.commands import Commands
 from bot.discord_bot.cogs.exchanges import Exchanges
 from bot.discord_bot.cogs.sessions import Sessions
 from bot.discord_bot.cogs.settings import Settings as SettingsCog
+from bot.discord_bot.cogs.usage import Usage
 from bot.discord_bot.conversation import UNEXPECTED, Conversation
 from bot.discord_bot.render import (
     ANSWERED_ELSEWHERE,
@@ -176,6 +177,7 @@ class ChatBot(commands.Bot):
         await self.add_cog(Sessions(self))
         await self.add_cog(SettingsCog(self))
         await self.add_cog(Exchanges(self))
+        await self.add_cog(Usage(self))
         self.tree.on_error = self._command_failed  # type: ignore[method-assign]
         if not self._syncs_commands:
             log.info("slash commands are synced by the process running shard 0")

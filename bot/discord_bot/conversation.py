@@ -21,7 +21,7 @@ from discord.ext import commands
 from bot.commands import ReplyMode
 from bot.context import speaker_label
 from bot.discord_bot.render import LiveReply
-from bot.discord_bot.scopes import channel_of, parent_of, scope_for
+from bot.discord_bot.scopes import channel_of, parent_of, scope_for, server_for
 from bot.engine import (
     HAND_BACK_SECONDS,
     NOT_KEPT_NOTE,
@@ -33,6 +33,7 @@ from bot.engine import (
 from bot.errors import BotError, CorruptSession, DamagedState, StoreUnavailable
 from bot.metrics import TurnPart
 from bot.store.base import AlreadyClaimed, Message
+from bot.usage import Account, OverLimit
 
 if TYPE_CHECKING:
     from bot.discord_bot.client import ChatBot
@@ -143,6 +144,32 @@ async def user_message(message: discord.Message, bot_id: int) -> Message:
     return {"role": "user", "content": text}
 
 
+def account_of(message: discord.Message) -> Account:
+    """Who a message's turn is charged to; members with Manage Server count as admins (in a
+    DM nobody does: the limits hold there too)."""
+    author = message.author
+    admin = isinstance(author, discord.Member) and author.guild_permissions.manage_guild
+    guild_id = message.guild.id if message.guild else None
+    return Account(server_for(guild_id, author.id), str(author.id), admin)
+
+
+async def refuse(message: discord.Message, over: OverLimit) -> None:
+    """Tell a member over a limit, once a minute at most (`over.notify`): a reply to their
+    message that pings nobody, not even them."""
+    log.info("message %s not answered: its author is over a usage limit", message.id)
+    if not over.notify:
+        return
+    try:
+        await message.channel.send(
+            str(over),
+            reference=message.to_reference(fail_if_not_exists=False),
+            mention_author=False,
+            allowed_mentions=discord.AllowedMentions.none(),
+        )
+    except (discord.HTTPException, aiohttp.ClientError) as error:
+        log.warning("could not tell a member they are over a limit: %s", error)
+
+
 class Conversation(commands.Cog):
     def __init__(self, bot: ChatBot) -> None:
         self.bot = bot
@@ -228,8 +255,11 @@ class Conversation(commands.Cog):
             await self.answer(message, channel)
         elif addressed and isinstance(channel, discord.TextChannel):
             try:  # the message is this process's before a side effect outside a turn
-                async with self.bot.engine.claimed(scope, str(message.id)):
+                account = account_of(message)
+                async with self.bot.engine.claimed(scope, str(message.id), account):
                     await self._answer_in_thread(message, channel, in_order)
+            except OverLimit as over:
+                await refuse(message, over)
             except (AlreadyClaimed, ShuttingDown):
                 log.debug("message %s is answered elsewhere", message.id)
             except StoreUnavailable as error:
@@ -294,6 +324,8 @@ class Conversation(commands.Cog):
                     on_text=live.feed,
                     on_begin=show_typing,
                     parent=parent.scope if parent else None,
+                    account=account_of(message),
+                    limits_checked=claimed,  # by `claimed`, with the message
                 )
             notes = SHORTENED_NOTE if reply.shortened else ""
             notes += f"\n\n-# {WITHOUT_HISTORY_NOTE}" if reply.without_history else ""
@@ -315,6 +347,8 @@ class Conversation(commands.Cog):
             )
         except (AlreadyClaimed, ShuttingDown):
             log.debug("message %s is answered elsewhere", message.id)
+        except OverLimit as over:
+            await refuse(message, over)
         except asyncio.CancelledError:  # stopping: the message was handed back
             if live.started:
                 with contextlib.suppress(discord.HTTPException, aiohttp.ClientError, TimeoutError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import discord
 
 from bot.commands import Parent
+from bot.usage import direct_server
 
 _PREFIX = "discord:"
 
@@ -35,3 +36,8 @@ def place_name(channel: object) -> str:
     if isinstance(channel, discord.DMChannel):
         return "this DM"
     return "this channel"
+
+
+def server_for(guild_id: int | None, user_id: int) -> str:
+    """Whose usage counters a message counts in: its guild's, or in a DM the user's own."""
+    return f"guild:{guild_id}" if guild_id is not None else direct_server(str(user_id))

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bot.errors import CorruptSession, InvalidSessionName, MessageTooLarge
+from bot.usage import Admission, Charge, Refusal, ServerUsage, SessionUsage
 
 Message = dict[str, Any]
 
@@ -661,6 +662,24 @@ class SessionStore(Protocol):
 
     async def release_summary(self, scope: str, name: str, token: str) -> None:
         """Give the summarizing lease back (when this token holds it), storing nothing."""
+
+    async def admit(self, admission: Admission) -> Refusal | None:
+        """Check a message against its account's limits and, when it passes, count it in
+        the member's message rate, in one atomic step (a message counts once, however often
+        it is checked). A refusal's `notify` is True for at most one refusal a minute per
+        member: the one to answer."""
+        ...
+
+    async def record_usage(self, charge: Charge) -> None:
+        """Add a run's tokens to its session's totals and its server's day."""
+        ...
+
+    async def session_usage(self, scope: str, name: str, server: str, day: str) -> SessionUsage:
+        """A session's token totals, and its and its server's tokens on `day`."""
+        ...
+
+    async def server_usage(self, server: str, days: list[str]) -> ServerUsage:
+        """A server's tokens on `days[0]` and over all `days`, and its top users over them."""
         ...
 
     async def close(self) -> None: ...

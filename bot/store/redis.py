@@ -15,6 +15,8 @@ and a script touches a single slot, as Redis Cluster requires; running on a Clus
                                                 turn's token) expiring with the turn's lock, then
                                                 `answered` for a day
     {prefix}:places                     zset    scope -> when the bot last answered there
+    {prefix}:{scope}:usage              hash    a session's tokens; the servers' counters are
+                                                in `bot.store.redis_usage`
     {prefix}:{scope}:s:{name}:meta      hash    model, mcp (JSON list), created, updated, format,
                                                 last_turn (the last saved turn's token),
                                                 gen and seq (see below), forgotten (messages
@@ -127,6 +129,8 @@ from bot.store.base import (
     stored_name,
 )
 from bot.store.recent import RecentCache, RecentWindow
+from bot.store.redis_usage import RedisUsage
+from bot.usage import Admission, Charge, Refusal, ServerUsage, SessionUsage
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +179,13 @@ def scope_key(scope: str, part: str) -> str:
     if "{" in scope or "}" in scope:
         raise ValueError(f"scope ids cannot contain braces: {scope!r}")
     return f"{KEY_PREFIX}:{{{scope}}}:{part}"
+
+
+def usage_key(server: str, part: str) -> str:
+    """A key of a server's usage counters (`bot.store.redis_usage`): all in one slot."""
+    if "{" in server or "}" in server:
+        raise ValueError(f"server ids cannot contain braces: {server!r}")
+    return f"{KEY_PREFIX}:{{usage:{server}}}:{part}"
 
 
 def places_key() -> str:
@@ -1177,6 +1188,7 @@ class RedisStore:
         self._swap_option = register(_SWAP_OPTION)
         self._delete = register(_DELETE_SESSION)
         self._forget_place = register(_FORGET_PLACE)
+        self._usage = RedisUsage(client, policy, usage_key, scope_key)
 
     @classmethod
     def from_url(
@@ -1623,6 +1635,25 @@ class RedisStore:
         if reply[0] == 3:
             raise CorruptSession(turn.session.name)
         return bool(reply[0] == 1)
+
+    async def admit(self, admission: Admission) -> Refusal | None:
+        async with self._available():
+            return await self._usage.admit(admission)
+
+    async def record_usage(self, charge: Charge) -> None:
+        async with self._available():
+            await self._usage.record(charge)
+
+    async def session_usage(self, scope: str, name: str, server: str, day: str) -> SessionUsage:
+        try:
+            async with self._available():
+                return await self._usage.session_usage(scope, name, server, day)
+        except ResponseError:  # junk in the counters' place: nothing readable counted
+            return SessionUsage()
+
+    async def server_usage(self, server: str, days: list[str]) -> ServerUsage:
+        async with self._available():
+            return await self._usage.server_usage(server, days)
 
     async def import_sessions(
         self, scope: str, sessions: dict[str, list[Message]], settings: SessionSettings

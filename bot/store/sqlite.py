@@ -33,6 +33,7 @@ from bot.errors import (
     SummaryInProgress,
     UnknownSession,
 )
+from bot.store import sqlite_usage
 from bot.store.base import (
     CLAIM_ANSWERED,
     DEFAULT_SESSION,
@@ -69,6 +70,7 @@ from bot.store.base import (
     shown_name,
     stored_name,
 )
+from bot.usage import Admission, Charge, Refusal, ServerUsage, SessionUsage
 
 T = TypeVar("T")
 
@@ -155,6 +157,7 @@ class SqliteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA secure_delete=ON")  # what is deleted leaves the file too
         self._db.executescript(_SCHEMA)
+        self._db.executescript(sqlite_usage.SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
         if "last_turn" not in columns:  # a file from before turns were idempotent
             self._db.execute("ALTER TABLE sessions ADD COLUMN last_turn TEXT")
@@ -270,6 +273,7 @@ class SqliteStore:
         db.execute("DELETE FROM claims WHERE expires < ?", (now,))
         db.execute("DELETE FROM queue WHERE deadline < ?", (now,))
         db.execute("DELETE FROM deleted_epochs WHERE expires < ?", (now,))
+        sqlite_usage.purge(db, now, sessions_expire=False)
         if not ttl:
             return
         cutoff = now - ttl
@@ -288,6 +292,7 @@ class SqliteStore:
             "DELETE FROM scopes WHERE scope NOT IN (SELECT scope FROM sessions)"
             " AND scope NOT IN (SELECT scope FROM scope_options)"
         )
+        sqlite_usage.purge(db, now, sessions_expire=True)
 
     def _trim_to_bytes(self, db: sqlite3.Connection, scope: str, name: str) -> None:
         """Drop the oldest messages beyond the session's byte cap (the newest always fits)."""
@@ -910,6 +915,18 @@ class SqliteStore:
         if isinstance(outcome, SessionCleared):
             raise outcome
         return outcome
+
+    async def admit(self, admission: Admission) -> Refusal | None:
+        return await self._run(lambda db: sqlite_usage.admit(db, admission))
+
+    async def record_usage(self, charge: Charge) -> None:
+        await self._run(lambda db: sqlite_usage.record(db, charge))
+
+    async def session_usage(self, scope: str, name: str, server: str, day: str) -> SessionUsage:
+        return await self._run(lambda db: sqlite_usage.session_usage(db, scope, name, server, day))
+
+    async def server_usage(self, server: str, days: list[str]) -> ServerUsage:
+        return await self._run(lambda db: sqlite_usage.server_usage(db, server, days))
 
     async def import_sessions(
         self, scope: str, sessions: dict[str, list[Message]], settings: SessionSettings

@@ -24,6 +24,13 @@ How failures surface in the SDK (0.3.0):
 - `reply_malformed()` -> by default invalid JSON labelled `application/json`; the SDK lets
   `json.JSONDecodeError` escape unwrapped. A JSON object that is not a completion, or a non-JSON
   content type, does not raise at all: the runner returns an empty `final_output`.
+
+Token usage, as OpenAI-style APIs report it: a JSON answer carries `usage` (`prompt_tokens`,
+`completion_tokens`, `total_tokens`); a streamed one only when the request asked with
+`stream_options: {"include_usage": true}`, in a last chunk whose `choices` is empty. The counts
+are about a token per four characters of the messages sent and of the answer; `reported_usage`
+lists what was reported, and `report_usage = False` leaves it out (a provider that does not
+report it).
 """
 
 from __future__ import annotations
@@ -130,6 +137,9 @@ class FakeDedalusAPI:
         self._summary_requests: list[Json] = []
         self._calls: list[str] = []
         self._ids = itertools.count(1)
+        self._reported: list[Json] = []
+        self.report_usage = True
+        """False: no answer carries `usage`, as with a provider that does not report it."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -291,6 +301,27 @@ class FakeDedalusAPI:
             return list(self._calls)
 
     @property
+    def reported_usage(self) -> list[Json]:
+        """The `usage` of each answer that carried one, in the order they were sent."""
+        with self._lock:
+            return list(self._reported)
+
+    def _usage(self, body: Json, answer: str) -> Json | None:
+        """The usage to report for this answer, recorded; None when none is reported."""
+        if not self.report_usage:
+            return None
+        prompt = max(1, len(json.dumps(body.get("messages"))) // 4)
+        completion = max(1, len(answer) // 4)
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        with self._lock:
+            self._reported.append(usage)
+        return usage
+
+    @property
     def pending_replies(self) -> int:
         """Scripted replies not consumed yet (a test can assert it reached 0)."""
         with self._lock:
@@ -356,20 +387,22 @@ class FakeDedalusAPI:
         if reply.kind == "error" or (reply.kind == "stream_error" and not body.get("stream")):
             return web.json_response(reply.error, status=reply.status, headers=reply.headers)
         if body.get("stream"):
-            return await self._stream(request, reply, model)
+            return await self._stream(request, reply, model, body)
         message: Json = {"role": "assistant", "content": reply.text}
         if reply.kind == "tool_call":
             message = {"role": "assistant", "content": None, "tool_calls": [reply.tool_call]}
         finish = "tool_calls" if reply.kind == "tool_call" else "stop"
-        prompt, completion = len(json.dumps(body.get("messages"))) // 4, len(reply.text) // 4
-        usage = {"prompt_tokens": prompt, "completion_tokens": completion}
+        answer = json.dumps(reply.tool_call) if reply.kind == "tool_call" else reply.text
+        usage = self._usage(body, answer)
         return web.json_response(
             self._envelope("chat.completion", model)
             | {"choices": [{"index": 0, "message": message, "finish_reason": finish}]}
-            | {"usage": usage | {"total_tokens": prompt + completion}}
+            | ({"usage": usage} if usage is not None else {})
         )
 
-    async def _stream(self, request: web.Request, reply: _Reply, model: str) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, reply: _Reply, model: str, body: Json
+    ) -> web.StreamResponse:
         """SSE the way OpenAI streams: a role delta, content or tool-call deltas, a finish delta."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -400,6 +433,13 @@ class FakeDedalusAPI:
                 await resp.write_eof()
                 return resp
             await send({}, "stop")
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            answer = json.dumps(reply.tool_call) if reply.kind == "tool_call" else reply.text
+            usage = self._usage(body, answer)
+            if usage is not None:
+                last = envelope | {"choices": [], "usage": usage}
+                await resp.write(f"data: {json.dumps(last)}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

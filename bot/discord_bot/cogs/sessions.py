@@ -11,7 +11,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord_bot.render import PRIVATE, respond, respond_with_file
-from bot.discord_bot.scopes import parent_of, place_name, scope_for
+from bot.discord_bot.scopes import parent_of, place_name, scope_for, server_for
 from bot.discord_bot.thread_titles import THREAD_NAME_MAX
 from bot.errors import BotError, InvalidInput
 from bot.exports import EXPORT_HELP, ExportFormat
@@ -150,12 +150,15 @@ class Sessions(commands.Cog):
         await respond_with_file(interaction, exported.summary, exported.filename, exported.data)
 
     @app_commands.command(
-        description="Show this place's session, model, MCP servers and persona",
+        description="Show this place's session, model, MCP servers, persona and tokens used",
         extras={PRIVATE: True},
     )
     async def status(self, interaction: discord.Interaction) -> None:
         channel = interaction.channel
         text = await self.bot.session_commands.status(
-            scope_for(interaction.channel_id or 0), place_name(channel), parent_of(channel)
+            scope_for(interaction.channel_id or 0),
+            place_name(channel),
+            parent_of(channel),
+            server_for(interaction.guild_id, interaction.user.id),
         )
         await respond(interaction, text)
