@@ -69,6 +69,7 @@ def build_engine(
         summary_lease_ms=int((settings.model_timeout_seconds * attempts + 30) * 1000),
         models=ModelChoice(settings.allowed_models, settings.default_model),
         usage=settings.usage_limits,
+        channel_context_share=settings.channel_context_share,
     )
     return Engine(store, model, limits, metrics)
 
@@ -189,6 +190,7 @@ async def run_bot(settings: Settings) -> None:
                 dev_guild_id=settings.dev_guild_id,
                 backfill=backfill,
                 titles=titles,
+                channel_context_messages=settings.channel_context_messages,
             )
         else:
             bot = ShardedChatBot(
@@ -197,6 +199,7 @@ async def run_bot(settings: Settings) -> None:
                 dev_guild_id=settings.dev_guild_id,
                 backfill=backfill,
                 titles=titles,
+                channel_context_messages=settings.channel_context_messages,
                 syncs_commands=shards.runs_shard_zero,
                 shard_count=shards.count,
                 shard_ids=None if shards.ids is None else list(shards.ids),

@@ -55,6 +55,12 @@ REPLY_MODE_HELP = {
     ReplyMode.THREADS: "opens a thread for each mention and continues there",
 }
 
+CHANNEL_CONTEXT_OPTION = "channel_context"
+CHANNEL_CONTEXT_HELP = {
+    True: "a mention also shows the model the messages since the bot's last answer here",
+    False: "the model sees only what is addressed to the bot",
+}
+
 MCP_SERVERS_MAX = 10
 MCP_ENTRY_MAX = 300
 _SLUG = re.compile(r"[\w-]+/[\w-]+(@[\w.-]+)?", re.ASCII)
@@ -381,6 +387,21 @@ class Commands:
             ) from None
         await self.store.set_scope_option(scope, REPLY_MODE_OPTION, mode.value)
         return f"Reply mode: {mode.value} (the bot {REPLY_MODE_HELP[mode]})."
+
+    async def channel_context(self, scope: str, parent: str | None = None) -> bool:
+        """Whether a mention in `scope` brings the place's recent messages along (on unless
+        an admin switched it off); a thread without a setting of its own follows `parent`."""
+        stored = await self.store.scope_option(scope, CHANNEL_CONTEXT_OPTION)
+        if stored is None and parent is not None:
+            stored = await self.store.scope_option(parent, CHANNEL_CONTEXT_OPTION)
+        return stored != "off"
+
+    async def set_channel_context(self, scope: str, choice: str) -> str:
+        wanted = choice.strip().lower()
+        if wanted not in ("on", "off"):
+            raise InvalidInput(f"Unknown choice {choice[:40]!r}. Choose on or off.")
+        await self.store.set_scope_option(scope, CHANNEL_CONTEXT_OPTION, wanted)
+        return f"Channel context: {wanted} ({CHANNEL_CONTEXT_HELP[wanted == 'on']})."
 
 
 def describe_status(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from bot.context import CHANNEL_CONTEXT_MESSAGES, CHANNEL_CONTEXT_SHARE
 from bot.errors import SettingsError
 from bot.logs import LogFormat
 from bot.store.base import HISTORY_CACHE_MB, HISTORY_CAP_MB, MESSAGE_CAP_KB, SESSIONS_PER_PLACE
@@ -88,6 +89,8 @@ class Settings:
     user_tokens_per_day: int  # USER_TOKENS_PER_DAY; 0 = no limit
     server_tokens_per_day: int  # SERVER_TOKENS_PER_DAY; 0 = no limit
     limits_apply_to_admins: bool  # LIMITS_APPLY_TO_ADMINS
+    channel_context_messages: int  # CHANNEL_CONTEXT_MESSAGES; 0 sends none
+    channel_context_share: float  # CHANNEL_CONTEXT_SHARE: of the context budget
     dev_guild_id: int | None  # DISCORD_DEV_GUILD_ID
     log_level: str  # LOG_LEVEL
     log_format: LogFormat  # LOG_FORMAT: text (for people) or json (one object per line)
@@ -173,6 +176,17 @@ def _non_negative_float(raw: str) -> float:
 def _up_to_100(raw: str) -> int:
     value = int(raw)
     if not 1 <= value <= 100:
+        raise ValueError(raw)
+    return value
+
+
+def _up_to_100_or_0(raw: str) -> int:
+    return 0 if int(raw) == 0 else _up_to_100(raw)
+
+
+def _share(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value <= 1:
         raise ValueError(raw)
     return value
 
@@ -373,6 +387,20 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         limits_apply_to_admins=_parsed(
             env, "LIMITS_APPLY_TO_ADMINS", False, _boolean, "true or false"
+        ),
+        channel_context_messages=_parsed(
+            env,
+            "CHANNEL_CONTEXT_MESSAGES",
+            CHANNEL_CONTEXT_MESSAGES,
+            _up_to_100_or_0,
+            "a whole number from 0 to 100",
+        ),
+        channel_context_share=_parsed(
+            env,
+            "CHANNEL_CONTEXT_SHARE",
+            CHANNEL_CONTEXT_SHARE,
+            _share,
+            "a fraction above 0, at most 1 (such as 0.25)",
         ),
         dev_guild_id=_parsed(env, "DISCORD_DEV_GUILD_ID", None, _positive_int, "a guild ID"),
         log_level=_parsed(env, "LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),

@@ -13,8 +13,18 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from bot.store.base import Message, message_size, newest_fitting
+
+CHANNEL_CONTEXT_MESSAGES = 50
+"""A mention brings along at most this many of the place's earlier messages (Discord serves
+up to 100 in the one request this takes)..."""
+CHANNEL_CONTEXT_SHARE = 0.25
+"""...and at most this share of the context budget (the newest that fit)."""
+CHANNEL_CONTEXT_HEADER = (
+    "Messages in the channel since your last answer (for context; not addressed to you):"
+)
 
 
 def newest_within(messages: Sequence[Message], budget_bytes: int) -> list[Message]:
@@ -104,6 +114,62 @@ def system_prompt(default: str, persona: str | None, persona_note: str = "") -> 
     if persona is None:
         return default
     return f"{persona}\n\n{persona_note}" if persona_note else persona
+
+
+@dataclass(frozen=True)
+class ChannelContext:
+    """What was said around a message addressed to the bot that its session does not hold.
+    It goes with that one turn and is never stored: the channel itself is the record, and
+    a second copy of it would grow without bound. Each item is a user message as the
+    message being answered would be (speaker first, files inlined, images as parts)."""
+
+    recent: Sequence[Message] = ()
+    """The place's messages since the bot's last answer there, oldest first."""
+    earlier: Sequence[Message] = ()
+    """Older messages that matter anyway (a thread's first message, the message replied
+    to), each already labelled; kept before any of `recent` when room is short."""
+
+
+def channel_context_message(context: ChannelContext | None, cap_bytes: int) -> Message | None:
+    """One user message, marked as context, to go just before the new message: `earlier`,
+    then the newest of `recent` that fit, all within `cap_bytes` of stored size. None when
+    there is nothing (or nothing fits)."""
+    if context is None:
+        return None
+    header: Message = {"role": "user", "content": CHANNEL_CONTEXT_HEADER}
+    room = cap_bytes - message_size(header)
+    earlier: list[Message] = []
+    for item in context.earlier:
+        size = message_size(item)
+        if size <= room:
+            earlier.append(item)
+            room -= size
+    count, _ = newest_fitting(map(message_size, reversed(context.recent)), room)
+    items = [*earlier, *context.recent[len(context.recent) - count :]]
+    if not items:
+        return None
+    parts: list[dict[str, Any]] = []
+    texts = [CHANNEL_CONTEXT_HEADER]
+
+    def flush() -> None:
+        if texts:
+            parts.append({"type": "text", "text": "\n".join(texts)})
+            texts.clear()
+
+    for item in items:
+        content = item.get("content")
+        for part in content if isinstance(content, list) else [{"type": "text", "text": content}]:
+            if not isinstance(part, dict):
+                continue
+            if part.get("type") == "text":
+                texts.append(str(part.get("text", "")))
+            else:  # an image, kept where it was shared
+                flush()
+                parts.append(part)
+    if not parts:
+        return {"role": "user", "content": "\n".join(texts)}
+    flush()
+    return {"role": "user", "content": parts}
 
 
 def history_room(system_prompt: str, user: Message, budget_bytes: int) -> int:

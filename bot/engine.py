@@ -28,8 +28,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 from bot.context import (
+    CHANNEL_CONTEXT_SHARE,
+    ChannelContext,
     Context,
     build_context,
+    channel_context_message,
     history_room,
     paired_tool_messages,
     speaker_of,
@@ -71,6 +74,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+ChannelContextSource = Callable[[], Awaitable[ChannelContext | None]]
+"""Collects what was said around the message (see `ChannelContext`); called only by the
+process that answers, once it holds the turn, so the place is read once per message."""
+
 
 BUSY_POLL_MAX_SECONDS = 0.1
 """A waiting turn asks again at least this often, so a queue of turns moves briskly."""
@@ -111,6 +118,8 @@ class EngineLimits:
     message_cap_bytes: int = MESSAGE_CAP_KB * 1024
     """A user message over this stored size is refused before the model sees it; a longer
     answer or tool result is stored cut, with a note (the user saw it whole)."""
+    channel_context_share: float = CHANNEL_CONTEXT_SHARE
+    """At most this share of `budget_bytes` goes to the channel's messages around a mention."""
     summaries: bool = True
     """Whether the older history is summarized (see `bot.summary`) rather than only cut."""
     summary_lease_ms: int = 300_000
@@ -125,6 +134,10 @@ class EngineLimits:
     persona_note: str = ""
     """Sent after a place's persona, which replaces `system_prompt` (see
     `bot.context.system_prompt`)."""
+
+    @property
+    def channel_context_bytes(self) -> int:
+        return int(self.budget_bytes * self.channel_context_share)
 
     @property
     def claim_poll_seconds(self) -> float:
@@ -280,6 +293,11 @@ class Engine:
         self._retired_logged: set[str] = set()
 
     @property
+    def channel_context_bytes(self) -> int:
+        """The most a turn's channel context may take (a collector can stop reading there)."""
+        return self._limits.channel_context_bytes
+
+    @property
     def draining(self) -> bool:
         """The process is stopping (`drain`): take no new work."""
         return self._draining
@@ -368,6 +386,7 @@ class Engine:
         parent: str | None = None,
         account: Account | None = None,
         limits_checked: bool = False,
+        around: ChannelContextSource | None = None,
     ) -> Reply:
         """Answer `user` in the scope's current session. With `on_text`, the answer streams:
         each text delta is handed to it as it arrives, and the full text is saved at the end.
@@ -377,7 +396,10 @@ class Engine:
         scope go in increasing `order` (default: now) across processes; a `claim` (a message
         id) is answered once, later tries raising `AlreadyClaimed`. The scope's persona, else
         `parent`'s (a thread's channel), replaces the default system prompt; both are read
-        at the turn's start, so a change made by any process counts from the next turn."""
+        at the turn's start, so a change made by any process counts from the next turn.
+        `around` adds what was said around the message to this call only
+        (`channel_context_message`): it is never stored, and its size comes out of the
+        history's room."""
         cap = self._limits.message_cap_bytes
         size = message_size(user)
         if size > cap:
@@ -413,7 +435,7 @@ class Engine:
                     await on_begin()
                 with self.metrics.timed(TurnPart.MODEL):
                     added, text, shortened, context = await self._kept_alive(
-                        turn, held, self._run(turn, system, user, on_text, meter)
+                        turn, held, self._run(turn, system, user, on_text, meter, around)
                     )
                 usage = await self._charge(turn, account, meter)
                 await self._still_claimed(turn, held)
@@ -621,6 +643,12 @@ class Engine:
                 found.append((scope, after))
         return found
 
+    async def last_answered(self, scope: str) -> int | None:
+        """The newest message answered in `scope` (a Discord message id), None when unknown:
+        where what the session already holds of the place ends."""
+        last = await self._store.scope_option(scope, LAST_ANSWERED_OPTION)
+        return int(last) if last is not None and last.isdigit() else None
+
     async def _save(self, turn: Turn, added: list[Message], user_ref: str | None) -> bool:
         """Save the turn, trying again on a storage fault: the model's answer is in hand, and
         saving is idempotent (a repeated save of the same turn stores nothing twice), so a
@@ -773,16 +801,20 @@ class Engine:
         user: Message,
         on_text: TextSink | None,
         meter: UsageMeter,
+        around: ChannelContextSource | None = None,
     ) -> tuple[list[Message], str, bool, Context]:
         """Call the model; when the provider says the context is too long, once more with
-        half of the history that was sent."""
+        half of the history that was sent. `around` is read once, before the first call."""
         recent, budget = self._unsummarized(turn), self._limits.budget_bytes
         measured = turn.recent_bytes if len(recent) == len(turn.recent) else None
+        extra = None
+        if around is not None:
+            extra = channel_context_message(await around(), self._limits.channel_context_bytes)
         for shortened in (False, True):
             context = build_context(
                 system,
                 turn.summary.text if turn.summary else None,
-                (),
+                () if extra is None else (extra,),
                 recent,
                 user,
                 budget,

@@ -11,6 +11,7 @@ from typing import Any
 
 from bot.commands import Commands
 from bot.config import PERSONA_NOTE
+from bot.context import CHANNEL_CONTEXT_MESSAGES
 from bot.discord_bot.client import ChatBot
 from bot.discord_bot.scopes import scope_for
 from bot.engine import Engine, EngineLimits
@@ -34,6 +35,8 @@ class Harness:
         self.redis_url = redis_url
         self.budget_bytes = 200_000
         self.dev_guild_id: int | None = None
+        self.channel_context_messages = CHANNEL_CONTEXT_MESSAGES
+        """At most this many earlier messages go with a mention; set it, then `restart()`."""
         self.policy = StorePolicy(TEST_MODELS[0])
         """The store's limits; set it, then `restart()`."""
         self.allowed_models: tuple[str, ...] = TEST_MODELS
@@ -69,6 +72,7 @@ class Harness:
             ),
             dev_guild_id=self.dev_guild_id,
             titles=ThreadTitles(self.store, model),
+            channel_context_messages=self.channel_context_messages,
             guild_ready_timeout=0.1,
         )
         self.bot = bot

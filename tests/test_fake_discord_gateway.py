@@ -309,6 +309,69 @@ async def test_too_long_message_is_refused_like_discord(
     assert fake.messages_in(fake.general_id) == []
 
 
+async def test_channel_history_pages_like_discord(fake: FakeDiscord, bot: ThrowawayBot) -> None:
+    said = [fake.user_says(fake.general_id, fake.member, f"message {i}") for i in range(5)]
+    channel = bot.get_channel(fake.general_id)
+    assert isinstance(channel, discord.TextChannel)
+
+    before = [m.id async for m in channel.history(limit=2, before=discord.Object(said[3]))]
+    after = [m.id async for m in channel.history(limit=2, after=discord.Object(said[0]))]
+    newest = [m.id async for m in channel.history(limit=3)]
+
+    assert before == [said[2], said[1]]  # newest first, the ones just before
+    assert after == [said[1], said[2]]  # the ones just after (discord.py reorders them)
+    assert newest == [said[4], said[3], said[2]]
+    assert [r.query for r in fake.history_reads(fake.general_id)] == [
+        {"limit": "2", "before": str(said[3])},
+        {"limit": "2", "after": str(said[0])},
+        {"limit": "3"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ({"limit": 0}, "limit"),
+        ({"limit": 101}, "limit"),
+        ({"limit": "many"}, "limit"),
+        ({"before": "soon"}, "before"),
+        ({"before": 5, "after": 1}, "before"),
+    ],
+)
+async def test_a_bad_history_query_is_refused_like_discord(
+    fake: FakeDiscord, bot: ThrowawayBot, query: dict[str, Any], field: str
+) -> None:
+    route = Route("GET", "/channels/{channel_id}/messages", channel_id=fake.general_id)
+    with pytest.raises(discord.HTTPException) as refused:
+        await bot.http.request(route, params=query)
+    assert (refused.value.status, refused.value.code) == (400, 50035)
+    assert field in str(refused.value.text)
+
+
+async def test_history_without_read_message_history_is_empty(
+    fake: FakeDiscord, bot: ThrowawayBot
+) -> None:
+    fake.user_says(fake.general_id, fake.member, "hidden")
+    fake.set_permission_overwrite(fake.general_id, fake.bot_id, deny=Perm.READ_MESSAGE_HISTORY)
+    channel = bot.get_channel(fake.general_id)
+    assert isinstance(channel, discord.TextChannel)
+    assert [m async for m in channel.history(limit=10)] == []
+
+
+async def test_a_thread_from_a_members_message_starts_with_a_reference_to_it(
+    fake: FakeDiscord, bot: ThrowawayBot
+) -> None:
+    topic = fake.user_says(fake.general_id, fake.member, "let's talk about cats")
+    thread_id = fake.create_thread(fake.general_id, "cats", from_message=topic)
+    thread = await fake.wait_for(lambda: bot.get_channel(thread_id), what="THREAD_CREATE")
+    assert isinstance(thread, discord.Thread)
+
+    [starter] = [m async for m in thread.history(limit=10)]
+    assert thread_id == topic and starter.type is discord.MessageType.thread_starter_message
+    original = starter.reference.resolved if starter.reference else None
+    assert isinstance(original, discord.Message) and original.content == "let's talk about cats"
+
+
 async def test_dm_and_attachment_reach_the_bot(fake: FakeDiscord, bot: ThrowawayBot) -> None:
     notes = fake.add_attachment("notes.txt", b"remember the milk", "text/plain")
     dm = fake.dm_channel(fake.member)

@@ -16,9 +16,9 @@ from tests.discord_harness import Harness
 from tests.fakes.discord_gateway import CommandRefused
 
 ADMIN_ONLY = {"clear", "compact", "model", "mcp", "mode", "persona", "delete", "forget-channel"}
-ADMIN_ONLY |= {"usage"}
+ADMIN_ONLY |= {"usage", "context"}
 COMMANDS = {"new", "list", "load", "clear", "compact", "status", "export", "model", "mcp"}
-COMMANDS |= {"mode", "persona", "retry", "undo", "delete", "forget-channel", "usage"}
+COMMANDS |= {"mode", "persona", "retry", "undo", "delete", "forget-channel", "usage", "context"}
 
 
 async def ask(harness: Harness, text: str, answers_before: int) -> None:
@@ -55,6 +55,7 @@ async def test_a_development_guild_gets_the_commands_at_once(harness: Harness) -
         ("mcp", {"server": "acme/x"}, "add"),
         ("mode", {"mode": "all"}, None),
         ("usage", None, None),
+        ("context", {"state": "off"}, None),
     ],
 )
 async def test_a_member_cannot_use_admin_commands(

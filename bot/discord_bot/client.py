@@ -15,6 +15,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.commands import Commands
+from bot.context import CHANNEL_CONTEXT_MESSAGES
 from bot.discord_bot.cogs.exchanges import Exchanges
 from bot.discord_bot.cogs.sessions import Sessions
 from bot.discord_bot.cogs.settings import Settings as SettingsCog
@@ -152,6 +153,7 @@ class ChatBot(commands.Bot):
         backfill: Backfill | None = None,
         titles: ThreadTitles | None = None,
         syncs_commands: bool = True,
+        channel_context_messages: int = CHANNEL_CONTEXT_MESSAGES,
         **options: object,
     ) -> None:
         super().__init__(
@@ -164,7 +166,7 @@ class ChatBot(commands.Bot):
         )
         self.engine = engine
         self.session_commands = session_commands
-        self.conversation = Conversation(self)
+        self.conversation = Conversation(self, channel_context_messages)
         self.thread_names = ThreadNamer(titles)
         """Titles the threads the bot opens (none without `titles`)."""
         self._dev_guild_id = dev_guild_id

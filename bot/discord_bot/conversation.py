@@ -7,19 +7,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import logging
 import re
 import time
 import weakref
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import aiohttp
 import discord
 from discord.ext import commands
 
 from bot.commands import ReplyMode
-from bot.context import speaker_label
+from bot.context import ChannelContext, speaker_label
 from bot.discord_bot.render import LiveReply
 from bot.discord_bot.scopes import channel_of, parent_of, scope_for, server_for
 from bot.engine import (
@@ -28,11 +29,12 @@ from bot.engine import (
     WITHOUT_HISTORY_NOTE,
     AnsweredElsewhere,
     Backfill,
+    ChannelContextSource,
     ShuttingDown,
 )
 from bot.errors import BotError, CorruptSession, DamagedState, StoreUnavailable
 from bot.metrics import TurnPart
-from bot.store.base import AlreadyClaimed, Message
+from bot.store.base import AlreadyClaimed, Message, message_size
 from bot.usage import Account, OverLimit
 
 if TYPE_CHECKING:
@@ -71,13 +73,26 @@ TEXT_SUFFIXES = frozenset(
     ]
 )
 REPLY_MODE_CACHE_SECONDS = 30.0
-"""How long this process trusts its copy of a channel's reply mode (another process may
-change it); `/mode` here updates it at once."""
+"""How long this process trusts its copy of a channel's reply mode and channel-context switch
+(another process may change them); `/mode` and `/context` here update it at once."""
+CONTEXT_TYPES = frozenset(
+    [
+        discord.MessageType.default,
+        discord.MessageType.reply,
+        discord.MessageType.chat_input_command,
+        discord.MessageType.context_menu_command,
+    ]
+)
+"""Messages people (and other bots) wrote; joins, pins and the like are left out."""
+STARTER_LABEL = "(the message this thread was started from) "
+REPLIED_LABEL = "(the message being replied to) "
 SHORTENED_NOTE = (
     "\n\n-# Earlier messages were left out: the conversation is too long for the model."
 )
 UNEXPECTED = "Something went wrong on the bot's side; the conversation is unchanged."
 INTERRUPTED = "The bot was stopped before it finished this answer; it answers again once back."
+
+T = TypeVar("T")
 
 _USER_MENTION = re.compile(r"<@!?(\d+)>")
 _ROLE_MENTION = re.compile(r"<@&(\d+)>")
@@ -114,7 +129,9 @@ async def user_message(message: discord.Message, bot_id: int) -> Message:
     """What is stored and sent: who spoke (name and ID, since channels have many speakers),
     the text, text files inlined, images as image parts, and a note for anything else."""
     author = message.author
-    lines = [f"{speaker_label(author.display_name, author.id)}: {readable_text(message, bot_id)}"]
+    bot = ", a bot" if author.bot else ""
+    label = speaker_label(author.display_name, f"{author.id}{bot}")
+    lines = [f"{label}: {readable_text(message, bot_id)}"]
     images: list[dict[str, Any]] = []
     for attachment in message.attachments:
         kind = (attachment.content_type or "").split(";")[0].strip()
@@ -170,17 +187,47 @@ async def refuse(message: discord.Message, over: OverLimit) -> None:
         log.warning("could not tell a member they are over a limit: %s", error)
 
 
+def _labelled(item: Message, label: str) -> Message:
+    content = item.get("content")
+    if isinstance(content, str):
+        return {**item, "content": label + content}
+    if isinstance(content, list) and content and isinstance(content[0], dict):
+        first = {**content[0], "text": label + str(content[0].get("text", ""))}
+        return {**item, "content": [first, *content[1:]]}
+    return item
+
+
+class _PerPlace(Generic[T]):
+    """A per-place setting another process may change, trusted for a short while."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[T, float]] = {}
+
+    def get(self, scope: str) -> T | None:
+        cached = self._known.get(scope)
+        return cached[0] if cached and cached[1] > time.monotonic() else None
+
+    def forget(self, scope: str) -> None:
+        self._known.pop(scope, None)
+
+    def remember(self, scope: str, value: T) -> None:
+        if len(self._known) > 10_000:
+            self._known.clear()
+        self._known[scope] = (value, time.monotonic() + REPLY_MODE_CACHE_SECONDS)
+
+
 class Conversation(commands.Cog):
-    def __init__(self, bot: ChatBot) -> None:
+    def __init__(self, bot: ChatBot, channel_context_messages: int) -> None:
         self.bot = bot
-        self._modes: dict[str, tuple[ReplyMode, float]] = {}
+        self._context_messages = channel_context_messages
+        self._modes = _PerPlace[ReplyMode]()
+        self._context_on = _PerPlace[bool]()
         self._in_arrival_order: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
 
     def _known_mode(self, scope: str) -> ReplyMode | None:
-        cached = self._modes.get(scope)
-        return cached[0] if cached and cached[1] > time.monotonic() else None
+        return self._modes.get(scope)
 
     async def reply_mode(self, scope: str) -> ReplyMode:
         known = self._known_mode(scope)
@@ -191,13 +238,94 @@ class Conversation(commands.Cog):
         return mode
 
     def remember_mode(self, scope: str, mode: ReplyMode) -> None:
-        if len(self._modes) > 10_000:
-            self._modes.clear()
-        self._modes[scope] = (mode, time.monotonic() + REPLY_MODE_CACHE_SECONDS)
+        self._modes.remember(scope, mode)
+
+    def remember_channel_context(self, scope: str, on: bool) -> None:
+        self._context_on.remember(scope, on)
+
+    async def _channel_context_on(self, channel: discord.abc.Messageable) -> bool:
+        scope = scope_for(channel.id)  # type: ignore[attr-defined]
+        known = self._context_on.get(scope)
+        if known is None:
+            parent = parent_of(channel)
+            known = await self.bot.session_commands.channel_context(
+                scope, parent.scope if parent else None
+            )
+            self._context_on.remember(scope, known)
+        return known
+
+    def _around(self, message: discord.Message) -> ChannelContextSource | None:
+        if not self._context_messages:
+            return None
+        return functools.partial(self._channel_context, message)
+
+    async def _channel_context(self, message: discord.Message) -> ChannelContext | None:
+        """What was said in the message's channel since the bot's last answer there, read in
+        one request (the page of messages just before it), with the thread's first message
+        when the bot never answered in that thread, and the message replied to (which the
+        event carries). Nothing when an admin switched it off; a read Discord refuses is
+        logged and the turn goes on without it."""
+        me = self.bot.user
+        assert me is not None
+        channel = message.channel
+        scope = scope_for(channel.id)
+        try:
+            if not await self._channel_context_on(channel):
+                return None
+            last = await self.bot.engine.last_answered(scope)
+        except StoreUnavailable:
+            log.warning("no channel context for %s: storage unavailable", message.id)
+            return None
+        try:
+            page = [m async for m in channel.history(limit=self._context_messages, before=message)]
+        except (discord.HTTPException, aiohttp.ClientError) as error:
+            log.warning("could not read the messages before %s in %s: %s", message.id, scope, error)
+            page = []
+        first_time = last is None
+        if last is None:  # never answered here (or forgotten): since its own last message
+            last = next((m.id for m in page if m.author.id == me.id), 0)
+        since = [
+            m
+            for m in reversed(page)
+            if m.id > last and m.author.id != me.id and m.type in CONTEXT_TYPES
+        ]
+        shown = {m.id for m in since}
+        earlier: list[Message] = []
+        if first_time and isinstance(channel, discord.Thread):
+            starter = (
+                next(
+                    (
+                        m.reference.resolved
+                        for m in page
+                        if m.type is discord.MessageType.thread_starter_message and m.reference
+                    ),
+                    None,
+                )
+                or channel.starter_message
+            )
+            if isinstance(starter, discord.Message) and starter.id not in shown:
+                earlier.append(_labelled(await user_message(starter, me.id), STARTER_LABEL))
+                shown.add(starter.id)
+        replied = message.reference.resolved if message.reference else None
+        mine = isinstance(replied, discord.Message) and replied.author.id == me.id
+        if isinstance(replied, discord.Message) and not mine and replied.id not in shown:
+            earlier.append(_labelled(await user_message(replied, me.id), REPLIED_LABEL))
+        room = self.bot.engine.channel_context_bytes - sum(map(message_size, earlier))
+        recent: list[Message] = []
+        for m in reversed(since):  # the newest first, reading files only while they may fit
+            item = await user_message(m, me.id)
+            room -= message_size(item)
+            if room < 0:
+                break
+            recent.append(item)
+        recent.reverse()
+        return ChannelContext(recent=recent, earlier=earlier)
 
     def forget_mode(self, scope: str) -> None:
-        """The place's stored mode was deleted: read it (the default) again."""
-        self._modes.pop(scope, None)
+        """The place's stored mode (and channel-context switch) was deleted: read it (the
+        default) again."""
+        self._modes.forget(scope)
+        self._context_on.forget(scope)
 
     def _addressed(self, message: discord.Message, me: discord.ClientUser) -> bool:
         if me in message.mentions:
@@ -251,8 +379,10 @@ class Conversation(commands.Cog):
             if addressed:
                 await LiveReply(channel, message).fail(str(error))
             return
-        if mode is ReplyMode.ALL or (addressed and mode is ReplyMode.MENTIONS):
+        if mode is ReplyMode.ALL:
             await self.answer(message, channel)
+        elif addressed and mode is ReplyMode.MENTIONS:
+            await self.answer(message, channel, around=self._around(message))
         elif addressed and isinstance(channel, discord.TextChannel):
             try:  # the message is this process's before a side effect outside a turn
                 account = account_of(message)
@@ -265,7 +395,7 @@ class Conversation(commands.Cog):
             except StoreUnavailable as error:
                 await LiveReply(channel, message).fail(str(error))
         elif addressed:  # threads mode, in a place that cannot hold threads
-            await self.answer(message, channel)
+            await self.answer(message, channel, around=self._around(message))
 
     async def _answer_in_thread(
         self,
@@ -283,20 +413,25 @@ class Conversation(commands.Cog):
             opened = channel.guild.get_thread(message.id)  # by a process that died meanwhile
             if opened is None:
                 log.warning("could not open a thread for %s: HTTP %s", message.id, error.status)
-                await self.answer(message, channel, claimed=True)
+                await self.answer(message, channel, claimed=True, around=self._around(message))
                 return
             thread = opened
         else:
             await self.bot.thread_names.opened(thread)
         await in_order.aclose()  # a thread is a session of its own: answers there run in parallel
-        await self.answer(message, thread, claimed=True)
+        await self.answer(message, thread, claimed=True, around=self._around(message))
 
     async def answer(
-        self, message: discord.Message, channel: discord.abc.Messageable, claimed: bool = False
+        self,
+        message: discord.Message,
+        channel: discord.abc.Messageable,
+        claimed: bool = False,
+        around: ChannelContextSource | None = None,
     ) -> None:
         """Stream the engine's answer into `channel` (the message's own, or its new thread).
         The turn claims the message, so a duplicate delivery, or the same event seen by
-        another process, is answered once; turns follow the messages' order."""
+        another process, is answered once; turns follow the messages' order. `around`
+        collects the channel's messages around it, once this process holds the turn."""
         me = self.bot.user
         assert me is not None
         reference = message if channel == message.channel else None
@@ -326,6 +461,7 @@ class Conversation(commands.Cog):
                     parent=parent.scope if parent else None,
                     account=account_of(message),
                     limits_checked=claimed,  # by `claimed`, with the message
+                    around=around,
                 )
             notes = SHORTENED_NOTE if reply.shortened else ""
             notes += f"\n\n-# {WITHOUT_HISTORY_NOTE}" if reply.without_history else ""

@@ -49,6 +49,7 @@ from tests.fakes.discord_world import (
     GENERAL_ID,
     GUILD_ID,
     MEMBER_ID,
+    OTHER_BOT_ID,
     OTHER_CHANNEL_ID,
     OTHER_GUILD_ID,
     OTHER_MEMBER_ID,
@@ -156,6 +157,8 @@ class FakeDiscord:
         self.member: dict[str, Any] = self._world.users[MEMBER_ID]
         self.other_member: dict[str, Any] = self._world.users[OTHER_MEMBER_ID]
         """A second member without Manage Server, for what one member may not do to another's."""
+        self.other_bot: dict[str, Any] = self._world.users[OTHER_BOT_ID]
+        """Another application's bot, which speaks in channels too."""
         self.guild_id = GUILD_ID
         self.general_id, self.random_id = GENERAL_ID, RANDOM_ID
         self.channel_ids = {"general": GENERAL_ID, "random": RANDOM_ID}
@@ -305,12 +308,20 @@ class FakeDiscord:
         *,
         owner: dict[str, Any] | int | None = None,
         private: bool = False,
+        from_message: int | None = None,
     ) -> int:
-        """A user opens a thread (THREAD_CREATE); returns the thread's id."""
+        """A user opens a thread (THREAD_CREATE); returns the thread's id. `from_message`
+        (a message in the parent) starts a public thread from it, as Discord does: the thread
+        takes the message's id and begins with a thread starter message pointing to it."""
         with self._lock:
             owner_id = int(self._world.user(owner or MEMBER_ID)["id"])
-            kind = PRIVATE_THREAD if private else PUBLIC_THREAD
-            return self._world.create_thread(parent_id, name, owner_id, thread_type=kind).id
+            if from_message is None:
+                kind = PRIVATE_THREAD if private else PUBLIC_THREAD
+                return self._world.create_thread(parent_id, name, owner_id, thread_type=kind).id
+            self._world.message(parent_id, from_message)
+            thread = self._world.create_thread(parent_id, name, owner_id, thread_id=from_message)
+            self._world.start_thread_message(thread, owner_id)
+            return thread.id
 
     def rename_thread(
         self, thread_id: int, name: str, *, by: dict[str, Any] | int | None = None
@@ -493,6 +504,16 @@ class FakeDiscord:
     def requests(self) -> list[RecordedRequest]:
         with self._lock:
             return list(self._rest.records.requests)
+
+    def history_reads(self, channel_id: int | None = None) -> list[RecordedRequest]:
+        """The requests for a channel's messages (`GET /channels/{id}/messages`), in order."""
+        return [
+            r
+            for r in self.requests
+            if r.method == "GET"
+            and r.path.endswith("/messages")
+            and (channel_id is None or r.path.endswith(f"/channels/{channel_id}/messages"))
+        ]
 
     @property
     def refused(self) -> list[Refusal]:

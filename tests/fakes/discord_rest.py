@@ -14,7 +14,7 @@ import re
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +80,44 @@ def json_response(
         status=status,
         headers={"Content-Type": JSON, **(headers or {})},
     )
+
+
+def _form_error(field_name: str, code: str, message: str) -> DiscordError:
+    errors = {field_name: {"_errors": [{"code": code, "message": message}]}}
+    return DiscordError(400, 50035, "Invalid Form Body", errors)
+
+
+def _history_query(query: Mapping[str, str]) -> tuple[int, dict[str, int]]:
+    """`limit` and the one of `before`/`after`/`around` given, refused as Discord refuses
+    them (50035, naming the field). Discord's documentation calls the three mutually
+    exclusive; the fake refuses more than one rather than guess which would win."""
+    raw = query.get("limit", "50")
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise _form_error("limit", "NUMBER_TYPE_COERCE", f'Value "{raw}" is not int.') from None
+    if limit < 1:
+        raise _form_error(
+            "limit", "NUMBER_TYPE_MIN", "int value should be greater than or equal to 1."
+        )
+    if limit > 100:
+        raise _form_error(
+            "limit", "NUMBER_TYPE_MAX", "int value should be less than or equal to 100."
+        )
+    pivots: dict[str, int] = {}
+    for name in ("around", "before", "after"):
+        if name in query:
+            value = query[name]
+            if not value.isascii() or not value.isdigit():
+                raise _form_error(name, "NUMBER_TYPE_COERCE", f'Value "{value}" is not snowflake.')
+            pivots[name] = int(value)
+    if len(pivots) > 1:
+        raise _form_error(
+            sorted(pivots)[-1],
+            "BASE_TYPE_BAD_COMBINATION",
+            "around, before and after exclude each other.",
+        )
+    return limit, pivots
 
 
 def _truthy(value: str | None) -> bool:
@@ -414,22 +452,29 @@ class RestApi:
             return json_response(self.world.channel_payload(renamed))
 
     async def get_messages(self, request: web.Request) -> web.Response:
-        query = request.query
-        limit = max(1, min(int(query.get("limit", 50)), 100))
+        """Newest first, as Discord answers: the `limit` (1 to 100, default 50) messages just
+        before `before`, just after `after`, or around `around`, of which at most one may
+        be given. A bot without Read Message History here gets an empty list."""
+        limit, pivots = _history_query(request.query)
         with self.lock:
-            self.world.channel(request.match_info["channel_id"])
-            found = self.world.channel_messages(int(request.match_info["channel_id"]))
-            if "before" in query:
-                found = [m for m in found if m.id < int(query["before"])]
-            if "after" in query:
-                found = [m for m in found if m.id > int(query["after"])][:limit]
-            if "around" in query:
-                pivot = int(query["around"])
+            channel = self.world.channel(request.match_info["channel_id"])
+            if channel.guild_id is not None and not (
+                self.world.channel_permissions(BOT_ID, channel) & Perm.READ_MESSAGE_HISTORY
+            ):
+                return json_response([])
+            found = self.world.channel_messages(channel.id)
+            if "before" in pivots:
+                found = [m for m in found if m.id < pivots["before"]][-limit:]
+            elif "after" in pivots:
+                found = [m for m in found if m.id > pivots["after"]][:limit]
+            elif "around" in pivots:
+                pivot = pivots["around"]
                 found = [m for m in found if m.id < pivot][-(limit // 2) :] + [
                     m for m in found if m.id >= pivot
                 ][: limit - limit // 2]
-            newest_first = [self.world.message_payload(m) for m in reversed(found[-limit:])]
-            return json_response(newest_first)
+            else:
+                found = found[-limit:]
+            return json_response([self.world.message_payload(m) for m in reversed(found)])
 
     async def get_message(self, request: web.Request) -> web.Response:
         with self.lock:

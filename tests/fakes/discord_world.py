@@ -24,6 +24,7 @@ GUILD_ID = 1_000_000_000_000_000_100
 ADMIN_ID = 1_000_000_000_000_000_201
 MEMBER_ID = 1_000_000_000_000_000_202
 OTHER_MEMBER_ID = 1_000_000_000_000_000_203
+OTHER_BOT_ID = 1_000_000_000_000_000_204
 ADMIN_ROLE_ID = 1_000_000_000_000_000_301
 BOT_ROLE_ID = 1_000_000_000_000_000_302
 GENERAL_ID = 1_000_000_000_000_000_401
@@ -39,6 +40,7 @@ THREAD_TYPES = (10, PUBLIC_THREAD, PRIVATE_THREAD)
 ROLE, MEMBER = 0, 1  # the kinds of permission overwrite
 
 DEFAULT_MESSAGE, REPLY_MESSAGE, CHAT_INPUT_COMMAND_MESSAGE = 0, 19, 20
+THREAD_STARTER_MESSAGE = 21
 EPHEMERAL, LOADING = 1 << 6, 1 << 7
 
 
@@ -256,6 +258,8 @@ class World:
             ADMIN_ID: _user(ADMIN_ID, "alice", "Alice Admin"),
             MEMBER_ID: _user(MEMBER_ID, "bob", "Bob Member"),
             OTHER_MEMBER_ID: _user(OTHER_MEMBER_ID, "carol", "Carol Member"),
+            # Another application's bot: it posts in the guild but is not a cached member.
+            OTHER_BOT_ID: _user(OTHER_BOT_ID, "otherbot", "Other Bot", bot=True),
         }
         self.roles: dict[int, dict[str, Any]] = {
             GUILD_ID: _role(GUILD_ID, "@everyone", Perm.EVERYONE, 0),
@@ -495,6 +499,25 @@ class World:
         thread.names.append(name)
         self.dispatch("THREAD_UPDATE", self.channel_payload(thread))
         return thread
+
+    def start_thread_message(self, thread: Channel, author_id: int) -> Message:
+        """A thread made from a message begins with a THREAD_STARTER_MESSAGE (type 21): no
+        content of its own, a reference to the message in the parent channel, which reads of
+        the thread carry as `referenced_message`."""
+        assert thread.parent_id is not None
+        reference = {"message_id": str(thread.id), "channel_id": str(thread.parent_id)}
+        msg = Message(
+            self.ids.next(),
+            thread.id,
+            author_id,
+            "",
+            [""],
+            type=THREAD_STARTER_MESSAGE,
+            message_reference=reference,
+        )
+        self.messages[msg.id] = msg
+        self.dispatch("MESSAGE_CREATE", self.message_payload(msg))
+        return msg
 
     def dm_channel(self, user_id: int) -> Channel:
         for channel in self.channels.values():

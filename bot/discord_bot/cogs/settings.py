@@ -1,7 +1,8 @@
-"""`/model`, `/mcp`, `/mode` and `/persona`: what the model is, which tools it has, when
-the bot answers, who it is in this channel. In servers these are for members with Manage
-Server (Discord enforces the command's default permissions; admins can change them in the
-server's settings); in DMs the user owns their session."""
+"""`/model`, `/mcp`, `/mode`, `/persona` and `/context`: what the model is, which tools it
+has, when the bot answers, who it is in this channel and what of the channel it reads. In
+servers these are for members with Manage Server (Discord enforces the command's default
+permissions; admins can change them in the server's settings); in DMs the user owns their
+session."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.commands import PERSONA_MAX_CHARS, REPLY_MODE_HELP, ReplyMode
+from bot.commands import CHANNEL_CONTEXT_HELP, PERSONA_MAX_CHARS, REPLY_MODE_HELP, ReplyMode
 from bot.discord_bot.conversation import UNEXPECTED
 from bot.discord_bot.render import FORM, PRIVATE, respond, show_form
 from bot.discord_bot.scopes import parent_of, place_name, scope_for
@@ -186,4 +187,23 @@ class Settings(commands.Cog):
         text = await self.bot.session_commands.clear_persona(
             _scope(interaction), parent_of(interaction.channel)
         )
+        await respond(interaction, text)
+
+    @app_commands.command(
+        name="context",
+        description="Whether a mention shows the model the channel's recent messages",
+    )
+    @app_commands.describe(state="on (default) or off")
+    @app_commands.choices(
+        state=[
+            app_commands.Choice(name=f"{state}: {CHANNEL_CONTEXT_HELP[state == 'on']}", value=state)
+            for state in ("on", "off")
+        ]
+    )
+    @app_commands.default_permissions(manage_guild=True)
+    @app_commands.guild_only()
+    async def channel_context(self, interaction: discord.Interaction, state: str) -> None:
+        scope = _scope(interaction)
+        text = await self.bot.session_commands.set_channel_context(scope, state)
+        self.bot.conversation.remember_channel_context(scope, state.strip().lower() == "on")
         await respond(interaction, text)
