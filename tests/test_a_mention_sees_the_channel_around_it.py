@@ -80,6 +80,7 @@ async def test_a_thread_first_seen_midway_shows_its_start(harness: Harness) -> N
     started = await harness.say(fake.general_id, fake.member, "our deploy broke at noon")
     thread = fake.create_thread(fake.general_id, "deploy", from_message=started)
     await harness.say(thread, fake.admin, "the logs say out of memory")
+    await harness.restart()  # nothing cached: the thread's own first message leads to its start
     await harness.say(thread, fake.member, "what now?", mentions_bot=True)
     [reply] = await harness.answer(thread)
     assert "what now?" in reply.content
