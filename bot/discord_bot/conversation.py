@@ -197,6 +197,22 @@ def _labelled(item: Message, label: str) -> Message:
     return item
 
 
+def _thread_starter(
+    channel: discord.abc.Messageable, page: list[discord.Message]
+) -> discord.Message | None:
+    """The message a thread was started from, without a request: a thread made from a
+    message begins with a thread starter message whose reference Discord resolves (when the
+    page reaches back that far), and discord.py may have the message itself from the parent
+    channel. A forum post's first message is the thread's own, found in the page."""
+    if not isinstance(channel, discord.Thread):
+        return None
+    for m in page:
+        resolved = m.reference.resolved if m.reference else None
+        if m.type is discord.MessageType.thread_starter_message and resolved is not None:
+            return resolved if isinstance(resolved, discord.Message) else None  # deleted
+    return channel.starter_message
+
+
 class _PerPlace(Generic[T]):
     """A per-place setting another process may change, trusted for a short while."""
 
@@ -291,24 +307,16 @@ class Conversation(commands.Cog):
         ]
         shown = {m.id for m in since}
         earlier: list[Message] = []
-        if first_time and isinstance(channel, discord.Thread):
-            starter = (
-                next(
-                    (
-                        m.reference.resolved
-                        for m in page
-                        if m.type is discord.MessageType.thread_starter_message and m.reference
-                    ),
-                    None,
-                )
-                or channel.starter_message
-            )
-            if isinstance(starter, discord.Message) and starter.id not in shown:
-                earlier.append(_labelled(await user_message(starter, me.id), STARTER_LABEL))
-                shown.add(starter.id)
+        starter = _thread_starter(channel, page) if first_time else None
+        if starter is not None and starter.id not in shown:
+            earlier.append(_labelled(await user_message(starter, me.id), STARTER_LABEL))
+            shown.add(starter.id)
         replied = message.reference.resolved if message.reference else None
-        mine = isinstance(replied, discord.Message) and replied.author.id == me.id
-        if isinstance(replied, discord.Message) and not mine and replied.id not in shown:
+        if (
+            isinstance(replied, discord.Message)
+            and replied.author.id != me.id  # the bot's own words are in the session already
+            and replied.id not in shown
+        ):
             earlier.append(_labelled(await user_message(replied, me.id), REPLIED_LABEL))
         room = self.bot.engine.channel_context_bytes - sum(map(message_size, earlier))
         recent: list[Message] = []
