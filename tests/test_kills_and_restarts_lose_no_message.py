@@ -116,7 +116,12 @@ async def test_a_message_whose_process_was_killed_mid_turn_is_answered_by_the_ot
     while len(history := await store.read_history(scope_for(fake.general_id), "default")) < 4:
         assert time.monotonic() < deadline, "the later message's turn was never saved"
         await asyncio.sleep(0.05)
-    answer, _later = fake.bot_messages(fake.general_id)
+    # The answer's last edit comes after the save: wait for it to be posted too.
+    answer, _later = await fake.wait_for(
+        lambda: fake.bot_messages(fake.general_id)[1:] and fake.bot_messages(fake.general_id),
+        timeout=30,
+        what="the later message's answer",
+    )
     assert answer.content == f"echo: [Bob Member (user id {fake.member_id})]: who answers?"
     assert answer.reply_to == said
     assert [m["role"] for m in history] == ["user", "assistant"] * 2
