@@ -102,7 +102,16 @@ async def test_metrics_summed_over_two_processes_count_what_people_did(
     fake, api = fakes
     ports = [free_port(), free_port()]
     for i, port in enumerate(ports):
-        env = bot_environment(fake, api, redis_url, HEALTH_PORT=str(port), MODEL_MAX_RETRIES="0")
+        # No start-up catch-up: a process slow to start would read the messages below as
+        # missed and count giving one up twice.
+        env = bot_environment(
+            fake,
+            api,
+            redis_url,
+            HEALTH_PORT=str(port),
+            MODEL_MAX_RETRIES="0",
+            BACKFILL_MAX_AGE_SECONDS="0",
+        )
         bots.append(BotProcess(env, tmp_path / f"bot{i}.log"))
     wait_connected(bots)
 
