@@ -237,7 +237,9 @@ async def test_the_channel_context_is_counted_in_the_budget(store: SessionStore)
     budget = 6000
     with FakeDedalusAPI() as api:
         model = DedalusModel.connect("test-key", api.base_url, timeout=30, max_retries=0)
-        engine = Engine(store, model, EngineLimits(system_prompt="S", budget_bytes=budget))
+        # No summaries: the history sent is then only what the budget leaves it.
+        limits = EngineLimits(system_prompt="S", budget_bytes=budget, summaries=False)
+        engine = Engine(store, model, limits)
         for i in range(20):
             api.reply_text(f"answer {i}")
             await engine.reply("chan", {"role": "user", "content": f"turn {i} " + "x" * 200})
