@@ -4,6 +4,7 @@ is answered by the default, with a one-line note in /status and in the log."""
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -29,8 +30,10 @@ def test_changing_only_allowed_models_in_the_example_settings_still_starts(
     ]
     assert changed != lines
     (tmp_path / ".env").write_text("\n".join(changed) + "\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "bot", "export", "out.json"],
+    said = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    (tmp_path / "sessions.json").write_text(json.dumps({"demo": said}))
+    result = subprocess.run(  # an import reads every setting, as the bot does
+        [sys.executable, "-m", "bot", "import", "sessions.json"],
         capture_output=True,
         text=True,
         timeout=60,

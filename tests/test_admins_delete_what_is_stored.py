@@ -51,7 +51,7 @@ async def test_an_admin_deletes_a_session_and_a_member_cannot(harness: Harness) 
     ("options", "said"),
     [
         ({"name": "ghost"}, "⚠️ There is no session named 'ghost'; /list shows them."),
-        ({"name": "two words!"}, "⚠️ A session name may use only"),
+        ({"name": "bell\u0007name"}, "⚠️ A session name cannot contain control characters"),
     ],
 )
 async def test_deleting_what_is_not_there_is_one_private_line_and_changes_nothing(
