@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +17,7 @@ from bot.store.base import SessionStore, StorePolicy
 from bot.store.redis import RedisStore
 from bot.store.sqlite import SqliteStore
 from tests.fakes.dedalus_api import FakeDedalusAPI
-from tests.redis_cluster import RedisClusterNodes
+from tests.redis_cluster import RedisClusterNodes, until_answers
 
 if TYPE_CHECKING:
     from tests.discord_harness import Harness
@@ -71,17 +70,7 @@ class RedisServer:
             ],
             stdout=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port, password=self.password)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        client.close()
+        until_answers(self.port, self.password)
 
     def stop(self) -> None:
         if self.process is not None:

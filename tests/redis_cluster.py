@@ -47,7 +47,7 @@ class RedisClusterNodes:
             for port in self.ports
         ]
         for port in self.ports:
-            _until_answers(port)
+            until_answers(port)
         subprocess.run(
             ["redis-cli", "--cluster", "create"]
             + [f"127.0.0.1:{port}" for port in self.ports]
@@ -96,8 +96,9 @@ def _free_node_port() -> int:
         return port
 
 
-def _until_answers(port: int) -> None:
-    client = redis.Redis(port=port)
+def until_answers(port: int, password: str | None = None) -> None:
+    """Until the redis-server on `port` answers a PING (10 s at most)."""
+    client = redis.Redis(port=port, password=password)
     deadline = time.monotonic() + 10
     while True:
         try:
