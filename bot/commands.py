@@ -30,6 +30,7 @@ from bot.store.base import (
 )
 from bot.usage import (
     USAGE_REPORT_DAYS,
+    Account,
     day_of,
     days_back,
     describe_server_usage,
@@ -218,11 +219,12 @@ class Commands:
         session = await self.store.clear_session(scope)
         return f"Cleared session: {session.name}"
 
-    async def compact(self, scope: str) -> str:
-        """Fold the current session's whole history into its summary now."""
+    async def compact(self, scope: str, account: Account | None = None) -> str:
+        """Fold the current session's whole history into its summary now; its tokens are
+        charged to `account`, the person who asked for it."""
         if self.summarizer is None:
             raise InvalidInput("Summaries are not available here.")
-        return await self.summarizer.compact(scope, self.models)
+        return await self.summarizer.compact(scope, self.models, account)
 
     async def delete(self, scope: str, name: str) -> str:
         """Delete a session and everything stored with it; deleting the current one leaves

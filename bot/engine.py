@@ -68,7 +68,7 @@ from bot.store.base import (
     message_size,
 )
 from bot.summary import Summarizer
-from bot.usage import Account, Admission, Charge, OverLimit, Usage, UsageLimits, UsageMeter, day_of
+from bot.usage import Account, Admission, OverLimit, Usage, UsageLedger, UsageLimits, UsageMeter
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,11 @@ class Engine:
         """The tasks with a turn (or a claim) under way, True once it holds its message."""
         self._draining = False
         self._places_noted: dict[str, float] = {}
-        self.summaries = Summarizer(store, model, limits.budget_bytes, limits.summary_lease_ms)
+        self.ledger = UsageLedger(store, clock)
+        """Where every model run's tokens are charged (turns, retries, summaries)."""
+        self.summaries = Summarizer(
+            store, model, limits.budget_bytes, limits.summary_lease_ms, self.ledger
+        )
         self._summarizing: dict[str, asyncio.Task[None]] = {}
         """The summaries being written in the background, by scope (one at a time each)."""
         self._summary_paused: dict[str, float] = {}
@@ -433,11 +437,13 @@ class Engine:
                 system = await self._system_prompt(turn, parent)
                 if on_begin is not None:
                     await on_begin()
-                with self.metrics.timed(TurnPart.MODEL):
-                    added, text, shortened, context = await self._kept_alive(
-                        turn, held, self._run(turn, system, user, on_text, meter, around)
-                    )
-                usage = await self._charge(turn, account, meter)
+                try:
+                    with self.metrics.timed(TurnPart.MODEL):
+                        added, text, shortened, context = await self._kept_alive(
+                            turn, held, self._run(turn, system, user, on_text, meter, around)
+                        )
+                finally:  # the calls the API accepted cost tokens, whatever happened next
+                    usage = await self.ledger.charge(meter, account, turn.scope, turn.session.name)
                 await self._still_claimed(turn, held)
                 stored = self._within_size([user, *added])
                 try:
@@ -455,7 +461,7 @@ class Engine:
             if not saved:
                 raise LostTurn()
             if kept:
-                self._summarize_if_due(turn, context, stored)
+                self._summarize_if_due(turn, context, stored, account)
             return Reply(
                 text=text,
                 session=turn.session.name,
@@ -468,7 +474,8 @@ class Engine:
     async def _admit(self, scope: str, claim: str | None, token: str, account: Account) -> None:
         """Check the message against its account's limits, once: the process that holds the
         message (its claim, taken here) checks and charges it. A refused message is settled
-        as answered, so nobody answers it later (the start-up catch-up included)."""
+        as answered, so nobody answers it later (the start-up catch-up included). A message
+        admitted here is answered in full, whatever it costs (see `UsageLimits`)."""
         if not self._limits.usage.apply_to(account):
             return
         if claim is not None:
@@ -490,19 +497,6 @@ class Engine:
             await self._settle(scope, claim, token, answered=True)
         raise OverLimit(refusal, self._limits.usage, now)
 
-    async def _charge(self, turn: Turn, account: Account | None, meter: UsageMeter) -> Usage:
-        """Count the run's tokens for its session and its account's server (they were spent,
-        whether or not the turn is saved); a storage fault loses the count, not the turn."""
-        usage = meter.usage()
-        if account is None:
-            return usage
-        charge = Charge(account, turn.scope, turn.session.name, usage, day_of(self._clock()))
-        try:
-            await self._store.record_usage(charge)
-        except BotError as error:
-            log.warning("could not count a turn's tokens: %s", error)
-        return usage
-
     async def retry(
         self,
         scope: str,
@@ -513,6 +507,7 @@ class Engine:
         on_text: TextSink | None = None,
         on_begin: Callable[[Exchange], Awaitable[None]] | None = None,
         parent: str | None = None,
+        account: Account | None = None,
     ) -> Retried:
         """Answer the session's last question again, replacing its answer. Only its asker
         (`requester`), or a `manager`, may. It takes its place among the scope's turns like
@@ -520,7 +515,8 @@ class Engine:
         turn; the model gets the history up to and including that question, as the turn
         had, under the place's persona as it is now (`parent` as for `reply`). `on_begin`
         gets the exchange (where its old answer went) before the model runs. Nothing is
-        changed unless the new answer is saved."""
+        changed unless the new answer is saved. Its tokens are charged to `account` (the
+        person who asked for it), as a turn's are, whether or not it is saved."""
         budget = self._limits.budget_bytes
         room_all = history_room(self._limits.system_prompt, {"role": "user", "content": ""}, budget)
         async with self._rewriting(scope, order, room_all) as (turn, held):
@@ -536,9 +532,10 @@ class Engine:
             replayed = replace(
                 turn, recent=earlier, recent_bytes=measured, as_stored=False, pending=pending
             )
-            added, text, shortened, _ = await self._kept_alive(
-                turn, held, self._run(replayed, system, exchange.user, on_text, UsageMeter())
-            )
+            async with self.ledger.metered(account, turn.scope, turn.session.name) as meter:
+                added, text, shortened, _ = await self._kept_alive(
+                    turn, held, self._run(replayed, system, exchange.user, on_text, meter)
+                )
             await self._rewrite(turn, exchange, self._within_size(added), "retry")
         return Retried(text=text, exchange=exchange, shortened=shortened)
 
@@ -849,12 +846,14 @@ class Engine:
         """Whether the session held messages the summary does not cover (sent or not)."""
         return (turn.session.message_count if turn.pending is None else turn.pending) > 0
 
-    def _summarize_if_due(self, turn: Turn, context: Context, stored: list[Message]) -> None:
+    def _summarize_if_due(
+        self, turn: Turn, context: Context, stored: list[Message], account: Account | None
+    ) -> None:
         """After a saved turn, bring the summary up to date in the background when the history
         no longer fits (some was left out) or soon will not: the oldest uncovered messages
         are folded in, all but the newest that fill half the room the budget leaves history.
         One summary at a time per scope in this process (the store's lease covers the
-        others); none while shutting down."""
+        others); none while shutting down. Its tokens are charged to the turn's `account`."""
         scope = turn.scope
         if not self._limits.summaries or self._draining or scope in self._summarizing:
             return
@@ -875,17 +874,23 @@ class Engine:
             keep += 1
         task = asyncio.create_task(
             self._summarize(
-                scope, turn.session.name, self._usable_model(turn.session.settings.model), keep
+                scope,
+                turn.session.name,
+                self._usable_model(turn.session.settings.model),
+                keep,
+                account,
             )
         )
         self._summarizing[scope] = task
         task.add_done_callback(lambda _: self._summarizing.pop(scope, None))
 
-    async def _summarize(self, scope: str, name: str, model: str, keep: int) -> None:
+    async def _summarize(
+        self, scope: str, name: str, model: str, keep: int, account: Account | None
+    ) -> None:
         """Fold older messages into the summary; a failure leaves the history cut as before
         (nothing is lost: the messages stay stored) and is logged as one line."""
         try:
-            await self.summaries.fold(scope, name, model, keep)
+            await self.summaries.fold(scope, name, model, keep, account)
         except SummaryInProgress:
             pass
         except BotError as error:

@@ -20,8 +20,8 @@ import httpx
 from dedalus_labs import AsyncDedalus, DedalusRunner
 
 from bot.errors import ModelError
-from bot.store.base import Message, encode_message
-from bot.usage import UsageMeter
+from bot.store.base import Message
+from bot.usage import CallUsage, UsageMeter
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ class ModelClient(Protocol):
         meter: UsageMeter | None = None,
     ) -> list[Message]:
         """Run the model (with its tool rounds) and return only the messages the run added;
-        `meter` is filled in with the tokens the run's calls reported (or what an estimate
-        of them needs)."""
+        `meter` is filled in, call by call, with the tokens the calls reported (or what an
+        estimate of them needs), also when the run then fails."""
         ...
 
     async def stream(
@@ -97,9 +97,11 @@ class UsageTap(httpx.AsyncBaseTransport):
 
     The runner drops what it is not interested in: it returns no usage for a run, and in a
     stream it skips the last chunk, the one with no choices that carries `usage`. Every
-    call of a run (tool rounds included) goes through this transport, so the tokens it
-    reports are summed into the meter of the run in progress (`_METER`), and a call whose
-    answer carries no usage is counted as such (the run's usage is then estimated)."""
+    call of a run (tool rounds included) goes through this transport, so each call the API
+    accepts is noted in the meter of the run in progress (`_METER`) with the tokens its
+    answer reports, or with the size of its request and of the answer text that arrived
+    (for an estimate), counted as it passes: an answer that breaks off midway keeps what
+    came. A call refused with an error status spent nothing and is not noted."""
 
     def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
         self._inner = inner
@@ -113,13 +115,17 @@ class UsageTap(httpx.AsyncBaseTransport):
             or not request.url.path.endswith("/chat/completions")
         ):
             return response
-        meter.calls += 1
+        try:
+            sent = len(request.content)
+        except httpx.RequestNotRead:  # a streamed request body: its size is not known
+            sent = 0
+        call = meter.call(sent)
         streamed = response.headers.get("content-type", "").startswith("text/event-stream")
         assert isinstance(response.stream, httpx.AsyncByteStream)
         return httpx.Response(
             status_code=response.status_code,
             headers=response.headers,
-            stream=_UsageReader(response.stream, meter, streamed),
+            stream=_UsageReader(response.stream, call, streamed),
             extensions=response.extensions,
         )
 
@@ -128,22 +134,22 @@ class UsageTap(httpx.AsyncBaseTransport):
 
 
 class _UsageReader(httpx.AsyncByteStream):
-    """Passes an answer's bytes on unchanged, noting the `usage` found in it: in a JSON
-    answer at its end, in an SSE stream in whichever `data:` line carries one."""
+    """Passes an answer's bytes on unchanged, noting the `usage` found in it (in a JSON
+    answer at its end, in an SSE stream in whichever `data:` line carries one) and, for an
+    estimate, the length of the answer's text and tool calls."""
 
-    def __init__(self, inner: httpx.AsyncByteStream, meter: UsageMeter, streamed: bool) -> None:
+    def __init__(self, inner: httpx.AsyncByteStream, call: CallUsage, streamed: bool) -> None:
         self._inner = inner
-        self._meter = meter
+        self._call = call
         self._streamed = streamed
         self._buffer = b""
-        self._found = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for chunk in self._inner:
             self._take(chunk)
             yield chunk
         if not self._streamed:
-            self._note(self._buffer)
+            self._note(self._buffer, "message")
         elif self._buffer:
             self._line(self._buffer)
 
@@ -157,21 +163,46 @@ class _UsageReader(httpx.AsyncByteStream):
             self._line(line)
 
     def _line(self, line: bytes) -> None:
-        if line.startswith(b"data:") and b'"usage"' in line:
-            self._note(line[len(b"data:") :])
+        if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
+            self._note(line[len(b"data:") :], "delta")
 
-    def _note(self, body: bytes) -> None:
+    def _note(self, body: bytes, part: str) -> None:
         try:
-            usage = json.loads(body).get("usage")
+            answer = json.loads(body)
+        except ValueError:
+            return  # nothing readable here: the call counts what the rest says
+        if not isinstance(answer, dict):
+            return
+        choices = answer.get("choices")
+        if isinstance(choices, list):
+            self._call.answer_chars += sum(
+                _text_chars(choice.get(part)) for choice in choices if isinstance(choice, dict)
+            )
+        usage: Any = answer.get("usage")
+        try:
             tokens = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
-        except (ValueError, TypeError, KeyError, AttributeError):
+        except (ValueError, TypeError, KeyError):
             return  # no usage here (or none readable): the call counts as unreported
-        if not self._found:
-            self._found = True
-            self._meter.add_reported(*tokens)
+        if self._call.reported is None:
+            self._call.reported = tokens
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+def _text_chars(message: object) -> int:
+    """The characters of a message (or a stream's delta) that the model wrote: its text and
+    its tool calls' names and arguments."""
+    if not isinstance(message, dict):
+        return 0
+    content = message.get("content")
+    chars = len(content) if isinstance(content, str) else 0
+    calls = message.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            chars += sum(len(v) for v in function.values() if isinstance(v, str))
+    return chars
 
 
 class DedalusModel:
@@ -216,14 +247,11 @@ class DedalusModel:
         mcp_servers: Sequence[str],
         meter: UsageMeter | None = None,
     ) -> list[Message]:
-        with _metered(meter) as meter, _model_errors():
+        with _metered(meter), _model_errors():
             result = await self._runner.run(**self._run_args(messages, model, mcp_servers))
             conversation: list[Message] = result.to_input_list()
         # The runner returns the whole conversation; what this run added is the tail.
-        added = conversation[len(messages) :]
-        meter.sent_chars += _chars(messages)
-        meter.answer_chars += _chars(added)
-        return added
+        return conversation[len(messages) :]
 
     async def stream(
         self,
@@ -234,7 +262,7 @@ class DedalusModel:
         meter: UsageMeter | None = None,
     ) -> str:
         parts: list[str] = []
-        with _metered(meter) as meter:
+        with _metered(meter):
             chunks: AsyncIterator[Any] = self._runner.run(
                 **self._run_args(messages, model, mcp_servers),
                 stream=True,
@@ -253,20 +281,13 @@ class DedalusModel:
                         await on_text(delta)
             finally:
                 await chunks.aclose()  # type: ignore[attr-defined]
-        text = "".join(parts)
-        meter.sent_chars += _chars(messages)
-        meter.answer_chars += len(text)
-        return text
-
-
-def _chars(messages: list[Message]) -> int:
-    return sum(len(encode_message(m)) for m in messages)
+        return "".join(parts)
 
 
 @contextlib.contextmanager
 def _metered(meter: UsageMeter | None) -> Iterator[UsageMeter]:
-    """Make `meter` (a throwaway one when None) the meter of the calls made inside; the
-    caller adds what an estimate needs once the run succeeded (a refused call costs none)."""
+    """Make `meter` (a throwaway one when None) the meter of the calls made inside, which
+    the HTTP layer fills in (`UsageTap`), whether the run then succeeds or not."""
     meter = meter if meter is not None else UsageMeter()
     token = _METER.set(meter)
     try:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from bot.errors import InvalidInput, ModelError, StoreUnavailable, SummaryFailed
 from bot.model import ModelChoice, ModelClient
 from bot.store.base import Message, SessionStore, Summary, SummarySource, message_size
+from bot.usage import Account, UsageLedger
 
 SUMMARY_REQUEST_MARK = "You keep the memory of a long Discord conversation."
 """How a summary request starts (its system message): the fake model recognises it by this."""
@@ -68,10 +69,18 @@ class Summarizer:
     """Folds a session's uncovered older messages into its summary, one stretch at a time."""
 
     def __init__(
-        self, store: SessionStore, model: ModelClient, budget_bytes: int, lease_ms: int
+        self,
+        store: SessionStore,
+        model: ModelClient,
+        budget_bytes: int,
+        lease_ms: int,
+        ledger: UsageLedger | None = None,
     ) -> None:
+        """`ledger` charges each summary call to the session and the account given (by
+        default, to the store without another clock)."""
         self._store = store
         self._model = model
+        self._ledger = ledger or UsageLedger(store)
         self._budget = budget_bytes
         self._lease_ms = lease_ms
 
@@ -129,12 +138,16 @@ class Summarizer:
             transcript = transcript[: len(transcript) * 9 // 10]
         return cut, [instructions, {"role": "user", "content": head + transcript}]
 
-    async def fold(self, scope: str, name: str, model: str, keep: int) -> Summary | None:
+    async def fold(
+        self, scope: str, name: str, model: str, keep: int, account: Account | None = None
+    ) -> Summary | None:
         """Fold the oldest uncovered messages of session `name`, all but the newest `keep`,
         into its summary (one model call, as much as fits the budget). Returns the summary
         saved; None when there was nothing to fold or the session moved on (cleared, or
         summarized by another process). `SummaryInProgress` while another holds the lease;
-        `SummaryFailed` when the model call failed (nothing changed)."""
+        `SummaryFailed` when the model call failed (nothing changed). The call's tokens
+        count in the session's totals and, charged to `account`, in its server's day; they
+        are never refused (the limits are checked when a message is admitted)."""
         token = uuid.uuid4().hex
         source = await self._store.begin_summary(
             scope, name, token, self._lease_ms, keep, SUMMARY_ROUND_MESSAGES
@@ -147,7 +160,8 @@ class Summarizer:
                 await self._store.release_summary(scope, name, token)
                 return None
             try:
-                added = await self._model.complete(request, model, ())
+                async with self._ledger.metered(account, scope, name) as meter:
+                    added = await self._model.complete(request, model, (), meter)
             except ModelError as error:
                 raise SummaryFailed(str(error).rstrip(".")) from error
             text = _answer(added)
@@ -162,15 +176,18 @@ class Summarizer:
                 await self._store.release_summary(scope, name, token)
             raise
 
-    async def compact(self, scope: str, models: ModelChoice | None = None) -> str:
+    async def compact(
+        self, scope: str, models: ModelChoice | None = None, account: Account | None = None
+    ) -> str:
         """`/compact`: fold the whole history of the scope's current session into its
         summary now, so the next answer starts from the summary alone (written by the model
-        that answers the session: `models` picks the default for one no longer allowed)."""
+        that answers the session: `models` picks the default for one no longer allowed).
+        Its calls are charged to `account`, the person who asked for it."""
         session = await self._store.current_session(scope)
         model = models.usable(session.settings.model) if models else session.settings.model
         folded: Summary | None = None
         for _ in range(COMPACT_ROUNDS):
-            summary = await self.fold(scope, session.name, model, keep=0)
+            summary = await self.fold(scope, session.name, model, keep=0, account=account)
             if summary is None:
                 break
             folded = summary

@@ -10,9 +10,12 @@ then that it was titled (swapped atomically, so a retry or a second process neve
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 
 from bot.model import ModelClient
 from bot.store.base import Message, SessionStore
+from bot.usage import Account, UsageLedger
 
 TITLE_OPTION = "thread_title"
 """The scope option of a thread the bot opened: `named:` and the name it gave the thread,
@@ -49,9 +52,13 @@ def clean_title(raw: str, limit: int) -> str:
 class ThreadTitles:
     """What the store and the model do for thread titles; the Discord glue renames."""
 
-    def __init__(self, store: SessionStore, model: ModelClient) -> None:
+    def __init__(
+        self, store: SessionStore, model: ModelClient, clock: Callable[[], float] = time.time
+    ) -> None:
+        """`clock` (unix seconds) dates the tokens the title calls are charged."""
         self._store = store
         self._model = model
+        self._ledger = UsageLedger(store, clock)
 
     async def opened(self, scope: str, name: str) -> None:
         """Remember the name the bot gave the thread it just opened: it is titled later only
@@ -69,16 +76,21 @@ class ThreadTitles:
             return None
         return value.removeprefix(_NAMED)
 
-    async def write(self, scope: str, question: str, answer: str, limit: int) -> str:
+    async def write(
+        self, scope: str, question: str, answer: str, limit: int, account: Account | None = None
+    ) -> str:
         """A title for the exchange, from one call to the session's model (no tools); empty
-        when the model wrote nothing usable. Raises `ModelError` as a turn's call does."""
+        when the model wrote nothing usable. Raises `ModelError` as a turn's call does. The
+        call's tokens count in the session's totals and, charged to `account` (who asked
+        the question), in its server's day; a title is never refused for them."""
         session = await self._store.current_session(scope)
         exchange = f"Question:\n{question[:EXCHANGE_CHARS]}\n\nAnswer:\n{answer[:EXCHANGE_CHARS]}"
         asked: list[Message] = [
             {"role": "system", "content": TITLE_PROMPT},
             {"role": "user", "content": exchange},
         ]
-        added = await self._model.complete(asked, session.settings.model, ())
+        async with self._ledger.metered(account, scope, session.name) as meter:
+            added = await self._model.complete(asked, session.settings.model, (), meter)
         texts = [m["content"] for m in added if m.get("role") == "assistant"]
         written = texts[-1] if texts and isinstance(texts[-1], str) else ""
         return clean_title(written, limit)

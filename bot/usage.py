@@ -2,22 +2,32 @@
 
 Who pays for a turn is an `Account`: a user in a *server* (a Discord guild; a DM counts as a
 server of its own, one per user). Every model call's tokens are added to its session's
-totals and to the server's counters for the day (UTC); the limits (a member's messages per
-minute, a member's and a server's tokens per day) are checked against those counters before
-a message goes to the model. Nothing here knows Discord: the glue names servers and users.
+totals and to the server's counters for the day (UTC), through the `UsageLedger`: a turn's
+calls, `/retry`'s, summaries' and thread titles' alike. The limits (a member's messages per
+minute, a member's and a server's tokens per day) are checked against those counters when a
+message is admitted, before it goes to the model. Nothing here knows Discord: the glue names
+servers and users.
 
 Token counts come from the API's `usage` where the answer carries it; when a call's answer
-does not, the turn's count is estimated from the text (about four characters a token) and
-marked as an estimate wherever it is shown.
+does not (a provider that does not report it, an answer that broke off), its count is
+estimated from the text sent and received (about four characters a token) and marked as an
+estimate wherever it is shown. A call refused with an error status cost nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 import math
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from bot.errors import BotError
+
+log = logging.getLogger(__name__)
 
 CHARS_PER_TOKEN = 4
 """How estimates turn text into tokens (the budget of the context counts the same way)."""
@@ -70,31 +80,52 @@ class Account:
 
 
 @dataclass
-class UsageMeter:
-    """Filled in by the model client during one run: the tokens each call's answer reported,
-    and what an estimate needs in case one did not report them."""
+class CallUsage:
+    """One model call the API accepted (it answered with status 200): what it reported, or
+    what an estimate needs, counted as its request is sent and its answer arrives, so a call
+    whose answer broke off midway still counts what passed."""
 
-    calls: int = 0
-    """Answers received (an answer refused with an error is not a call that cost tokens)."""
-    reported: int = 0
-    """Of those, the answers that carried `usage`."""
-    input_tokens: int = 0
-    output_tokens: int = 0
-    sent_chars: int = 0
+    sent_chars: int
     answer_chars: int = 0
+    reported: tuple[int, int] | None = None
+    """Input and output tokens, when the answer carried `usage`."""
 
-    def add_reported(self, input_tokens: int, output_tokens: int) -> None:
-        self.reported += 1
-        self.input_tokens += input_tokens
-        self.output_tokens += output_tokens
 
-    def usage(self) -> Usage:
-        """The run's usage: as reported when every answer carried it, else estimated."""
-        if self.calls and self.reported >= self.calls:
-            return Usage(self.input_tokens, self.output_tokens)
-        return Usage(
-            estimate_tokens(self.sent_chars), estimate_tokens(self.answer_chars), estimated=True
-        )
+@dataclass
+class UsageMeter:
+    """Filled in by the model client during one run, call by call (tool rounds make several).
+
+    A call refused outright with an error status spent nothing and is not in `calls`; one the
+    API accepted is, whether its answer then arrived whole, broke off, or the run failed
+    later: its tokens were spent, so the run is charged for them whatever the outcome."""
+
+    calls: list[CallUsage] = field(default_factory=list)
+
+    def call(self, sent_chars: int) -> CallUsage:
+        """Note a call the API accepted, `sent_chars` long."""
+        call = CallUsage(sent_chars)
+        self.calls.append(call)
+        return call
+
+    def usage(self) -> Usage | None:
+        """The run's usage: the reported tokens of the calls that reported them, an estimate
+        from the text for the others (then the whole is marked estimated). None when no call
+        was accepted: nothing was spent."""
+        if not self.calls:
+            return None
+        tokens_in = tokens_out = sent = received = 0
+        estimated = False
+        for call in self.calls:
+            if call.reported is None:
+                estimated = True
+                sent += call.sent_chars
+                received += call.answer_chars
+            else:
+                tokens_in += call.reported[0]
+                tokens_out += call.reported[1]
+        tokens_in += estimate_tokens(sent)
+        tokens_out += estimate_tokens(received)
+        return Usage(tokens_in, tokens_out, estimated)
 
 
 @dataclass(frozen=True)
@@ -119,9 +150,62 @@ class Charge:
     day: str
 
 
+class UsageRecorder(Protocol):
+    """The part of the session store that keeps the counts (`SessionStore.record_usage`)."""
+
+    async def record_usage(self, charge: Charge) -> None: ...
+
+
+class UsageLedger:
+    """Charges every model run to its session and its account: a turn, `/retry`, a summary
+    and a thread title alike, so the totals hold every call. Charging never refuses a run
+    (the limits are checked when a message is admitted, before its cost is known), and a
+    storage fault loses the count, never the run's result."""
+
+    def __init__(self, store: UsageRecorder, clock: Callable[[], float] = time.time) -> None:
+        """`clock` (unix seconds) dates the charge."""
+        self._store = store
+        self._clock = clock
+
+    async def charge(
+        self, meter: UsageMeter, account: Account | None, scope: str, session: str
+    ) -> Usage | None:
+        """Record what `meter` saw for `account`, in session `session` of `scope`; without an
+        account (the console) it is only returned. None when no call cost anything."""
+        usage = meter.usage()
+        if usage is None or account is None:
+            return usage
+        charge = Charge(account, scope, session, usage, day_of(self._clock()))
+        try:
+            await self._store.record_usage(charge)
+        except BotError as error:
+            log.warning("could not count a model run's tokens: %s", error)
+        return usage
+
+    @contextlib.asynccontextmanager
+    async def metered(
+        self, account: Account | None, scope: str, session: str
+    ) -> AsyncIterator[UsageMeter]:
+        """A meter for the model run inside, charged when the run ends, succeeded or not:
+        the tokens of the calls the API accepted were spent either way."""
+        meter = UsageMeter()
+        try:
+            yield meter
+        finally:
+            await self.charge(meter, account, scope, session)
+
+
 @dataclass(frozen=True)
 class UsageLimits:
-    """Each 0 = off (the default)."""
+    """Each 0 = off (the default).
+
+    The token budgets are checked when a message is admitted, because its cost is known
+    only once it is answered: a message admitted under both budgets is answered in full and
+    charged all its tokens, even those that take the day's count past a budget; the next
+    message is refused. A message is checked against what was charged so far, so messages
+    admitted while others are still being answered may each be answered too: a budget is
+    overshot by at most those turns. Work that is not a message (summaries, `/retry`,
+    thread titles) is never checked, only charged."""
 
     messages_per_minute: int = 0
     user_tokens_per_day: int = 0

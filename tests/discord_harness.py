@@ -71,7 +71,7 @@ class Harness:
                 self.store, models.allowed, models.default, engine.summaries, lambda: self.clock()
             ),
             dev_guild_id=self.dev_guild_id,
-            titles=ThreadTitles(self.store, model),
+            titles=ThreadTitles(self.store, model, lambda: self.clock()),
             channel_context_messages=self.channel_context_messages,
             guild_ready_timeout=0.1,
         )

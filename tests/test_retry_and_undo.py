@@ -256,3 +256,28 @@ async def test_retry_in_a_thread_answers_under_the_persona_in_effect_now(
     assert (await run(harness, "retry", fake.member, thread)) == "Answered “ahoy?” again."
     assert api.messages_sent()[0]["content"].startswith(pirate)
     assert [m["role"] for m in api.messages_sent()] == ["system", "user"]
+
+
+def tokens(reported: list[dict[str, int]]) -> tuple[int, int]:
+    return sum(u["prompt_tokens"] for u in reported), sum(u["completion_tokens"] for u in reported)
+
+
+async def test_a_retrys_tokens_count_as_reported_charged_to_who_ran_it(harness: Harness) -> None:
+    fake, api = harness.discord, harness.api
+    await ask(harness, "what is a monad?")
+    api.reply_text("A monad is a monoid in the category of endofunctors, written out at length.")
+    said = await run(harness, "retry", fake.admin, fake.general_id)  # a manager, on the member's
+    assert said == "Answered “what is a monad?” again."
+    asked, retried = api.reported_usage
+
+    tokens_in, tokens_out = tokens([asked, retried])
+    total = tokens_in + tokens_out
+    status = (await run(harness, "status", fake.member, fake.general_id)).splitlines()
+    assert f"Tokens: {tokens_in:,} in, {tokens_out:,} out" in status
+    assert f"Today: {total:,} tokens, 100% of this server's {total:,}" in status
+    usage = (await run(harness, "usage", fake.admin, fake.general_id)).splitlines()
+    assert f"Today: {total:,} tokens ({tokens_in:,} in, {tokens_out:,} out)" in usage
+    top = sorted([(sum(tokens([asked])), fake.member_id), (sum(tokens([retried])), fake.admin_id)])
+    assert usage[-2:] == [
+        f"{i}. <@{user}>: {count:,} tokens" for i, (count, user) in enumerate(reversed(top), 1)
+    ]

@@ -184,3 +184,22 @@ def test_a_title_is_one_line_without_mentions_or_quotes_within_the_limit(
     written: str, title: str
 ) -> None:
     assert clean_title(written, 100) == title
+
+
+async def test_a_titles_tokens_count_in_the_threads_totals(harness: Harness) -> None:
+    fake, api = harness.discord, harness.api
+    thread = await open_thread(harness)
+    api.reply_text("Lisbon in May is lovely.")
+    api.reply_text(SCRIPTED_TITLE)
+    await harness.say(thread, fake.member, "help me plan a trip to Lisbon")
+    await harness.answer(thread)
+    await fake.wait_for(lambda: fake.thread_names(thread)[-1] == CLEAN_TITLE, what="the title")
+    answer, title = harness.api.reported_usage
+    tokens_in = answer["prompt_tokens"] + title["prompt_tokens"]
+    tokens_out = answer["completion_tokens"] + title["completion_tokens"]
+    status = await harness.command("status", user=fake.member, channel_id=thread)
+    assert f"Tokens: {tokens_in:,} in, {tokens_out:,} out" in status.splitlines()
+    total = tokens_in + tokens_out
+    usage = await harness.command("usage", user=fake.admin, channel_id=fake.general_id)
+    assert f"Today: {total:,} tokens ({tokens_in:,} in, {tokens_out:,} out)" in usage
+    assert f"1. <@{fake.member_id}>: {total:,} tokens" in usage.splitlines()  # who asked

@@ -5,6 +5,7 @@ history. Time is the harness's clock, moved forward by the test, never waited fo
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Any
@@ -14,10 +15,11 @@ import redis.asyncio as aioredis
 
 from bot.discord_bot.scopes import scope_for
 from bot.engine import Engine, EngineLimits
+from bot.errors import ModelError
 from bot.model import DedalusModel
 from bot.store.base import SessionStore
 from bot.store.redis import scope_key, usage_key
-from bot.usage import Account, UsageLimits, day_of
+from bot.usage import Account, UsageLimits, day_of, estimate_tokens
 from tests.discord_harness import Harness
 from tests.fakes.dedalus_api import FakeDedalusAPI
 from tests.fakes.discord_world import Message as Posted
@@ -235,3 +237,141 @@ async def test_junk_where_token_counts_belong_is_replaced(
     status = await harness.command("status", user=fake.member, channel_id=fake.general_id)
     assert f"Tokens: {tokens_in:,} in, {tokens_out:,} out" in status.splitlines()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_the_message_that_crosses_the_daily_budget_is_answered_and_counted(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The budget is checked when a message is admitted, before its cost is known: the
+    message admitted under it is answered in full and charged, the next one is refused."""
+    fake, api = harness.discord, harness.api
+    clock = [NOW]
+    await limited(harness, UsageLimits(), clock)
+    await ask(harness, fake.member, "one")
+    [first] = api.reported_usage
+    budget = sum(totals([first])) + 1  # one token left
+    await limited(harness, UsageLimits(user_tokens_per_day=budget), clock)
+    long_answer = " ".join(["A long answer that takes the member over the budget."] * 10)
+    api.reply_text(long_answer)
+    await ask(harness, fake.member, "two")
+    assert harness.answers(fake.general_id)[-1].content == long_answer  # in full
+    await refused(harness, caplog, fake.member, "three")
+    [notice] = notices(harness)
+    assert notice.content.startswith(f"You have used your {budget:,} tokens for today;")
+    assert api.request_count == 2
+
+    tokens_in, tokens_out = totals(api.reported_usage)  # the crossing turn included
+    total = tokens_in + tokens_out
+    assert total > budget
+    status = await harness.command("status", user=fake.member, channel_id=fake.general_id)
+    assert f"Tokens: {tokens_in:,} in, {tokens_out:,} out" in status.splitlines()
+    assert f"Today: {total:,} tokens, 100% of this server's {total:,}" in status.splitlines()
+    usage = await harness.command("usage", user=fake.admin, channel_id=fake.general_id)
+    assert f"Today: {total:,} tokens ({tokens_in:,} in, {tokens_out:,} out)" in usage
+    assert f"1. <@{fake.member_id}>: {total:,} tokens" in usage.splitlines()
+
+
+ESTIMATED = r"Tokens: ~(\d+) in, ~(\d+) out \(~(\d+) of (\d+) estimated from text\)"
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["error-event", "disconnect"])
+async def test_an_answer_broken_off_midway_is_charged_as_an_estimate(
+    harness: Harness, drop: bool
+) -> None:
+    """The API accepted the call and spent tokens, but the answer never reached its end
+    (where `usage` comes): what was sent and what arrived are charged, marked estimated."""
+    fake, api = harness.discord, harness.api
+    partial = "The answer begins well enough, and then"
+    api.reply_stream_error(after_text=partial, drop=drop)
+    await ask(harness, fake.member, "a question cut short")
+    assert "broke off" in harness.answers(fake.general_id)[-1].content
+    assert api.reported_usage == [] and await harness.history(fake.general_id) == []
+
+    status = await harness.command("status", user=fake.member, channel_id=fake.general_id)
+    found = re.search(ESTIMATED, status)
+    assert found, status
+    tokens_in, tokens_out, estimated, total = map(int, found.groups())
+    assert tokens_out == estimate_tokens(len(partial))  # the text that arrived
+    sent = json.dumps(api.last_request["messages"], separators=(",", ":"))
+    assert tokens_in >= estimate_tokens(len(sent))  # at least the messages sent
+    assert estimated == total == tokens_in + tokens_out
+    assert f"Today: {total:,} tokens, 100% of this server's {total:,}" in status.splitlines()
+
+
+async def test_a_call_refused_with_an_error_status_costs_nothing(harness: Harness) -> None:
+    fake, api = harness.discord, harness.api
+    await ask(harness, fake.member, "hello")
+    before = await harness.command("status", user=fake.member, channel_id=fake.general_id)
+    api.reply_error(500)
+    await ask(harness, fake.member, "during an outage")
+    api.reply_error(400, code="invalid_request")
+    await ask(harness, fake.member, "refused")
+    said = [m.content for m in harness.answers(fake.general_id)[1:]]
+    assert "unavailable" in said[0] and "refused the request" in said[1]
+    after = await harness.command("status", user=fake.member, channel_id=fake.general_id)
+    assert after == before
+    tokens_in, tokens_out = totals(api.reported_usage)
+    assert f"Tokens: {tokens_in:,} in, {tokens_out:,} out" in after.splitlines()
+
+
+async def test_a_run_that_fails_after_a_call_is_charged_what_that_call_reported(
+    store: SessionStore,
+) -> None:
+    """A tool round answered (its tokens reported), then the next call of the run failed:
+    the run is charged the first call's tokens, exactly; the refused call adds nothing."""
+    with FakeDedalusAPI() as api:
+        model = DedalusModel.connect("test-key", api.base_url, timeout=30, max_retries=0)
+        engine = Engine(store, model, EngineLimits("system", 100_000), clock=lambda: NOW)
+        account = Account("guild:1", "ada")
+        api.reply_tool_call("lookup", {"q": "x"})
+        api.reply_error(500)
+        with pytest.raises(ModelError):
+            await engine.reply("chan", {"role": "user", "content": "hi"}, account=account)
+        [reported] = api.reported_usage
+        usage = await store.session_usage("chan", "default", "guild:1", day_of(NOW))
+        assert (usage.input_tokens, usage.output_tokens) == totals([reported])
+        assert usage.estimated_tokens == 0 and usage.server_today == sum(totals([reported]))
+        assert await store.read_history("chan", "default") == []  # the turn is not saved
+        await model.close()
+
+
+async def test_compact_and_background_summaries_count_in_the_totals(harness: Harness) -> None:
+    """A summary is a model call like an answer: its tokens count in the session's and the
+    server's totals, charged to the member whose turn set it off, or to who ran /compact."""
+    fake, api = harness.discord, harness.api
+    await ask(harness, fake.member, "one")
+    await ask(harness, fake.member, "two")
+    said = await harness.command("compact", user=fake.admin, channel_id=fake.general_id)
+    assert said.startswith("Summary covers the first 4 messages")
+    member, member_again, compact = api.reported_usage
+    assert len(api.summary_requests) == 1
+    tokens_in, tokens_out = totals(api.reported_usage)
+    status = await harness.command("status", user=fake.member, channel_id=fake.general_id)
+    assert f"Tokens: {tokens_in:,} in, {tokens_out:,} out" in status.splitlines()
+    usage = await harness.command("usage", user=fake.admin, channel_id=fake.general_id)
+    assert f"Today: {tokens_in + tokens_out:,} tokens" in usage
+    top = sorted(
+        [
+            (sum(totals([member, member_again])), fake.member_id),
+            (sum(totals([compact])), fake.admin_id),
+        ],
+        reverse=True,
+    )
+    assert usage.splitlines()[-2:] == [
+        f"{i}. <@{user}>: {tokens:,} tokens" for i, (tokens, user) in enumerate(top, 1)
+    ]
+
+    harness.budget_bytes = 1_500  # the history soon outgrows the budget: summaries follow
+    await harness.restart()
+    for _ in range(12):
+        api.reply_text("An answer of some length, to fill the history. " * 3)
+        await ask(harness, fake.member, "more " * 20, fake.random_id)
+        if len(api.summary_requests) > 1:
+            break
+    assert harness.bot is not None
+    await harness.bot.engine.background_done()
+    assert len(api.summary_requests) > 1
+    reported = api.reported_usage[3:]
+    tokens_in, tokens_out = totals(reported)
+    status = await harness.command("status", user=fake.member, channel_id=fake.random_id)
+    assert f"Tokens: {tokens_in:,} in, {tokens_out:,} out" in status.splitlines()

@@ -480,7 +480,7 @@ class Conversation(commands.Cog):
                 await self.bot.engine.note_answer(scope, str(message.id), live.message_ids)
             if reply.kept and isinstance(channel, discord.Thread) and channel.owner_id == me.id:
                 question = readable_text(message, me.id)
-                self.bot.thread_names.answered(channel, question, reply.text)
+                self.bot.thread_names.answered(channel, question, reply.text, account_of(message))
         except AnsweredElsewhere:  # this process stalled; the other's answer is the one
             deleted = await live.discard()
             log.warning(

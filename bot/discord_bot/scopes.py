@@ -7,7 +7,7 @@ from __future__ import annotations
 import discord
 
 from bot.commands import Parent
-from bot.usage import direct_server
+from bot.usage import Account, direct_server
 
 _PREFIX = "discord:"
 
@@ -41,3 +41,11 @@ def place_name(channel: object) -> str:
 def server_for(guild_id: int | None, user_id: int) -> str:
     """Whose usage counters a message counts in: its guild's, or in a DM the user's own."""
     return f"guild:{guild_id}" if guild_id is not None else direct_server(str(user_id))
+
+
+def account_for(interaction: discord.Interaction) -> Account:
+    """Who a command's model calls (/retry, /compact) are charged to: the person who ran it.
+    Manage Server makes them an admin, as for a message (in a DM nobody is)."""
+    user = interaction.user.id
+    admin = interaction.guild_id is not None and interaction.permissions.manage_guild
+    return Account(server_for(interaction.guild_id, user), str(user), admin)

@@ -18,6 +18,7 @@ import discord
 from bot.discord_bot.scopes import scope_for
 from bot.errors import BotError, ModelError
 from bot.titles import ThreadTitles
+from bot.usage import Account
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,18 @@ class ThreadNamer:
         except BotError as error:
             log.warning("thread %s will keep its first name: %s", thread.id, error)
 
-    def answered(self, thread: discord.Thread, question: str, answer: str) -> None:
+    def answered(
+        self, thread: discord.Thread, question: str, answer: str, account: Account
+    ) -> None:
         """An answer was posted in a thread the bot opened: title it in the background, if
-        it is the first. Nothing new starts once the bot is stopping (a thread not titled
-        then is titled after a later answer)."""
+        it is the first, charging its tokens to `account` (the question's). Nothing new
+        starts once the bot is stopping (a thread not titled then is titled after a later
+        answer)."""
         if self._titles is None or self._stopping or thread.id in self._settled:
             return
         task = asyncio.create_task(
-            self._title(self._titles, thread, question, answer), name=f"title thread {thread.id}"
+            self._title(self._titles, thread, question, answer, account),
+            name=f"title thread {thread.id}",
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -84,7 +89,12 @@ class ThreadNamer:
         self._settled.add(thread_id)
 
     async def _title(
-        self, titles: ThreadTitles, thread: discord.Thread, question: str, answer: str
+        self,
+        titles: ThreadTitles,
+        thread: discord.Thread,
+        question: str,
+        answer: str,
+        account: Account,
     ) -> None:
         scope = scope_for(thread.id)
         try:
@@ -99,7 +109,7 @@ class ThreadNamer:
             log.info("thread %s keeps the name a person gave it", thread.id)
             return
         try:
-            title = await titles.write(scope, question, answer, THREAD_NAME_MAX)
+            title = await titles.write(scope, question, answer, THREAD_NAME_MAX, account)
         except ModelError:  # the model client logged it
             return
         except BotError as error:

@@ -17,7 +17,7 @@ from discord.ext import commands
 from bot.commands import describe_retried, describe_undone
 from bot.discord_bot.conversation import SHORTENED_NOTE
 from bot.discord_bot.render import PRIVATE, LiveReply, Posted, respond
-from bot.discord_bot.scopes import parent_of, scope_for
+from bot.discord_bot.scopes import account_for, parent_of, scope_for
 from bot.errors import InvalidInput
 from bot.store.base import Exchange
 
@@ -91,6 +91,7 @@ class Exchanges(commands.Cog):
                 on_text=feed,
                 on_begin=begin,
                 parent=parent.scope if (parent := parent_of(channel)) else None,
+                account=account_for(interaction),
             )
         except BaseException:
             if shown and shown[0][0].changed:  # nothing was saved: show the old answer again

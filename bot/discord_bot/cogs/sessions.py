@@ -11,7 +11,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord_bot.render import PRIVATE, respond, respond_with_file
-from bot.discord_bot.scopes import parent_of, place_name, scope_for, server_for
+from bot.discord_bot.scopes import account_for, parent_of, place_name, scope_for, server_for
 from bot.discord_bot.thread_titles import THREAD_NAME_MAX
 from bot.errors import BotError, InvalidInput
 from bot.exports import EXPORT_HELP, ExportFormat
@@ -126,7 +126,9 @@ class Sessions(commands.Cog):
     )
     @app_commands.default_permissions(manage_guild=True)
     async def compact(self, interaction: discord.Interaction) -> None:
-        text = await self.bot.session_commands.compact(scope_for(interaction.channel_id or 0))
+        text = await self.bot.session_commands.compact(
+            scope_for(interaction.channel_id or 0), account_for(interaction)
+        )
         await respond(interaction, text)
 
     @app_commands.command(
