@@ -19,10 +19,11 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from benchmarks import breakdown, end_to_end, overhead, roundtrips, scaling, tokens
+from benchmarks import breakdown, end_to_end, overhead, peers, roundtrips, scaling, tokens
 from benchmarks.common import Conversation, flush, redis_server
 from benchmarks.end_to_end import Timing
 from benchmarks.overhead import Grid
+from benchmarks.peers import PeerPlan, Workload
 from benchmarks.report import Results, machine_info, render
 from tests.redis_cluster import RedisClusterNodes
 
@@ -45,6 +46,7 @@ class Plan:
     token_turns: int
     token_budget: int
     """Tokens sent per turn: how many turns, within what context budget (in tokens)."""
+    peers: PeerPlan
     quick: bool = False
     scaling_processes: tuple[int, ...] = (1, 2, 4)
 
@@ -71,6 +73,15 @@ FULL = Plan(
     discord_messages=20,
     token_turns=500,
     token_budget=16_000,
+    peers=PeerPlan(
+        workloads=(Workload(1000, 100), Workload(10_000, 10)),
+        first_turns=300,
+        steady_sessions=50,
+        rounds=8,
+        trips_turns=6,
+        json_turns=5,
+        json_seconds=8.0,
+    ),
 )
 
 QUICK = Plan(
@@ -95,6 +106,16 @@ QUICK = Plan(
     discord_messages=3,
     token_turns=60,
     token_budget=2_000,
+    peers=PeerPlan(
+        workloads=(Workload(40, 100), Workload(60, 10)),
+        first_turns=10,
+        steady_sessions=5,
+        rounds=2,
+        warmup=2,
+        trips_turns=3,
+        json_turns=2,
+        json_seconds=1.0,
+    ),
     quick=True,
 )
 
@@ -153,6 +174,10 @@ async def run(plan: Plan, command: str) -> Results:
                 histories=[compare_history],
                 background_length=compare_history,
             )
+
+        results.peers = await peers.measure(
+            server.url, server.port, plan.peers, conversation, progress
+        )
 
         progress("a bare round trip, a long reply, decoding")
         results.ping = Timing("ping", await breakdown.ping_ns(server.url, plan.ping_samples))

@@ -192,6 +192,57 @@ def timed_build_context() -> Iterator[list[int]]:
         engine_module.build_context = original  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True)
+class TurnTime:
+    """One turn's nanoseconds by part (the model's own time excluded)."""
+
+    total: int
+    load: int
+    context: int
+    save: int
+    sent_messages: int
+
+
+class EngineTurns:
+    """One engine over a timed store, taking turns one at a time as the Discord glue does:
+    each turn a Discord message, claimed, ordered, and remembered for deletion. The engine
+    lives as long as this object, as it does in the bot (what it notes once per place is
+    noted once)."""
+
+    def __init__(self, store: SessionStore, conversation: Conversation) -> None:
+        self.timed = TimedStore(store)
+        self.model = InstantModel(conversation.answer)
+        self.engine = Engine(cast(SessionStore, self.timed), self.model, LIMITS)
+        self.conversation = conversation
+        self.made = 0
+
+    async def turn(self, scope: str, context_calls: list[int] | None = None) -> TurnTime:
+        """`context_calls`: the list `timed_build_context` fills, if it is in effect."""
+        timed, model = self.timed, self.model
+        timed.load_ns = timed.save_ns = model.model_ns = 0
+        if context_calls is not None:
+            context_calls.clear()
+        user = self.conversation.user(self.made)
+        self.made += 1
+        message_id = time.time_ns()  # grows like a Discord message id
+        start = time.perf_counter_ns()
+        await self.engine.reply(  # as the Discord glue calls it
+            scope,
+            user,
+            user_ref=str(message_id),
+            order=message_id,
+            claim=str(message_id),
+        )
+        elapsed = time.perf_counter_ns() - start
+        return TurnTime(
+            total=elapsed - model.model_ns,
+            load=timed.load_ns,
+            context=sum(context_calls or ()),
+            save=timed.save_ns,
+            sent_messages=model.sent_messages,
+        )
+
+
 async def run_turns(
     store: SessionStore,
     conversation: Conversation,
@@ -202,42 +253,26 @@ async def run_turns(
     first: Phases | None = None,
 ) -> Phases:
     """`rounds` rounds of one turn in each scope, one turn at a time, through the real
-    engine with the instant model, each turn a Discord message (claimed, ordered, and
-    remembered for deletion, as the bot does); the first `warmup` turns are not recorded.
-    With `first`, the first round is recorded there instead (and is not warm-up): each
-    scope's first turn since its session was stored, which finds nothing of it cached."""
-    timed = TimedStore(store)
-    model = InstantModel(conversation.answer)
-    engine = Engine(cast(SessionStore, timed), model, LIMITS)
+    engine with the instant model (`EngineTurns`); the first `warmup` turns are not
+    recorded. With `first`, the first round is recorded there instead (and is not warm-up):
+    each scope's first turn since its session was stored, which finds nothing of it cached."""
+    turns = EngineTurns(store, conversation)
     phases = Phases()
-    turn = made = 0
+    turn = 0
     with timed_build_context() as context_calls:
         for round_index in range(rounds):
             into = first if round_index == 0 and first is not None else phases
             for scope in scopes:
-                timed.load_ns = timed.save_ns = model.model_ns = 0
-                context_calls.clear()
-                user = conversation.user(made)
-                made += 1
-                message_id = time.time_ns()  # grows like a Discord message id
-                start = time.perf_counter_ns()
-                await engine.reply(  # as the Discord glue calls it
-                    scope,
-                    user,
-                    user_ref=str(message_id),
-                    order=message_id,
-                    claim=str(message_id),
-                )
-                elapsed = time.perf_counter_ns() - start
+                took = await turns.turn(scope, context_calls)
                 if into is phases:
                     turn += 1
                     if turn <= warmup:
                         continue
-                into.total.append(elapsed - model.model_ns)
-                into.load.append(timed.load_ns)
-                into.context.append(sum(context_calls))
-                into.save.append(timed.save_ns)
-                into.sent_messages.append(model.sent_messages)
+                into.total.append(took.total)
+                into.load.append(took.load)
+                into.context.append(took.context)
+                into.save.append(took.save)
+                into.sent_messages.append(took.sent_messages)
     return phases
 
 

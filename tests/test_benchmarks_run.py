@@ -11,6 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.peers import (
+    BENCH_EXTRA,
+    JSON_FILE,
+    LIST,
+    OURS_REDIS,
+    OURS_SQLITE,
+    SDK_ROWS,
+    sdk_missing,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.timeout(400)  # the first test runs the whole quick benchmark
@@ -111,7 +121,7 @@ def test_concurrency_end_to_end_and_targets_are_reported(report: str) -> None:
     for row in end_to_end:
         number(row["p50 ms"])
     targets = found["Targets"]
-    assert len(targets) == 5
+    assert len(targets) == 8
     assert targets[0]["Met"].startswith(("yes", "**no**"))  # round trips: counted at any size
 
 
@@ -156,3 +166,34 @@ def test_tokens_sent_per_turn_stay_within_the_budget(report: str) -> None:
     last = rows[-1]
     assert number(last["Whole history tokens"]) > budget  # long enough to need a summary
     assert number(last["Summarized messages"]) > 0 and number(last["Summary calls"]) > 0
+
+
+def test_peers_are_measured_beside_ours_or_named_as_left_out(report: str) -> None:
+    """With the bench extra installed, the SDK's sessions have rows and ratios; without it,
+    the report names the rows it left out and how to get them."""
+    section = report.split("\n## Against peers\n", 1)[1].split("\n## ", 1)[0]
+    rows = tables(report)["Against peers"]
+    workloads = {(r["Stored sessions"], r["History"]) for r in rows}
+    assert workloads == {("40", "100"), ("60", "10")}
+    expected = [OURS_REDIS, OURS_SQLITE, LIST]
+    if not sdk_missing():
+        expected += SDK_ROWS
+    expected.append(JSON_FILE)
+    for workload in workloads:
+        found = [r for r in rows if (r["Stored sessions"], r["History"]) == workload]
+        assert [r["Candidate"] for r in found] == expected
+        for row in found:
+            assert number(row["First turns"]) >= 1 and number(row["Steady turns"]) >= 1
+            assert number(row["First p50 ms"]) <= number(row["First p99 ms"])
+            assert number(row["Steady p50 ms"]) <= number(row["Steady p99 ms"])
+            if not row["Candidate"].startswith("ours"):
+                assert number(row["First: peer / ours"]) > 0
+                assert number(row["Steady: peer / ours"]) > 0
+        trips = {r["Candidate"]: r["Round trips first, steady"] for r in found}
+        assert number(trips[LIST].split(", ")[1]) == 2  # LRANGE, then MULTI ... EXEC
+        assert number(trips[OURS_REDIS].split(", ")[1]) >= 1
+    if sdk_missing():
+        assert "**Left out:** " + "; ".join(SDK_ROWS) in section
+        assert BENCH_EXTRA in section
+    else:
+        assert "Left out" not in section
