@@ -189,15 +189,22 @@ async def test_different_channels_do_not_wait_for_each_other(harness: Harness) -
     assert slow.content == "slow answer"
 
 
-async def test_three_hundred_channels_at_once_are_all_answered(redis_url: str) -> None:
+@pytest.mark.parametrize("backend", ["redis", "redis-cluster"])
+async def test_three_hundred_channels_at_once_are_all_answered(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
     """More turns in flight than the Redis pool has connections: they wait, none fails.
-    (The wait counts in a call's 5 s deadline, which a loaded machine can use up here:
-    what this shows is the waiting, so the deadline is a minute.)"""
+    On a cluster too, whose client would refuse them at once. (The wait counts in a call's
+    5 s deadline, which a loaded machine can use up here: what this shows is the waiting,
+    so the deadline is a minute.)"""
     from bot.engine import Engine, EngineLimits
     from bot.model import DedalusModel
 
+    cluster = backend == "redis-cluster"
+    url = request.getfixturevalue("redis_cluster_url" if cluster else "redis_url")
     with FakeDedalusAPI() as api:
-        store = RedisStore.from_url(redis_url, StorePolicy(TEST_MODELS[0]), call_timeout=60)
+        policy = StorePolicy(TEST_MODELS[0])
+        store = RedisStore.from_url(url, policy, call_timeout=60, cluster=cluster)
         model = DedalusModel.connect("test-key", api.base_url, timeout=30, max_retries=0)
         engine = Engine(store, model, EngineLimits("system", 10_000))
         scopes = [f"load:{i}" for i in range(300)]

@@ -1161,6 +1161,13 @@ class RedisStore:
         self._policy = policy
         self._owns_client = owns_client
         self._call_timeout = call_timeout
+        self._in_flight = (
+            asyncio.Semaphore(MAX_CONNECTIONS) if isinstance(client, RedisCluster) else None
+        )
+        """redis-py's cluster client has no blocking pool: past `max_connections` calls in
+        flight to one node it raises at once, which a busy bot (a thousand channels talking)
+        would report as an outage. Calls past the limit wait here instead, as they wait for
+        the single server's blocking pool, within the same call deadline."""
         self._recent = RecentCache(policy.history_cache_bytes)
         self.stats = StoreStats()
         self._load_bytes = 0
@@ -1235,7 +1242,11 @@ class RedisStore:
         reads a stale reply."""
         try:
             async with asyncio.timeout(seconds or self._call_timeout):
-                yield
+                if self._in_flight is None:
+                    yield
+                else:
+                    async with self._in_flight:
+                        yield
         except (
             RedisConnectionError,
             RedisTimeoutError,
