@@ -471,7 +471,14 @@ class Engine:
                 usage=usage,
             )
 
-    async def _admit(self, scope: str, claim: str | None, token: str, account: Account) -> None:
+    async def _admit(
+        self,
+        scope: str,
+        claim: str | None,
+        token: str,
+        account: Account,
+        subject: str = "This message",
+    ) -> None:
         """Check the message against its account's limits, once: the process that holds the
         message (its claim, taken here) checks and charges it. A refused message is settled
         as answered, so nobody answers it later (the start-up catch-up included). A message
@@ -495,7 +502,7 @@ class Engine:
             return
         if claim is not None:
             await self._settle(scope, claim, token, answered=True)
-        raise OverLimit(refusal, self._limits.usage, now)
+        raise OverLimit(refusal, self._limits.usage, now, subject)
 
     async def retry(
         self,
@@ -516,11 +523,16 @@ class Engine:
         had, under the place's persona as it is now (`parent` as for `reply`). `on_begin`
         gets the exchange (where its old answer went) before the model runs. Nothing is
         changed unless the new answer is saved. Its tokens are charged to `account` (the
-        person who asked for it), as a turn's are, whether or not it is saved."""
+        person who asked for it), as a turn's are, whether or not it is saved; it is
+        admitted against that account's limits like a message (`OverLimit`), so a member
+        over a limit cannot go on spending through retries."""
         budget = self._limits.budget_bytes
         room_all = history_room(self._limits.system_prompt, {"role": "user", "content": ""}, budget)
         async with self._rewriting(scope, order, room_all) as (turn, held):
             exchange = await self._last_exchange(turn, "retry", requester, manager)
+            if account is not None:
+                admission = f"retry:{order}" if order is not None else uuid.uuid4().hex
+                await self._admit(scope, None, admission, account, "This retry")
             earlier = await self._history_before(turn, exchange)
             if on_begin is not None:
                 await on_begin(exchange)

@@ -204,8 +204,8 @@ class UsageLimits:
     charged all its tokens, even those that take the day's count past a budget; the next
     message is refused. A message is checked against what was charged so far, so messages
     admitted while others are still being answered may each be answered too: a budget is
-    overshot by at most those turns. Work that is not a message (summaries, `/retry`,
-    thread titles) is never checked, only charged."""
+    overshot by at most those turns. `/retry` is checked like a message; background work
+    (summaries, thread titles) is never checked, only charged."""
 
     messages_per_minute: int = 0
     user_tokens_per_day: int = 0
@@ -251,7 +251,9 @@ class OverLimit(BotError):
     """A member over a limit: the message is not stored and not sent to the model. Show the
     text only when `notify` (at most once a minute per member, across processes)."""
 
-    def __init__(self, refusal: Refusal, limits: UsageLimits, now: float) -> None:
+    def __init__(
+        self, refusal: Refusal, limits: UsageLimits, now: float, subject: str = "This message"
+    ) -> None:
         wait = _duration(refusal.until - now)
         at = datetime.datetime.fromtimestamp(refusal.until, datetime.UTC).strftime("%H:%M")
         if refusal.limit == RATE:
@@ -263,7 +265,7 @@ class OverLimit(BotError):
         else:
             what = f"This server has used its {limits.server_tokens_per_day:,} tokens for today"
             when = f"the bot answers again at {at} UTC (in {wait})"
-        super().__init__(f"{what}; {when}. This message was not sent to the model.")
+        super().__init__(f"{what}; {when}. {subject} was not sent to the model.")
         self.refusal = refusal
         self.notify = refusal.notify
 

@@ -375,3 +375,28 @@ async def test_compact_and_background_summaries_count_in_the_totals(harness: Har
     tokens_in, tokens_out = totals(reported)
     status = await harness.command("status", user=fake.member, channel_id=fake.random_id)
     assert f"Tokens: {tokens_in:,} in, {tokens_out:,} out" in status.splitlines()
+
+
+async def test_a_member_over_the_budget_cannot_retry_either(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """/retry calls the model too: it is admitted like a message, so a member over a limit
+    gets the same reason, privately, and the answer shown stays as it was."""
+    fake, api = harness.discord, harness.api
+    clock = [NOW]
+    await limited(harness, UsageLimits(user_tokens_per_day=1), clock)
+    api.reply_text("The first answer.")
+    await ask(harness, fake.member, "one")  # under the budget when asked; over it after
+    reply = await harness.command("retry", user=fake.member, channel_id=fake.general_id)
+    assert reply == (
+        "⚠️ You have used your 1 tokens for today; you can continue at 00:00 UTC "
+        "(in 16 h 0 min). This retry was not sent to the model."
+    )
+    assert api.request_count == 1
+    assert harness.answers(fake.general_id)[-1].content == "The first answer."
+    history = await harness.history(fake.general_id)
+    assert [m["content"] for m in history][1:] == ["The first answer."]
+    assert len(history) == 2
+    await ask(harness, fake.admin, "an admin is not limited")
+    await harness.command("retry", user=fake.admin, channel_id=fake.general_id)
+    assert api.request_count == 3  # the admin's question and its retry
