@@ -20,11 +20,12 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from benchmarks import breakdown, end_to_end, overhead, peers, roundtrips, scaling, tokens
-from benchmarks.common import Conversation, flush, redis_server
+from benchmarks.common import POLICY, Conversation, flush, redis_server, seed
 from benchmarks.end_to_end import Timing
 from benchmarks.overhead import Grid
 from benchmarks.peers import PeerPlan, Workload
 from benchmarks.report import Results, machine_info, render
+from bot.store.redis import RedisStore
 from tests.redis_cluster import RedisClusterNodes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +48,8 @@ class Plan:
     token_budget: int
     """Tokens sent per turn: how many turns, within what context budget (in tokens)."""
     peers: PeerPlan
+    idle_sessions: int
+    """Stored beside the channels in a second Redis run of them: peak RSS flat in sessions."""
     quick: bool = False
     scaling_processes: tuple[int, ...] = (1, 2, 4)
 
@@ -59,7 +62,7 @@ FULL = Plan(
         turns=1000,
         warmup=50,
         json_turns=5,
-        json_seconds=8.0,
+        json_seconds=5.0,  # one turn at 10,000 sessions (5-10 s each), five at 100
         passes=4,
     ),
     compare=(1000, 100),
@@ -82,6 +85,7 @@ FULL = Plan(
         json_turns=5,
         json_seconds=8.0,
     ),
+    idle_sessions=10_000,
 )
 
 QUICK = Plan(
@@ -116,6 +120,7 @@ QUICK = Plan(
         json_turns=2,
         json_seconds=1.0,
     ),
+    idle_sessions=200,
     quick=True,
 )
 
@@ -128,18 +133,35 @@ class Progress:
         print(f"[{time.monotonic() - self.start:6.1f} s] {text}", file=sys.stderr, flush=True)
 
 
-def _concurrency(url: str, plan: Plan, backend: str, cache_mb: int | None) -> dict[str, object]:
-    """One child process per run, so each peak RSS is the run's own."""
+def _concurrency(
+    url: str, plan: Plan, backend: str, cache_mb: int | None, idle: int = 0
+) -> dict[str, object]:
+    """One child process per run, so each peak RSS is the run's own. `idle`: that many
+    sessions are already stored (by the parent) and stay idle beside the channels."""
     command = [sys.executable, "-m", "benchmarks.concurrency", "--backend", backend]
     command += ["--url", url, "--channels", str(plan.channels)]
     if cache_mb is not None:
         command += ["--cache-mb", str(cache_mb)]
     command += ["--turns", str(plan.channel_turns), "--history", str(plan.channel_history)]
+    if idle:
+        command.append("--keep")
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     result: dict[str, object] = json.loads(done.stdout)
+    result["stored"] = plan.channels + idle
     return result
+
+
+async def _store_idle(url: str, conversation: Conversation, count: int) -> None:
+    """`count` idle sessions of 10 to 100 messages, as the per-turn grid stores them."""
+    await flush(url)
+    store = RedisStore.from_url(url, POLICY)
+    try:
+        idle = overhead.background(count, 0)
+        await seed(store, [(scope, conversation.history(n)) for scope, n in idle])
+    finally:
+        await store.close()
 
 
 async def run(plan: Plan, command: str) -> Results:
@@ -200,6 +222,12 @@ async def run(plan: Plan, command: str) -> Results:
         for backend, cache_mb in (("redis", None), ("redis", 0), ("sqlite", None)):
             progress(f"{plan.channels} channels at once: {backend}")
             results.concurrency.append(_concurrency(server.url, plan, backend, cache_mb))
+        progress(f"{plan.channels} channels at once beside {plan.idle_sessions} idle sessions")
+        await _store_idle(server.url, conversation, plan.idle_sessions)
+        results.concurrency.append(
+            _concurrency(server.url, plan, "redis", None, idle=plan.idle_sessions)
+        )
+        await flush(server.url)
 
         progress(f"tokens sent per turn over {plan.token_turns} turns")
         results.tokens = await tokens.measure(server.url, plan.token_turns, plan.token_budget)

@@ -67,13 +67,15 @@ async def run(
     *,
     first_channel: int = 0,
     shared: bool = False,
+    keep: bool = False,
 ) -> dict[str, Any]:
     """`shared`: other processes use the same store at the same time (`benchmarks.scaling`):
     the store is not flushed, and the turns start when the parent writes a line to stdin,
-    once every process has seeded its channels (`first_channel` onwards)."""
+    once every process has seeded its channels (`first_channel` onwards). `keep`: the
+    sessions the parent stored are kept (not flushed), idle beside the channels."""
     conversation = Conversation()
     with tempfile.TemporaryDirectory(prefix="bench-conc-") as directory:
-        if backend == "redis" and not shared:
+        if backend == "redis" and not shared and not keep:
             await flush(url)
         store = _open(backend, url, cache_mb, directory)
         first = 300_000 + first_channel
@@ -141,6 +143,7 @@ def main() -> None:
     parser.add_argument("--cache-mb", type=int, default=None, help="default: the bot's")
     parser.add_argument("--first-channel", type=int, default=0)
     parser.add_argument("--shared", action="store_true", help="see `run`")
+    parser.add_argument("--keep", action="store_true", help="see `run`")
     args = parser.parse_args()
     result = asyncio.run(
         run(
@@ -152,6 +155,7 @@ def main() -> None:
             args.cache_mb,
             first_channel=args.first_channel,
             shared=args.shared,
+            keep=args.keep,
         )
     )
     json.dump(result, sys.stdout)

@@ -97,8 +97,8 @@ class Grid:
     warmup: int
     json_turns: int
     json_seconds: float
-    """The JSON pattern takes seconds per turn at large sizes: at most this long per cell
-    (at least two turns)."""
+    """The JSON pattern takes seconds per turn at large sizes: no new turn once a cell has
+    run this long (at least one turn; the report gives each cell's count)."""
     rounds_per_block: int = 2
     passes: int = 1
     """The grid is run this many times over, each pass with its share of the turns, so a

@@ -19,7 +19,9 @@ bot's dependencies; without it only the rows that need it are left out."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import random
 import tempfile
 import time
@@ -119,6 +121,8 @@ class PeerResults:
     left_out: list[str] = field(default_factory=list)
     """Rows not measured, because the `bench` extra is not installed."""
     why_left_out: str = ""
+    load: tuple[float, float] = (float("nan"), float("nan"))
+    """The 1-minute load average when the peers' turns began and ended."""
 
 
 class Candidate(Protocol):
@@ -233,8 +237,9 @@ class SdkRedis:
         return self.make(scope, redis_client=self.client, ttl=self.ttl)
 
     async def seed(self, stored: Sequence[tuple[str, list[Message]]]) -> None:
-        for scope, history in stored:
-            await self._new(scope).add_items(list(history))
+        for i in range(0, len(stored), 50):
+            batch = stored[i : i + 50]
+            await asyncio.gather(*(self._new(s).add_items(list(h)) for s, h in batch))
 
     async def turn(self, scope: str) -> tuple[int, int]:
         added = self.items.next()
@@ -361,8 +366,10 @@ async def measure(
         results.left_out = list(SDK_ROWS)
         results.why_left_out = missing
         progress(f"peers: {missing}; leaving out {', '.join(SDK_ROWS)}")
+    start = os.getloadavg()[0]
     for workload in plan.workloads:
         results.cells += await _workload(url, port, plan, workload, conversation, progress, missing)
+    results.load = (start, os.getloadavg()[0])
     return results
 
 
@@ -392,10 +399,14 @@ async def _workload(
                 progress(f"peers, {n} sessions of {h} messages: seeding {candidate.name}")
                 await candidate.seed([(s, history) for s in scopes])
 
+            keep = set(steady)
+
             async def each(scope: str, index: int, record: bool, first: bool) -> None:
                 start = index % len(candidates)
                 for candidate in candidates[start:] + candidates[:start]:
                     total, store = await candidate.turn(scope)
+                    if scope not in keep:  # no more turns: close what it opened
+                        candidate.done_with(scope)
                     if record:
                         cell = cells[candidate.name]
                         (cell.first if first else cell.steady).append(total)
@@ -406,17 +417,14 @@ async def _workload(
             progress(f"peers: {len(firsts)} first turns each")
             for i, scope in enumerate(firsts):
                 await each(scope, i, True, True)
-            for candidate in candidates:
-                for scope in warm + firsts[len(steady) :]:
-                    candidate.done_with(scope)
             progress(f"peers: {plan.rounds} rounds of {len(steady)} sessions each")
             turn = 0
             for _ in range(plan.rounds):
                 for scope in steady:
                     await each(scope, turn, True, False)
                     turn += 1
-            for cell in cells.values():
-                cell.grown_to = h + 2 * (1 + plan.rounds)
+            for cell in cells.values():  # before the last turn of a steady session
+                cell.grown_to = h + 2 * plan.rounds
         finally:
             for candidate in candidates:
                 await candidate.close()

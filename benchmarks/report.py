@@ -438,7 +438,27 @@ def _peer_targets(r: Results) -> list[str]:
             ),
         )
     )
+    lines.append(_rss_target(r))
     return lines
+
+
+def _rss_target(r: Results) -> str:
+    """Peak RSS of the same many-channel Redis run, alone and beside idle sessions."""
+    runs = [
+        c for c in r.concurrency if c["backend"] == "redis" and c["cache_mb"] != 0 and "stored" in c
+    ]
+    runs.sort(key=lambda c: int(c["stored"]))
+    if len(runs) < 2:
+        return _row("Peak RSS flat in stored sessions (Redis)", "not measured", _met(False))
+    few, many = runs[0], runs[-1]
+    ratio = _ratio(float(many["peak_rss_mb"]), float(few["peak_rss_mb"]))
+    return _row(
+        f"Peak RSS flat in stored sessions (Redis, one process, {few['channels']:,} channels "
+        "talking)",
+        f"{num(few['peak_rss_mb'])} MB with {int(few['stored']):,} stored sessions, "
+        f"{num(many['peak_rss_mb'])} MB with {int(many['stored']):,}: ratio {num(ratio)}",
+        _met(ratio <= FLAT_TOLERANCE, f"flat: ratio at most {FLAT_TOLERANCE}", judged=not r.quick),
+    )
 
 
 def _notes(r: Results, big: int, longest: int) -> list[str]:
@@ -634,6 +654,7 @@ def _peers(r: Results) -> list[str]:
         "peer's p50 over ours for the same kind of store (Redis peers against our Redis store,",
         "SQLite and the JSON file against our SQLite store): above 1, ours is faster. Round",
         "trips are counted by a proxy (as in the round-trips table) over a few more sessions.",
+        f"Load average (1 min) when these turns began and ended: {p.load[0]:.2f}, {p.load[1]:.2f}.",
         "",
     ]
     if p.left_out:
@@ -787,11 +808,14 @@ def _concurrency(r: Results) -> list[str]:
         "process's own (VmHWM), after start-up and seeding (*RSS before*) and the turns.",
         "*Redis connections* are the client's connections open at the end (its pool, at most",
         "64; beyond that a call waits for a free one). *Cache* is `HISTORY_CACHE_MB`: the row",
-        "with it off shows what the cache of recent messages costs in memory.",
+        "with it off shows what the cache of recent messages costs in memory. The last row",
+        "stores more sessions beside the channels, idle (10 to 100 messages each): the",
+        "process never loads them, so its memory should not grow with them.",
         "",
         _row(
             "Store",
             "Cache MB",
+            "Stored sessions",
             "Channels",
             "Turns each",
             "History",
@@ -802,13 +826,14 @@ def _concurrency(r: Results) -> list[str]:
             "Peak RSS MB",
             "Redis connections",
         ),
-        _row(*["---"] * 11),
+        _row(*["---"] * 12),
     ]
     for c in r.concurrency:
         lines.append(
             _row(
                 c["backend"],
                 "-" if c["cache_mb"] is None else c["cache_mb"],
+                c.get("stored", c["channels"]),
                 c["channels"],
                 c["turns_each"],
                 c["history"],
@@ -988,7 +1013,8 @@ def _method(r: Results) -> list[str]:
         f"  Per cell and pass: {g.warmup} warm-up turns; at least {g.turns} measured in all.",
         f"- Comparison with the JSON file: {sessions} sessions of exactly {history} messages,",
         f"  {min(g.measured, sessions)} of them taking turns; at most {g.json_turns} JSON turns",
-        f"  (or {g.json_seconds:.0f} s) per cell.",
+        f"  per cell, none begun after {g.json_seconds:.0f} s (at least one; each cell's count",
+        "  is in the JSON table).",
         "- Store settings are the production defaults (no TTL, 2,000-message cap, 15 s lock,",
         "  32 MB cache of recent messages); system prompt the default one.",
         "- The machine may have been doing other work: the load average is given above.",

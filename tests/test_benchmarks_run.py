@@ -108,10 +108,11 @@ def test_the_json_pattern_and_the_ratio_are_reported(report: str) -> None:
 def test_concurrency_end_to_end_and_targets_are_reported(report: str) -> None:
     found = tables(report)
     concurrent = found["Many channels at once"]
-    assert [(r["Store"], r["Cache MB"]) for r in concurrent] == [
-        ("redis", "32"),
-        ("redis", "0"),
-        ("sqlite", "-"),
+    assert [(r["Store"], r["Cache MB"], r["Stored sessions"]) for r in concurrent] == [
+        ("redis", "32", "50"),
+        ("redis", "0", "50"),
+        ("sqlite", "-", "50"),
+        ("redis", "32", "250"),  # beside 200 idle sessions
     ]
     for row in concurrent:
         number(row["Turns/s"])
@@ -121,7 +122,7 @@ def test_concurrency_end_to_end_and_targets_are_reported(report: str) -> None:
     for row in end_to_end:
         number(row["p50 ms"])
     targets = found["Targets"]
-    assert len(targets) == 8
+    assert len(targets) == 9
     assert targets[0]["Met"].startswith(("yes", "**no**"))  # round trips: counted at any size
 
 
