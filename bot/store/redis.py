@@ -1,8 +1,9 @@
 """The production store: sessions in Redis, each operation one Lua script (one round trip).
 
 Layout (every key of a scope shares the hash tag `{scope}`, so all of them hash to one slot
-and a script touches a single slot, as Redis Cluster requires; running on a Cluster is issue
-14 and not tested yet: the scripts also build session keys not passed to them in KEYS):
+and a script touches a single slot, as Redis Cluster requires; the scripts also build
+session keys not passed to them in KEYS, which `_PRELUDE`'s probe makes safe while a slot
+moves between nodes):
 
     {prefix}:{scope}:state              hash    current -> session name; opt:{option} -> value
                                                 (`/mode`, `/persona`, the last message answered)
@@ -15,6 +16,7 @@ and a script touches a single slot, as Redis Cluster requires; running on a Clus
                                                 turn's token) expiring with the turn's lock, then
                                                 `answered` for a day
     {prefix}:places                     zset    scope -> when the bot last answered there
+    {prefix}:{scope}:probe:absent       never written: every script reads it first (`PROBE`)
     {prefix}:{scope}:usage              hash    a session's tokens; the servers' counters are
                                                 in `bot.store.redis_usage`
     {prefix}:{scope}:s:{name}:meta      hash    model, mcp (JSON list), created, updated, format,
@@ -144,6 +146,13 @@ CALL_TIMEOUT_SECONDS = 5.0
 """A store call not done by then (waiting for a connection included) fails as storage
 unavailable: Redis stopped answering. One deadline per call, not redis-py's per-read
 `socket_timeout`, which wraps every command in a task and costs a tenth of a turn."""
+_SCRIPT_REFUSED_BY_CLUSTER = (
+    "Script attempted to access a non local key",
+    "Script attempted to execute a command while the cluster is down",
+    "Script attempted to execute a write command while the cluster is down",
+)
+"""How a Redis Cluster node refuses a script's command (Redis 7's wording): the slot is
+being moved away, or the cluster lost a slot's primary."""
 IMPORT_TIMEOUT_SECONDS = 120.0
 """An import sends whole sessions in one transaction, possibly many megabytes."""
 
@@ -202,8 +211,17 @@ def session_key(scope: str, name: str, part: str) -> str:
 # Shared Lua: key building, lazy creation of the current session, and a session's summary.
 # KEYS[1] is always the scope's state hash and KEYS[2] its names zset; ARGV[1] the key prefix
 # of the scope (everything before "state").
+#
+# The first call reads a key that never exists (`probe_key`), for Redis Cluster: while a
+# slot is being moved away, its node still runs a script whose declared keys it holds, but
+# fails the script's first command on a key it does not hold (one already moved, or one the
+# script would create), keeping the writes made before it. Touching an absent key before
+# anything else makes such a script fail whole, with nothing written; the client then sees
+# storage unavailable until the slot's keys are all moved (then it is redirected to their
+# new node). Anywhere else the probe is one EXISTS answered 0.
 _PRELUDE = """
 local prefix = ARGV[1]
+redis.call('EXISTS', prefix .. '$PROBE')
 local function key(name, part) return prefix .. 's:' .. name .. ':' .. part end
 local function of_type(k, wanted)  -- a missing key is of every type
   local found = redis.call('TYPE', k).ok
@@ -363,6 +381,9 @@ end
 """
 
 
+PROBE = "probe:absent"
+"""The part of the key every script reads first and nothing writes (`_PRELUDE`)."""
+
 DAMAGED = "!damaged"
 """The first element of a script's reply when the scope's own keys are damaged (no session
 name can contain '!'); the second says what is."""
@@ -379,6 +400,7 @@ def _lua(body: str) -> str:
         ("$LAST", LAST_ANSWERED_OPTION),
         ("$PERSONA", PERSONA_OPTION),
         ("$DAMAGED", DAMAGED),
+        ("$PROBE", PROBE),
         ("$NAME_BYTES", str(STORED_NAME_MAX_BYTES)),
     ):
         script = script.replace(name, value)
@@ -1261,6 +1283,13 @@ class RedisStore:
             # Under `maxmemory-policy noeviction` Redis refuses writes when full, rather than
             # dropping sessions: an outage to explain, not a bug to trace.
             log.warning("storage: Redis is full (maxmemory reached) and refuses writes")
+            self.stats.unavailable += 1
+            raise StoreUnavailable() from error
+        except ResponseError as error:
+            if not str(error).startswith(_SCRIPT_REFUSED_BY_CLUSTER):
+                raise
+            # A script on a slot being moved away (see `_PRELUDE`), or on a cluster that is
+            # down: refused before it wrote anything, like a node that is not there.
             self.stats.unavailable += 1
             raise StoreUnavailable() from error
 
