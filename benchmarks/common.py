@@ -251,12 +251,14 @@ async def run_turns(
     warmup: int = 0,
     *,
     first: Phases | None = None,
+    turns: EngineTurns | None = None,
 ) -> Phases:
     """`rounds` rounds of one turn in each scope, one turn at a time, through the real
     engine with the instant model (`EngineTurns`); the first `warmup` turns are not
     recorded. With `first`, the first round is recorded there instead (and is not warm-up):
-    each scope's first turn since its session was stored, which finds nothing of it cached."""
-    turns = EngineTurns(store, conversation)
+    each scope's first turn since its session was stored, which finds nothing of it cached.
+    `turns`: the engine of earlier calls, to go on in the same process (else a new one)."""
+    turns = turns or EngineTurns(store, conversation)
     phases = Phases()
     turn = 0
     with timed_build_context() as context_calls:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 
 import bot.store.redis as redis_store
-from benchmarks.common import POLICY, Conversation, percentile, run_turns, seed
+from benchmarks.common import POLICY, Conversation, EngineTurns, percentile, run_turns, seed
 from bot.store.redis import RedisStore
 
 
@@ -190,8 +190,9 @@ class RoundTrips:
 async def count(
     redis_port: int, conversation: Conversation, history: int, turns: int, sessions: int = 20
 ) -> RoundTrips:
-    """Steady-state counts per turn at `history` messages: scripts are loaded and the
-    connection is open before counting starts."""
+    """Steady-state counts per turn at `history` messages: scripts are loaded, the
+    connection is open and the engine has served each session before counting starts (one
+    engine throughout, as in one bot process: it notes a place at most once a minute)."""
     direct = aioredis.Redis(port=redis_port, decode_responses=True)
     proxy = await CountingProxy(redis_port).start()
     store = RedisStore.from_url(proxy.url, POLICY)
@@ -199,14 +200,15 @@ async def count(
         await direct.flushall()
         scopes = [f"discord:{200_000 + i}" for i in range(sessions)]
         await seed(store, [(s, conversation.history(history)) for s in scopes])
-        await run_turns(store, conversation, scopes, rounds=1)  # loads scripts, warms up
+        engine = EngineTurns(store, conversation)
+        await run_turns(store, conversation, scopes, rounds=1, turns=engine)  # warms up
         rounds = max(1, turns // sessions)
         await direct.config_set("slowlog-log-slower-than", 0)  # every command, with its time
         await direct.config_set("slowlog-max-len", 4 * turns + 100)
         await direct.slowlog_reset()
         await direct.config_resetstat()
         proxy.reset()
-        await run_turns(store, conversation, scopes, rounds)
+        await run_turns(store, conversation, scopes, rounds, turns=engine)
         stats = parse_commandstats(await direct.info("commandstats"))
         scripts = script_times(await direct.slowlog_get(4 * turns + 100))
         await direct.config_set("slowlog-log-slower-than", 10_000)
