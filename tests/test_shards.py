@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -248,3 +249,43 @@ async def test_shard_count_auto_runs_discords_recommended_shards_in_one_process(
             await fake.wait_bot_messages(channel, 1, timeout=120)
         syncs = [r for r in fake.requests if r.method == "PUT" and r.path.endswith("/commands")]
         assert len(syncs) == 1
+
+
+def health(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+async def test_healthz_is_503_naming_a_shard_whose_gateway_dropped_until_it_reconnects(
+    fakes: tuple[FakeDiscord, FakeDedalusAPI],
+    redis_url: str,
+    bots: list[BotProcess],
+    tmp_path: Path,
+) -> None:
+    """One process running both shards; Discord's gateway drops shard 1 (the fake's guild)
+    and refuses to let it back in for a while: the process is not healthy meanwhile, and
+    says which shard is down, though shard 0 and the store are fine."""
+    fake, api = fakes
+    port = free_port()
+    bots.append(start(fake, api, redis_url, tmp_path / "bot.log", "0-1", port))
+    wait_connected(bots)
+    await fake.wait_for(lambda: health(port)[0] == 200, 30, what="/healthz 200 at first")
+
+    may_reconnect = threading.Event()
+    fake.drop_shard((1, 2), may_reconnect)
+    try:
+        await fake.wait_for(lambda: health(port)[0] == 503, 30, what="/healthz 503")
+        # Still down once its reconnect was refused: it cannot have come back.
+        await fake.wait_for(lambda: fake.refused_connections >= 1, 60, what="a refused reconnect")
+        status, body = health(port)
+        assert status == 503
+        assert body == "discord: gateway shard(s) 1 disconnected; reconnecting\n"
+    finally:
+        may_reconnect.set()
+    await fake.wait_for(lambda: health(port) == (200, "ok\n"), 120, what="/healthz 200 again")
+    fake.user_says(fake.general_id, fake.member, "after the outage", mentions_bot=True)
+    [answer] = await fake.wait_bot_messages(fake.general_id, 1, timeout=120)
+    assert answer.content.endswith("after the outage")

@@ -235,6 +235,12 @@ class FakeDiscord:
         """Send op 7 RECONNECT, as Discord does before moving a session; the client resumes."""
         self._gateway.request_reconnect()
 
+    def drop_shard(self, shard: tuple[int, int] | None, closed_until: threading.Event) -> None:
+        """The gateway drops `shard`'s connection (None: unsharded ones) and refuses every
+        new connection until `closed_until` is set: an outage the client cannot resume
+        through at once."""
+        self._gateway.drop(shard, closed_until)
+
     # Driving the bot
 
     def user_says(
@@ -481,6 +487,12 @@ class FakeDiscord:
         """How many gateway sessions are connected now (one per running bot process)."""
         with self._lock:
             return sum(1 for s in self._gateway.sessions.values() if s.queue is not None)
+
+    @property
+    def refused_connections(self) -> int:
+        """Gateway connections refused while `drop_shard`'s outage lasted."""
+        with self._lock:
+            return self._gateway.refused_connections
 
     @property
     def resumes(self) -> int:

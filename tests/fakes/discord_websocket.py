@@ -49,6 +49,9 @@ RESUMABLE_HISTORY = 1000
 HELLO, HEARTBEAT, IDENTIFY, RESUME, RECONNECT, REQUEST_MEMBERS = 10, 1, 2, 6, 7, 8
 INVALID_SESSION, HEARTBEAT_ACK = 9, 11
 AUTHENTICATION_FAILED, INVALID_SHARD, DISALLOWED_INTENTS = 4004, 4010, 4014
+UNKNOWN_ERROR = 4000
+_DROP = "drop"
+"""Put in a session's frame queue: its websocket is closed instead of sent a frame."""
 
 
 def _op(op: int, data: Any) -> str:
@@ -114,13 +117,20 @@ class Gateway:
         self.identify_payload: dict[str, Any] | None = None
         self.portal_intents = Intent.PRIVILEGED  # the privileged intents switched on
         self.resumes = 0
+        self.refused_connections = 0
         self.guild_creates_delivered = 0
         self.dispatched: list[tuple[str, dict[str, Any]]] = []
+        self.closed_until: threading.Event | None = None
+        """While set and not yet set off, new gateway connections are refused (503)."""
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=0)
         if not ws.can_prepare(request).ok:
             return await self.not_websocket(request)
+        if self.closed_until is not None and not self.closed_until.is_set():
+            with self.lock:
+                self.refused_connections += 1
+            return web.Response(status=503, text="gateway unavailable")
         await ws.prepare(request)
         self.sockets.add(ws)
         queue: asyncio.Queue[_Frame | None] = asyncio.Queue()
@@ -165,6 +175,9 @@ class Gateway:
     async def _write(self, ws: web.WebSocketResponse, queue: asyncio.Queue[_Frame | None]) -> None:
         while (frame := await queue.get()) is not None:
             text, event = frame
+            if text is _DROP:
+                await ws.close(code=UNKNOWN_ERROR, message=b"fake Discord dropped the connection")
+                return
             try:
                 await ws.send_str(text)
             except (ConnectionError, RuntimeError):
@@ -282,6 +295,18 @@ class Gateway:
             elif event.startswith(("THREAD_", "CHANNEL_")) and not session.intents & Intent.GUILDS:
                 continue
             self._send_locked(session, event, data)
+
+    def drop(self, shard: Shard | None, closed_until: threading.Event) -> None:
+        """Close the websockets carrying `shard`'s sessions as a failing gateway does (4000:
+        the client may resume), and refuse new connections until `closed_until` is set."""
+        self.closed_until = closed_until
+        with self.lock:
+            queues = [
+                s.queue for s in self.sessions.values() if s.queue is not None and s.shard == shard
+            ]
+        for queue in queues:
+            if self.loop is not None:
+                self.loop.call_soon_threadsafe(queue.put_nowait, (_DROP, None))
 
     def request_reconnect(self) -> None:
         """Send op 7 RECONNECT to every connected session; discord.py then resumes."""
