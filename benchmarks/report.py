@@ -20,6 +20,7 @@ from benchmarks.peers import (
     LIST,
     OURS_REDIS,
     OURS_SQLITE,
+    SDK_REDIS,
     SDK_SQLITE,
     PeerCell,
     PeerResults,
@@ -238,6 +239,7 @@ def _summary(r: Results, big: int, longest: int) -> list[str]:
         f" {num(_ratio(json_p50, redis_p50))} times as long as Redis, and grows with every"
         " conversation stored."
     )
+    lines += _peer_summary(r)
     lines += [
         "- **What the targets below mean:** at most 2 trips to Redis per message (each trip is"
         " network time when Redis runs on another machine); the cost stays flat as stored"
@@ -247,6 +249,32 @@ def _summary(r: Results, big: int, longest: int) -> list[str]:
         "",
     ]
     return lines
+
+
+def _peer_summary(r: Results) -> list[str]:
+    """One line against the peers, at the first workload, in plain words."""
+    if r.peers is None or not r.peers.cells:
+        return []
+    first = r.peers.cells[0]
+    at = [c for c in r.peers.cells if (c.sessions, c.history) == (first.sessions, first.history)]
+    p50 = {c.candidate: c.p(50, first=False) for c in at}
+    parts = []
+    for ours, peer, what in (
+        (OURS_REDIS, SDK_REDIS, "the OpenAI Agents SDK's `RedisSession`"),
+        (OURS_REDIS, LIST, "a bare Redis list with no lock, claim or queue"),
+        (OURS_SQLITE, SDK_SQLITE, "the SDK's `SQLiteSession`"),
+    ):
+        if peer in p50 and ours in p50:
+            store = "Redis" if ours == OURS_REDIS else "SQLite"
+            parts.append(f"with {store}, {num(_ratio(p50[ours], p50[peer]))}x the time of {what}")
+    line = (
+        f"- **Against other ways to store conversations** ({first.sessions:,} conversations of"
+        f" {first.history} messages, after a conversation's first message): the bot's own work"
+        " takes, " + "; ".join(parts) + " (below 1: the bot is faster)."
+    )
+    if r.peers.left_out:
+        line += f" The SDK was not installed, so it was left out (`{BENCH_EXTRA}`)."
+    return [line]
 
 
 def _targets(
