@@ -17,6 +17,7 @@ from bot.context import CHANNEL_CONTEXT_MESSAGES, CHANNEL_CONTEXT_SHARE
 from bot.errors import SettingsError
 from bot.logs import LogFormat
 from bot.store.base import HISTORY_CACHE_MB, HISTORY_CAP_MB, MESSAGE_CAP_KB, SESSIONS_PER_PLACE
+from bot.store.sqlite import SYNCHRONOUS, Synchronous
 from bot.usage import UsageLimits
 
 REFERENCE_MODELS: tuple[str, ...] = (
@@ -68,6 +69,7 @@ class Settings:
     redis_url: str | None  # REDIS_URL; unset means the SQLite store
     redis_cluster: bool  # REDIS_CLUSTER: REDIS_URL names a node of a Redis Cluster
     sqlite_path: Path  # SQLITE_PATH
+    sqlite_synchronous: Synchronous  # SQLITE_SYNCHRONOUS: normal or full
     default_model: str  # DEFAULT_MODEL
     allowed_models: tuple[str, ...]  # ALLOWED_MODELS, comma-separated
     system_prompt: str  # SYSTEM_PROMPT
@@ -336,6 +338,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         redis_url=redis_url,
         redis_cluster=redis_cluster,
         sqlite_path=Path(_text(env, "SQLITE_PATH", "sessions.sqlite3") or "sessions.sqlite3"),
+        sqlite_synchronous=_parsed(
+            env,
+            "SQLITE_SYNCHRONOUS",
+            SYNCHRONOUS,
+            lambda raw: Synchronous(raw.lower()),
+            "normal or full",
+        ),
         default_model=default_model,
         allowed_models=allowed,
         system_prompt=_text(env, "SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT) or DEFAULT_SYSTEM_PROMPT,

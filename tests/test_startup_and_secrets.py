@@ -87,6 +87,10 @@ ROOT = Path(__file__).resolve().parents[1]
             {"DISCORD_TOKEN": "t", "DEDALUS_API_KEY": "k", "LIMITS_APPLY_TO_ADMINS": "maybe"},
             "error: LIMITS_APPLY_TO_ADMINS must be true or false, got 'maybe'",
         ),
+        (
+            {"DISCORD_TOKEN": "t", "DEDALUS_API_KEY": "k", "SQLITE_SYNCHRONOUS": "off"},
+            "error: SQLITE_SYNCHRONOUS must be normal or full, got 'off'",
+        ),
     ],
 )
 def test_a_bad_setting_stops_with_one_line_naming_it(

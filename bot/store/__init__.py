@@ -57,4 +57,4 @@ def open_store(settings: Settings) -> SessionStore:
         raise SettingsError(
             "SQLITE_PATH", f"names a file that is not an SQLite database: {path}"
         ) from None
-    return SqliteStore(path, policy_from(settings))
+    return SqliteStore(path, policy_from(settings), settings.sqlite_synchronous)

@@ -2,7 +2,10 @@
 
 Each operation is one transaction (`BEGIN IMMEDIATE`, so two processes on one file
 serialize); the turn lock is a token and expiry on the session's row, as in Redis. sqlite3
-blocks, so every call runs in a worker thread, one at a time.
+blocks, so every call runs in a worker thread, one at a time. A turn is two transactions:
+`begin_turn` (claim, queue, lock and history in one) and `finish_turn` (the save, the
+answered claim and the unlock in one); only the second may wait for the disk
+(`Synchronous`).
 
 With a TTL, a session not used for that long (a turn, /new, /load, an import) goes with its
 messages; a place's current-session row and options go once it has no session left and its
@@ -20,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
 
@@ -59,7 +63,6 @@ from bot.store.base import (
     Turn,
     answer_record,
     claim_lease,
-    claim_order,
     decode_messages,
     exchange_from,
     is_user_message,
@@ -111,6 +114,18 @@ SELECT s.name, s.format, s.model, s.mcp, s.created, s.updated,
        (SELECT count(*) FROM messages m WHERE m.scope = s.scope AND m.name = s.name)
 FROM sessions s WHERE s.scope = ?"""
 
+_TURN_PLACE = """
+SELECT c.current, s.lock_expires, s.epoch, s.summary, s.summary_upto, s.summary_covered,
+       s.name, s.format, s.model, s.mcp, s.created, s.updated,
+       (SELECT count(*) FROM messages m WHERE m.scope = s.scope AND m.name = s.name),
+       (SELECT value FROM scope_options o WHERE o.scope = ?1 AND o.option = ?3)
+FROM (SELECT ?1 AS scope) q
+LEFT JOIN scopes c ON c.scope = q.scope
+LEFT JOIN sessions s ON s.scope = q.scope AND s.name = coalesce(c.current, ?2)"""
+"""What a turn reads of its place in one statement: the current session's name; that
+session's lock, epoch and summary, then `_SUMMARY`'s row (NULLs when it has no row); and
+the place's persona. ?1: the scope, ?2: `DEFAULT_SESSION`, ?3: `PERSONA_OPTION`."""
+
 _PURGE_EVERY_SECONDS = 60.0
 _SUMMARY_COLUMNS = {
     "summary": "TEXT",
@@ -134,6 +149,16 @@ def _number(value: object) -> float:
     return float(value) if isinstance(value, int | float) else 0.0
 
 
+def _current_of(stored: object) -> str | None:
+    """A place's stored current-session name (None: none yet); `DamagedState` when it is junk
+    (`/clear` and `/new` replace it)."""
+    if stored is None:
+        return None
+    if not readable_name(stored):
+        raise DamagedState("its current session name is unreadable")
+    return str(stored)
+
+
 def _epoch() -> str:
     """A new history identity for a session (see `Turn.epoch`)."""
     return uuid.uuid4().hex
@@ -147,9 +172,30 @@ def _position(db: sqlite3.Connection, scope: str, name: str) -> int:
     return int(row[0] or 0)
 
 
+class Synchronous(StrEnum):
+    """`SQLITE_SYNCHRONOUS`: whether the commit of a turn or a command waits for the disk,
+    named after the `PRAGMA synchronous` level it sets. In WAL mode neither level can
+    corrupt the file, and a crash of the process loses nothing (a commit is in the
+    operating system's hands either way); they differ on a power failure or a crash of the
+    operating system, which `normal` lets take the last commits the system had not yet
+    written back (what each costs is in the README's settings table). Deletions users ask
+    for always wait; the bookkeeping of turns in progress never does (see `_run`)."""
+
+    FULL = "full"
+    NORMAL = "normal"
+
+
+SYNCHRONOUS = Synchronous.NORMAL
+"""The default, as most embedded uses of SQLite in WAL mode choose: an fsync per turn adds
+about half to a turn's time on this store (measured on an SSD-backed machine)."""
+
+
 class SqliteStore:
-    def __init__(self, path: Path | str, policy: StorePolicy) -> None:
+    def __init__(
+        self, path: Path | str, policy: StorePolicy, synchronous: Synchronous = SYNCHRONOUS
+    ) -> None:
         self._policy = policy
+        self._synchronous = Synchronous(synchronous)
         self.stats = StoreStats()
         self._db = sqlite3.connect(
             str(path), isolation_level=None, check_same_thread=False, timeout=10
@@ -178,6 +224,7 @@ class SqliteStore:
         self._db.execute(
             "CREATE INDEX IF NOT EXISTS messages_sizes ON messages (scope, name, id, size)"
         )
+        self._level = ""  # the PRAGMA synchronous level set last (see `_run`)
         self._thread_lock = threading.Lock()
         self._last_purge = 0.0
 
@@ -188,12 +235,26 @@ class SqliteStore:
 
         await asyncio.to_thread(close)
 
-    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `work` in one write transaction, in a worker thread."""
+    async def _run(
+        self, work: Callable[[sqlite3.Connection], T], *, synced: bool | None = None
+    ) -> T:
+        """Run `work` in one write transaction, in a worker thread. Whether its commit waits
+        for the disk (see `Synchronous`): by default, as `SQLITE_SYNCHRONOUS` says, for what
+        users store and change; `synced=True` always, for a deletion a user asked for (it is
+        on disk when they are told it is done); `synced=False` never, for the bookkeeping of
+        turns in progress (a lock, a lease, a place in the queue), which means nothing once
+        the machine is down, and the counts a turn makes before its save (rates, tokens).
+        A commit that waits takes every earlier one to disk too."""
+        if synced is None:
+            synced = self._synchronous is Synchronous.FULL
+        level = "FULL" if synced else "NORMAL"
 
         def transaction() -> T:
             with self._thread_lock:
                 db = self._db
+                if level != self._level:  # a setting of the connection, read at each commit
+                    db.execute(f"PRAGMA synchronous = {level}")
+                    self._level = level
                 db.execute("BEGIN IMMEDIATE")
                 try:
                     self._purge_idle(db)
@@ -216,13 +277,8 @@ class SqliteStore:
     # Helpers that run inside a transaction.
 
     def _current_name(self, db: sqlite3.Connection, scope: str) -> str | None:
-        """Raises `DamagedState` when the stored name is junk (`/clear` and `/new` replace it)."""
         row = db.execute("SELECT current FROM scopes WHERE scope = ?", (scope,)).fetchone()
-        if row is None:
-            return None
-        if not readable_name(row[0]):
-            raise DamagedState("its current session name is unreadable")
-        return str(row[0])
+        return None if row is None else _current_of(row[0])
 
     def _summary_row_exists(self, db: sqlite3.Connection, scope: str, name: str) -> bool:
         found = db.execute("SELECT 1 FROM sessions WHERE scope = ? AND name = ?", (scope, name))
@@ -271,7 +327,10 @@ class SqliteStore:
             return
         self._last_purge = now
         db.execute("DELETE FROM claims WHERE expires < ?", (now,))
-        db.execute("DELETE FROM queue WHERE deadline < ?", (now,))
+        db.execute(  # a deadline that is not a number is junk: it lapses too
+            "DELETE FROM queue WHERE deadline < ? OR typeof(deadline) NOT IN ('integer', 'real')",
+            (now,),
+        )
         db.execute("DELETE FROM deleted_epochs WHERE expires < ?", (now,))
         sqlite_usage.purge(db, now, sessions_expire=False)
         if not ttl:
@@ -294,9 +353,15 @@ class SqliteStore:
         )
         sqlite_usage.purge(db, now, sessions_expire=True)
 
-    def _trim_to_bytes(self, db: sqlite3.Connection, scope: str, name: str) -> None:
-        """Drop the oldest messages beyond the session's byte cap (the newest always fits)."""
+    def _trim_to_bytes(
+        self, db: sqlite3.Connection, scope: str, name: str, at_most: int | None = None
+    ) -> None:
+        """Drop the oldest messages beyond the session's byte cap (the newest always fits).
+        `at_most`: what the session can hold at most, when known; within the cap, the sum
+        (a scan of the session's sizes) is skipped."""
         cap = self._policy.history_cap_bytes
+        if at_most is not None and at_most <= cap:
+            return
         (total,) = db.execute(
             "SELECT coalesce(sum(size), 0) FROM messages WHERE scope = ? AND name = ?",
             (scope, name),
@@ -331,76 +396,69 @@ class SqliteStore:
             | Exception
         ):
             """Returns the refusal instead of raising it, so the claim and the place in
-            the queue are committed even when the turn must wait."""
+            the queue are committed even when the turn must wait. A turn nobody is ahead of
+            takes the lock without ever entering the queue."""
             now = time.time()
+            place = ticket.place
             if ticket.claim is not None:
                 refused = self._take_claim(db, scope, ticket.claim, token, lock_ms)
                 if refused is not None:
                     return refused
-            db.execute(
-                "INSERT INTO queue (scope, place, deadline) VALUES (?, ?, ?)"
-                " ON CONFLICT (scope, place) DO UPDATE SET deadline = excluded.deadline",
-                (scope, ticket.place, now + TICKET_TTL_MS / 1000),
-            )
-            db.execute(  # a deadline that is not a number is junk: it lapses too
-                "DELETE FROM queue WHERE scope = ? AND (deadline < ?"
-                " OR typeof(deadline) NOT IN ('integer', 'real'))",
-                (scope, now),
-            )
-            (first,) = db.execute(
-                "SELECT min(place) FROM queue WHERE scope = ?", (scope,)
+            first = db.execute(  # lapsed places do not count (the purge removes them)
+                "SELECT place FROM queue WHERE scope = ? AND place <= ? AND deadline >= ?"
+                " AND typeof(deadline) IN ('integer', 'real') ORDER BY place LIMIT 1",
+                (scope, place, now),
             ).fetchone()
-            if first != ticket.place:
-                return SessionBusy()
+            queued = first is not None and first[0] == place
+            if first is not None and not queued:
+                return self._wait(db, scope, place, now)
+            found = (scope, DEFAULT_SESSION, PERSONA_OPTION)
+            current, *row, persona = db.execute(_TURN_PLACE, found).fetchone()
             try:
-                name = self._current_or_create(db, scope)
+                name = _current_of(current)
             except DamagedState as damaged:
-                db.execute("DELETE FROM queue WHERE scope = ? AND place = ?", (scope, ticket.place))
-                if ticket.claim is not None:
-                    self._settle(db, scope, ticket.claim, token, answered=True)
-                return damaged
-            fmt, expires, epoch, *summarized = db.execute(
-                "SELECT format, lock_expires, epoch, summary, summary_upto, summary_covered"
-                " FROM sessions WHERE scope = ? AND name = ?",
-                (scope, name),
-            ).fetchone()
-            if fmt != STORE_FORMAT:
-                db.execute("DELETE FROM queue WHERE scope = ? AND place = ?", (scope, ticket.place))
-                if ticket.claim is not None:
-                    self._settle(db, scope, ticket.claim, token, answered=True)
-                return CorruptSession(shown_name(name))
+                return self._refuse(db, scope, ticket, queued, damaged)
+            if name is None:  # the place's first turn
+                name = DEFAULT_SESSION
+                self._set_current(db, scope, name)
+            if row[5] is None:  # its current session has no row yet
+                self._insert(db, scope, name, SessionSettings(self._policy.default_model))
+                current, *row, persona = db.execute(_TURN_PLACE, found).fetchone()
+            expires, epoch, summary_text, upto, covered, *summarized = row
+            if summarized[1] != STORE_FORMAT:
+                return self._refuse(db, scope, ticket, queued, CorruptSession(shown_name(name)))
             if _number(expires) > now:
-                return SessionBusy()
-            db.execute("DELETE FROM queue WHERE scope = ? AND place = ?", (scope, ticket.place))
+                return self._wait(db, scope, place, now)
+            if queued:
+                db.execute("DELETE FROM queue WHERE scope = ? AND place = ?", (scope, place))
             db.execute(
                 "UPDATE sessions SET lock_token = ?, lock_expires = ? WHERE scope = ? AND name = ?",
                 (token, now + lock_ms / 1000, scope, name),
             )
-            session = self._summary(db, scope, name)
-            assert session is not None
+            session = session_info(summarized)
             recent: list[str] = []
-            used = 0
-            for (body,) in db.execute(
-                "SELECT body FROM messages WHERE scope = ? AND name = ? ORDER BY id DESC",
+            used = position = 0
+            for i, body, size in db.execute(
+                "SELECT id, body, length(CAST(body AS BLOB)) FROM messages"
+                " WHERE scope = ? AND name = ? ORDER BY id DESC",
                 (scope, name),
             ):
-                size = len(body.encode())
+                position = position or int(i)  # the newest id: the session's position
                 if used + size > budget_bytes:
                     break
                 used += size
                 recent.append(body)
-            persona = self._option(db, scope, PERSONA_OPTION)
-            summary = _summary_of(*summarized)
+            summary = _summary_of(summary_text, upto, covered)
             pending = None
             if summary is not None:
                 (pending,) = db.execute(
                     "SELECT count(*) FROM messages WHERE scope = ? AND name = ? AND id > ?",
                     (scope, name, summary.upto),
                 ).fetchone()
-            position = _position(db, scope, name)
+            persona = None if persona is None else str(persona)
             return session, recent[::-1], used, epoch, position, persona, summary, pending
 
-        outcome = await self._run(work)
+        outcome = await self._run(work, synced=False)
         if isinstance(outcome, Exception):
             raise outcome
         session, bodies, used, epoch, position, persona, summary, pending = outcome
@@ -424,26 +482,49 @@ class SqliteStore:
             raise
         return replace(turn, recent=recent)
 
+    @staticmethod
+    def _wait(db: sqlite3.Connection, scope: str, place: str, now: float) -> SessionBusy:
+        """Take (or keep) the turn's place in the queue: a turn behind it waits for it."""
+        db.execute(
+            "INSERT INTO queue (scope, place, deadline) VALUES (?, ?, ?)"
+            " ON CONFLICT (scope, place) DO UPDATE SET deadline = excluded.deadline",
+            (scope, place, now + TICKET_TTL_MS / 1000),
+        )
+        return SessionBusy()
+
+    def _refuse(
+        self, db: sqlite3.Connection, scope: str, ticket: Ticket, queued: bool, error: Exception
+    ) -> Exception:
+        """A turn that cannot begin, for good: its place goes, its message counts as answered."""
+        if queued:
+            db.execute("DELETE FROM queue WHERE scope = ? AND place = ?", (scope, ticket.place))
+        if ticket.claim is not None:
+            self._settle(db, scope, ticket.claim, ticket.token, answered=True)
+        return error
+
     def _take_claim(
         self, db: sqlite3.Connection, scope: str, claim: str, token: str, lease_ms: int
     ) -> AlreadyClaimed | None:
-        """Take or renew this token's lease on `claim`; the refusal when another has it."""
+        """Take or renew this token's lease on `claim`; the refusal when another has it. A
+        lapsed lease, or junk (an expiry not a number, a holder neither lease nor answer),
+        is taken over."""
         now = time.time()
-        db.execute(  # junk (an expiry not a number, a holder neither lease nor answer) lapses
-            "DELETE FROM claims WHERE scope = ? AND (expires < ?"
-            " OR typeof(expires) NOT IN ('integer', 'real')"
-            " OR (token != ? AND substr(token, 1, 6) != 'lease:'))",
-            (scope, now, CLAIM_ANSWERED),
-        )
         row = db.execute(
-            "SELECT token FROM claims WHERE scope = ? AND claim = ?", (scope, claim)
+            "SELECT token, expires FROM claims WHERE scope = ? AND claim = ?", (scope, claim)
         ).fetchone()
         mine = claim_lease(token)
         if row is not None and row[0] != mine:
-            return AlreadyClaimed(answered=not str(row[0]).startswith(claim_lease("")))
+            holder, expires = row
+            junk = not isinstance(expires, int | float) or not (
+                holder == CLAIM_ANSWERED
+                or (isinstance(holder, str) and holder.startswith(claim_lease("")))
+            )
+            if not junk and expires >= now:
+                return AlreadyClaimed(answered=not holder.startswith(claim_lease("")))
         db.execute(
             "INSERT INTO claims (scope, claim, token, expires) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (scope, claim) DO UPDATE SET expires = excluded.expires",
+            " ON CONFLICT (scope, claim) DO UPDATE SET token = excluded.token,"
+            " expires = excluded.expires",
             (scope, claim, mine, now + lease_ms / 1000),
         )
         return None
@@ -462,20 +543,26 @@ class SqliteStore:
         )
         if cursor.rowcount == 0:
             return
-        row = db.execute(
-            "SELECT value FROM scope_options WHERE scope = ? AND option = ?",
-            (scope, LAST_ANSWERED_OPTION),
-        ).fetchone()
-        if row is None or claim_order(claim) > claim_order(str(row[0])):
-            self._set_option(db, scope, LAST_ANSWERED_OPTION, claim)
+        db.execute(  # the newest message answered, compared as `claim_order` does
+            "INSERT INTO scope_options (scope, option, value, updated) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (scope, option) DO UPDATE SET value = excluded.value,"
+            " updated = excluded.updated WHERE (length(excluded.value), excluded.value)"
+            " > (length(CAST(value AS TEXT)), CAST(value AS TEXT))",
+            (scope, LAST_ANSWERED_OPTION, claim, time.time()),
+        )
 
     async def claim(self, scope: str, claim: str, token: str, lease_ms: int) -> None:
-        refused = await self._run(lambda db: self._take_claim(db, scope, claim, token, lease_ms))
+        refused = await self._run(
+            lambda db: self._take_claim(db, scope, claim, token, lease_ms), synced=False
+        )
         if refused is not None:
             raise refused
 
     async def settle_claim(self, scope: str, claim: str, token: str, *, answered: bool) -> None:
-        await self._run(lambda db: self._settle(db, scope, claim, token, answered=answered))
+        await self._run(  # a message answered stays answered; a lease handed back is bookkeeping
+            lambda db: self._settle(db, scope, claim, token, answered=answered),
+            synced=None if answered else False,
+        )
 
     async def note_place(self, scope: str) -> None:
         def work(db: sqlite3.Connection) -> None:
@@ -491,7 +578,7 @@ class SqliteStore:
                 (now - PLACES_KEPT_SECONDS, PLACES_KEPT),
             )
 
-        await self._run(work)
+        await self._run(work, synced=False)
 
     async def recent_places(self) -> list[str]:
         def work(db: sqlite3.Connection) -> list[str]:
@@ -544,13 +631,19 @@ class SqliteStore:
                 return False  # the lock lapsed and the session moved on: this work is stale
             if bodies:
                 refs = [user_ref] + [None] * (len(bodies) - 1)
+                rows = [
+                    (scope, name, body, ref, len(body.encode()))
+                    for body, ref in zip(bodies, refs, strict=True)
+                ]
                 db.executemany(
                     "INSERT INTO messages (scope, name, body, ref, size) VALUES (?, ?, ?, ?, ?)",
-                    [
-                        (scope, name, body, ref, len(body.encode()))
-                        for body, ref in zip(bodies, refs, strict=True)
-                    ],
+                    rows,
                 )
+                # The turn loaded the whole session (nothing else adds to it while the turn
+                # holds it, or saves when it moved on): its size is known without a scan.
+                whole = len(turn.recent) >= turn.session.message_count
+                added_bytes = sum(size for *_, size in rows)
+                at_most = turn.recent_bytes + added_bytes if whole else None
                 over_cap = turn.session.message_count + len(bodies) > self._policy.history_cap
                 if over_cap:  # the trim scans the history: only when there is one to do
                     db.execute(
@@ -559,14 +652,13 @@ class SqliteStore:
                         " LIMIT 1 OFFSET ?)",
                         (scope, name, scope, name, self._policy.history_cap),
                     )
-                self._trim_to_bytes(db, scope, name)
+                self._trim_to_bytes(db, scope, name, at_most)
             db.execute(
                 "UPDATE sessions SET updated = ?, lock_token = NULL, lock_expires = 0,"
                 " last_turn = CASE WHEN ? THEN ? ELSE last_turn END"
                 " WHERE scope = ? AND name = ?",
                 (now, bool(bodies), turn.lock_token, scope, name),
             )
-            self._purge_idle(db)
             return True
 
         outcome = await self._run(work)
@@ -621,7 +713,7 @@ class SqliteStore:
                 )
             return True
 
-        return await self._run(work)
+        return await self._run(work, synced=False)
 
     async def current_session(self, scope: str) -> SessionInfo:
         def work(db: sqlite3.Connection) -> SessionInfo:
@@ -708,7 +800,7 @@ class SqliteStore:
             assert cleared is not None
             return cleared
 
-        return await self._run(work)
+        return await self._run(work, synced=True)
 
     async def update_settings(self, scope: str, settings: SessionSettings) -> SessionInfo:
         def work(db: sqlite3.Connection) -> SessionInfo:
@@ -740,7 +832,7 @@ class SqliteStore:
             )
             return False
 
-        return await self._run(work)
+        return await self._run(work, synced=True)
 
     async def delete_session(self, scope: str, name: str) -> str | None:
         shown, name = name, stored_name(name)
@@ -763,7 +855,7 @@ class SqliteStore:
             self._set_current(db, scope, fresh)
             return fresh
 
-        return await self._run(work)
+        return await self._run(work, synced=True)
 
     async def forget_place(self, scope: str) -> int:
         def work(db: sqlite3.Connection) -> int:
@@ -778,7 +870,7 @@ class SqliteStore:
                 db.execute(f"DELETE FROM {table} WHERE scope = ?", (scope,))
             return len(names)
 
-        return await self._run(work)
+        return await self._run(work, synced=True)
 
     @staticmethod
     def _option(db: sqlite3.Connection, scope: str, option: str) -> str | None:
@@ -911,16 +1003,16 @@ class SqliteStore:
             )
             return True
 
-        outcome = await self._run(work)
+        outcome = await self._run(work, synced=True if answer is None else None)  # /undo
         if isinstance(outcome, SessionCleared):
             raise outcome
         return outcome
 
     async def admit(self, admission: Admission) -> Refusal | None:
-        return await self._run(lambda db: sqlite_usage.admit(db, admission))
+        return await self._run(lambda db: sqlite_usage.admit(db, admission), synced=False)
 
     async def record_usage(self, charge: Charge) -> None:
-        await self._run(lambda db: sqlite_usage.record(db, charge))
+        await self._run(lambda db: sqlite_usage.record(db, charge), synced=False)
 
     async def session_usage(self, scope: str, name: str, server: str, day: str) -> SessionUsage:
         return await self._run(lambda db: sqlite_usage.session_usage(db, scope, name, server, day))
@@ -1003,7 +1095,7 @@ class SqliteStore:
             )
             return str(row[0]), summary, [(int(i), str(body)) for i, body in rows], wanted
 
-        found = await self._run(work)
+        found = await self._run(work, synced=False)
         if found is None:
             return None
         if isinstance(found, SummaryInProgress):
@@ -1060,4 +1152,4 @@ class SqliteStore:
 
     async def release_summary(self, scope: str, name: str, token: str) -> None:
         stored = stored_name(name)
-        await self._run(lambda db: self._release_summary(db, scope, stored, token))
+        await self._run(lambda db: self._release_summary(db, scope, stored, token), synced=False)
