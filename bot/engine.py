@@ -57,6 +57,7 @@ from bot.store.base import (
     LAST_ANSWERED_OPTION,
     MESSAGE_CAP_KB,
     PERSONA_OPTION,
+    PLACE_NOTE_SECONDS,
     AlreadyClaimed,
     Exchange,
     Message,
@@ -95,8 +96,6 @@ WITHOUT_HISTORY_NOTE = (
 """Shown under an answer whose `Reply.without_history` is True."""
 HAND_BACK_SECONDS = 5.0
 """At shutdown, how long turns cut short get to hand back their claims and locks."""
-PLACE_NOTE_SECONDS = 60.0
-"""A process notes a place it answers in at most this often (`SessionStore.note_place`)."""
 SUMMARY_RETRY_SECONDS = 60.0
 """After a failed summary call, a session's older messages are cut as before for this long
 before the next try, so a model outage does not double the calls of every turn."""

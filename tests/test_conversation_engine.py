@@ -330,3 +330,24 @@ async def test_who_may_retry_or_undo_is_read_from_the_question(
         (await engine.undo("chan", requester="1", manager=False)).user["content"].endswith("mine")
     )
     assert await store.read_history("chan", "default") == []
+
+
+async def test_a_place_is_remembered_before_its_answer_for_the_next_start(
+    engine: Engine, api: FakeDedalusAPI, store: SessionStore
+) -> None:
+    """The start-up catch-up looks only where the bot answered lately: a place must be on
+    that record while its first answer is still being written, so a process that dies then
+    leaves the message to the next one. A later turn there records nothing new to notice."""
+    answering = threading.Event()
+    api.reply_text("late answer", hold=answering)
+    turn = asyncio.create_task(engine.reply("chan", user("first words here")))
+    while api.request_count == 0:  # noqa: ASYNC110 - the fake runs in another thread
+        await asyncio.sleep(0.01)
+    try:
+        assert await store.recent_places() == ["chan"]
+    finally:
+        answering.set()
+    assert (await turn).text == "late answer"
+    await engine.reply("elsewhere", user("hello"))
+    await engine.reply("chan", user("again"))
+    assert await store.recent_places() == ["elsewhere", "chan"]

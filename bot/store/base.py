@@ -177,6 +177,8 @@ PLACES_KEPT = 1_000
 """`note_place` keeps at most this many places, the most recently noted."""
 PLACES_KEPT_SECONDS = 7 * 86_400
 """...each for at most this long after it was last noted."""
+PLACE_NOTE_SECONDS = 60.0
+"""A process notes a place it answers in at most this often (`SessionStore.note_place`)."""
 
 
 def claim_lease(token: str) -> str:

@@ -103,6 +103,7 @@ from bot.store.base import (
     FORGOTTEN_TTL_SECONDS,
     LAST_ANSWERED_OPTION,
     PERSONA_OPTION,
+    PLACE_NOTE_SECONDS,
     PLACES_KEPT,
     PLACES_KEPT_SECONDS,
     STORE_FORMAT,
@@ -409,14 +410,18 @@ def _lua(body: str) -> str:
 
 # ARGV: prefix, token, lock_ms, budget_bytes, default_model, now, place, claim, claim_ttl,
 # ticket_ttl_ms, cached name, cached gen, cached seq, cached count, history_cap, ttl_seconds,
-# trim_bytes. Claim, then queue, then lock; only the first ticket of the queue may lock. Then
+# trim_bytes, and, when KEYS[3] is the places record: scope, now, places kept seconds, places
+# kept. Claim, then queue, then lock; only the first ticket of the queue may lock (and then
+# the place is noted, on a single Redis only: the record is in a slot of its own). Then
 # the newest messages that fit the budget: only those after the cached seq ('delta') when the
 # caller's cache of this session is still a prefix of it (same gen, and below the caps the
 # length grew by exactly the messages appended since, which also catches writes that bypassed
 # these scripts; a session holding at most `trim_bytes`, the byte cap less one message, has
 # not been trimmed for its size since it last held less), else the
-# window ('window', or 'all' when it holds the whole history). Messages come last, newest
-# first, after their sizes as one comma-separated string.
+# window ('window', or 'all' when it holds the whole history). The messages come last, oldest
+# first, as one nested array: Redis copies every byte a script handles (in from LRANGE, out
+# into the reply) at several times the cost of a plain LRANGE, so the script touches each
+# message as little as it can, and the client measures their sizes.
 _BEGIN_TURN = _lua(
     """
 local token, claim = ARGV[2], ARGV[8]
@@ -469,6 +474,12 @@ end
 local lock = key(name, 'lock')
 if not redis.call('SET', lock, token, 'NX', 'PX', ARGV[3]) then return {'busy'} end
 leave_queue()
+if KEYS[3] and of_type(KEYS[3], 'zset') then  -- the place noted here (see `note_place`)
+  local noted = tonumber(ARGV[19])
+  redis.call('ZADD', KEYS[3], noted, ARGV[18])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', noted - tonumber(ARGV[20]))
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -tonumber(ARGV[21]) - 1)
+end
 local out = {'ok'}
 for _, v in ipairs(info) do out[#out + 1] = v end
 local gen, seq = stamp[1], tonumber(stamp[2]) or 0
@@ -484,29 +495,34 @@ if ARGV[12] == gen and ARGV[11] == name then
   if since >= 0 and since <= count and grown then wanted, mode = since, 'delta' end
 end
 local head = #out
-out[head + 1], out[head + 2], out[head + 3], out[head + 4] = gen, seq, '', ''
-out[head + 5] = stamp[4] or ''
-out[head + 6] = redis.call('HGET', KEYS[1], 'opt:$PERSONA') or ''  -- read at every turn
-out[head + 7], out[head + 8], out[head + 9] = stamp[5] or '', stamp[6] or '', stamp[7] or ''
--- (mode and sizes are set below)
-local messages, budget, used = key(name, 'messages'), tonumber(ARGV[4]), 0
-local stop, first, full = count, count - wanted, false
-local sizes = {}
--- The messages follow, newest first, one reply element each: joining them here
--- (table.concat) would cost Redis several times what the client's parser spends on them.
+out[head + 1], out[head + 2], out[head + 3] = gen, seq, mode
+out[head + 4] = stamp[4] or ''
+out[head + 5] = redis.call('HGET', KEYS[1], 'opt:$PERSONA') or ''  -- read at every turn
+out[head + 6], out[head + 7], out[head + 8] = stamp[5] or '', stamp[6] or '', stamp[7] or ''
+local messages, budget, first = key(name, 'messages'), tonumber(ARGV[4]), count - wanted
+local total = tonumber(stamp[3])
+if total and total <= budget then
+  -- All of it fits (so does any part): one read, no size to look at.
+  out[head + 9] = first < count and redis.call('LRANGE', messages, first, count - 1) or {}
+  if mode == 'window' then out[head + 3] = 'all' end
+  return out
+end
+local used, stop, full, newest = 0, count, false, {}
 while stop > first and not full do
   local start = math.max(stop - 64, first)
   local page = redis.call('LRANGE', messages, start, stop - 1)
   for j = #page, 1, -1 do
-    if used + #page[j] > budget then full = true break end
-    used = used + #page[j]
-    out[#out + 1] = page[j]
-    sizes[#sizes + 1] = #page[j]
+    local size = #page[j]
+    if used + size > budget then full = true break end
+    used = used + size
+    newest[#newest + 1] = page[j]
   end
   stop = start
 end
 if full then mode = 'window' elseif mode == 'window' then mode = 'all' end
-out[head + 3], out[head + 4] = mode, table.concat(sizes, ',')
+local loaded, n = {}, #newest
+for i = 1, n do loaded[i] = newest[n + 1 - i] end
+out[head + 3], out[head + 9] = mode, loaded
 return out
 """
 )
@@ -1163,6 +1179,13 @@ return 1
 """
 
 
+def _stored_sizes(texts: list[str]) -> list[int]:
+    """Bytes of each stored message, as the scripts count them (`#` in Lua)."""
+    if all(map(str.isascii, texts)):
+        return list(map(len, texts))
+    return [len(text.encode()) for text in texts]
+
+
 def _refuse_damaged(reply: Sequence[ScriptArg]) -> None:
     if reply and reply[0] == DAMAGED:
         raise DamagedState(str(reply[1]))
@@ -1192,6 +1215,11 @@ class RedisStore:
         the single server's blocking pool, within the same call deadline."""
         self._recent = RecentCache(policy.history_cache_bytes)
         self.stats = StoreStats()
+        self._notes_in_turns = not isinstance(client, RedisCluster)
+        """On a single Redis, `begin_turn` notes the place in its own step (a cluster keeps
+        the record in a slot of its own, which a script of the place cannot touch)."""
+        self._noted: dict[str, float] = {}
+        """Places noted by `begin_turn`, with when (monotonic) each is due again."""
         self._load_bytes = 0
         """The largest budget asked for so far: windows are loaded and kept to it, so a turn
         whose new message is shorter than the last one's still finds its history cached."""
@@ -1323,9 +1351,18 @@ class RedisStore:
         policy = self._policy
         args += [policy.history_cap, policy.ttl_seconds]
         args.append(policy.history_cap_bytes - policy.message_cap_bytes)
+        keys = self._keys(scope)
+        noting = self._notes_in_turns and self._noted.get(scope, 0.0) <= time.monotonic()
+        if noting:
+            keys.append(places_key())
+            args += [scope, time.time(), PLACES_KEPT_SECONDS, PLACES_KEPT]
         async with self._available():
-            reply = await self._begin(keys=self._keys(scope), args=args)
+            reply = await self._begin(keys=keys, args=args)
         status = reply[0]
+        if noting and status == "ok":
+            if len(self._noted) > 10_000:
+                self._noted.clear()
+            self._noted[scope] = time.monotonic() + PLACE_NOTE_SECONDS
         if status == "claimed":
             raise AlreadyClaimed(answered=reply[1] == "answered")
         if status == "corrupt":
@@ -1335,11 +1372,10 @@ class RedisStore:
         if status == "busy":
             raise SessionBusy()
         name = reply[1]
-        stamp = reply[1 + _SUMMARY_FIELDS : 7 + _SUMMARY_FIELDS]
-        generation, sequence, mode, sizes, epoch, persona = stamp
-        summary = _summary_of(*reply[7 + _SUMMARY_FIELDS : 10 + _SUMMARY_FIELDS])
-        loaded = reply[10 + _SUMMARY_FIELDS :]
-        loaded.reverse()
+        stamp = reply[1 + _SUMMARY_FIELDS : 6 + _SUMMARY_FIELDS]
+        generation, sequence, mode, epoch, persona = stamp
+        summary = _summary_of(*reply[6 + _SUMMARY_FIELDS : 9 + _SUMMARY_FIELDS])
+        loaded: list[str] = reply[9 + _SUMMARY_FIELDS]
         try:
             session = session_info(reply[1 : 1 + _SUMMARY_FIELDS])
             messages = decode_message_array(shown_name(name), "[" + ",".join(loaded) + "]")
@@ -1360,10 +1396,7 @@ class RedisStore:
         if mode == "delta" and cached is not None:
             self.stats.cache_hits += 1
         window = base.extended(
-            messages,
-            [int(size) for size in reversed(sizes.split(",")) if size],
-            int(sequence),
-            session.message_count,
+            messages, _stored_sizes(loaded), int(sequence), session.message_count
         )
         self._recent.put(scope, window)
         recent, used, as_stored = window.newest_within(budget_bytes)
@@ -1397,6 +1430,11 @@ class RedisStore:
             await self._settle(keys=self._keys(scope), args=args)
 
     async def note_place(self, scope: str) -> None:
+        """Written on its own only when no turn of this process noted the place lately: on a
+        single Redis, `begin_turn` notes it in the same step (so a first turn in a place
+        takes no third round trip), before the model is called, as the engine's call would."""
+        if self._noted.get(scope, 0.0) > time.monotonic():
+            return
         now = time.time()
         async with self._available(), self._redis.pipeline(transaction=True) as tx:
             tx.zadd(places_key(), {scope: now})
@@ -1590,6 +1628,7 @@ class RedisStore:
 
     async def forget_place(self, scope: str) -> int:
         self._recent.drop(scope)
+        self._noted.pop(scope, None)
         async with self._available():
             count = await self._forget_place(
                 keys=self._keys(scope), args=[self._prefix(scope), DELETED_TTL_SECONDS]
