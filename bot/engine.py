@@ -413,7 +413,12 @@ class Engine:
                 )
                 await self._settle(scope, claim, token, answered=True)
             raise MessageTooLarge(size, cap)
-        ticket = Ticket(order=order, claim=claim) if order is not None else Ticket.now(claim)
+        server = account.server if account is not None else None
+        ticket = (
+            Ticket(order=order, claim=claim, server=server)
+            if order is not None
+            else Ticket.now(claim, server)
+        )
         meter = UsageMeter()
         async with self._scope_turn(scope) as holding:
             if account is not None and not limits_checked:
@@ -432,7 +437,7 @@ class Engine:
             holding()
             saved = kept = False
             try:
-                await self._note_place(scope)
+                await self._note_place(scope, account)
                 system = await self._system_prompt(turn, parent)
                 if on_begin is not None:
                     await on_begin()
@@ -632,16 +637,24 @@ class Engine:
             raise ExchangeChanged(action)
 
     async def places_to_catch_up(
-        self, newest: Callable[[str], int | None], oldest: int
+        self,
+        newest: Callable[[str], int | None],
+        oldest: int,
+        serves: Callable[[str | None], bool] = lambda server: True,
     ) -> list[tuple[str, int]]:
         """Where a message may wait that was addressed to the bot while no process ran: the
         places answered in recently (most recently first), each with the id after which to
         read, past both the last message answered there and `oldest` (the first message id
         young enough to answer). `newest(scope)` is the newest message id known without
         asking (None: unknown); a place where it is not newer is left alone, so an idle
-        place costs nothing."""
+        place costs nothing. So is a place of a server this process does not serve
+        (`serves(server)` False; the server is None when not recorded): another process
+        catches up there."""
         found: list[tuple[str, int]] = []
-        for scope in await self._store.recent_places():
+        for place in await self._store.recent_places():
+            if not serves(place.server):
+                continue
+            scope = place.scope
             known = newest(scope)
             if known is not None and known <= oldest:
                 continue
@@ -696,11 +709,13 @@ class Engine:
                 await self._admit(scope, claim, token, account)
             await self._until_claimed(lambda: self._store.claim(scope, claim, token, lease_ms))
             holding()
-            async with self._renewed(scope, claim, token):
+            async with self._renewed(scope, claim, token, account):
                 yield
 
     @contextlib.asynccontextmanager
-    async def _renewed(self, scope: str, claim: str, token: str) -> AsyncIterator[None]:
+    async def _renewed(
+        self, scope: str, claim: str, token: str, account: Account | None
+    ) -> AsyncIterator[None]:
         """Renew the claim's lease while the body runs; settle it when the body ends."""
         lease_ms = self._limits.lock_ms
 
@@ -717,7 +732,7 @@ class Engine:
         renewer = asyncio.create_task(renew())
         answered = True
         try:
-            await self._note_place(scope)
+            await self._note_place(scope, account)
             yield
         except asyncio.CancelledError:
             answered = False
@@ -742,8 +757,9 @@ class Engine:
                     waiting = True
                 await asyncio.sleep(self._limits.claim_poll_seconds)
 
-    async def _note_place(self, scope: str) -> None:
-        """Remember the place for the start-up catch-up, at most once a minute per place."""
+    async def _note_place(self, scope: str, account: Account | None) -> None:
+        """Remember the place, and its server, for the start-up catch-up, at most once a
+        minute per place."""
         now = time.monotonic()
         if now < self._places_noted.get(scope, 0.0):
             return
@@ -751,7 +767,7 @@ class Engine:
             self._places_noted.clear()
         self._places_noted[scope] = now + PLACE_NOTE_SECONDS
         try:
-            await self._store.note_place(scope)
+            await self._store.note_place(scope, account.server if account else None)
         except StoreUnavailable:
             log.warning("could not note a place answered in: storage unavailable")
 

@@ -344,10 +344,10 @@ async def test_a_place_is_remembered_before_its_answer_for_the_next_start(
     while api.request_count == 0:  # noqa: ASYNC110 - the fake runs in another thread
         await asyncio.sleep(0.01)
     try:
-        assert await store.recent_places() == ["chan"]
+        assert [place.scope for place in await store.recent_places()] == ["chan"]
     finally:
         answering.set()
     assert (await turn).text == "late answer"
     await engine.reply("elsewhere", user("hello"))
     await engine.reply("chan", user("again"))
-    assert await store.recent_places() == ["elsewhere", "chan"]
+    assert [place.scope for place in await store.recent_places()] == ["elsewhere", "chan"]

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot.config import Shards, load_settings
-from bot.discord_bot.scopes import scope_for
+from bot.discord_bot.scopes import scope_for, server_for
 from bot.errors import SettingsError
 from bot.store.base import StorePolicy
 from bot.store.redis import RedisStore
@@ -289,3 +289,47 @@ async def test_healthz_is_503_naming_a_shard_whose_gateway_dropped_until_it_reco
     fake.user_says(fake.general_id, fake.member, "after the outage", mentions_bot=True)
     [answer] = await fake.wait_bot_messages(fake.general_id, 1, timeout=120)
     assert answer.content.endswith("after the outage")
+
+
+async def test_catch_up_looks_only_at_the_places_of_this_process_shards(
+    fakes: tuple[FakeDiscord, FakeDedalusAPI],
+    redis_url: str,
+    bots: list[BotProcess],
+    tmp_path: Path,
+) -> None:
+    """Places are kept with their server, so a process starting on shard 1 does not even
+    look up shard 0's places (a REST call each, for channels it does not have); a place
+    noted before servers were kept is still read, and kept with its server once answered."""
+    fake, api = fakes
+    dm = fake.dm_channel(fake.member)
+    store = RedisStore.from_url(redis_url, StorePolicy(TEST_MODELS[0]))
+    try:
+        await store.note_place(scope_for(fake.general_id))  # as before servers were kept
+        await store.note_place(scope_for(fake.elsewhere_id), server_for(fake.other_guild_id, 1))
+        await store.note_place(scope_for(dm), server_for(None, fake.member_id))
+        fake.user_says(fake.elsewhere_id, fake.member, "missed on shard 0", mentions_bot=True)
+        fake.user_says(fake.general_id, fake.member, "missed on shard 1", mentions_bot=True)
+        fake.user_says(dm, fake.member, "a missed DM")
+
+        ports = [free_port(), free_port()]
+        second = start(fake, api, redis_url, tmp_path / "bot1.log", "1", ports[1])
+        bots.append(second)
+        wait_connected([second])
+        await fake.wait_bot_messages(fake.general_id, 1, timeout=120)
+        assert "reading 1 place(s) for messages missed while stopped" in second.text()
+        looked_up = [
+            r.path for r in fake.requests if f"/channels/{fake.elsewhere_id}" in r.path
+        ] + [r.path for r in fake.requests if f"/channels/{dm}" in r.path]
+        assert looked_up == []
+        places = {place.scope: place.server for place in await store.recent_places()}
+        assert places[scope_for(fake.general_id)] == server_for(fake.guild_id, 0)
+
+        first = start(fake, api, redis_url, tmp_path / "bot0.log", "0", ports[0])
+        bots.append(first)
+        wait_connected([first])
+        await fake.wait_bot_messages(fake.elsewhere_id, 1, timeout=120)
+        await fake.wait_bot_messages(dm, 1, timeout=120)
+        assert "reading 2 place(s) for messages missed while stopped" in first.text()
+        assert "another process's shard" not in first.text() + second.text()
+    finally:
+        await store.close()

@@ -21,6 +21,7 @@ from bot.store.base import (
     PERSONA_OPTION,
     AlreadyClaimed,
     Message,
+    NotedPlace,
     SessionSettings,
     SessionStore,
     StorePolicy,
@@ -485,7 +486,25 @@ async def test_places_answered_recently_are_remembered(store: SessionStore) -> N
     assert await store.recent_places() == []
     for scope in ("a", "b", "a", "c"):
         await store.note_place(scope)
-    assert await store.recent_places() == ["c", "a", "b"]
+    assert [place.scope for place in await store.recent_places()] == ["c", "a", "b"]
+
+
+async def test_a_place_is_remembered_with_its_server(store: SessionStore) -> None:
+    """Noted without one (as before places kept it), its server is unknown until it is
+    noted with one; then kept (noting it again without one does not forget it), and gone
+    with the place."""
+    await store.note_place("old")
+    await store.note_place("a", "guild:1")
+    await store.note_place("b", "dm:2")
+    await store.note_place("a")
+    assert await store.recent_places() == [
+        NotedPlace("a", "guild:1"),
+        NotedPlace("b", "dm:2"),
+        NotedPlace("old", None),
+    ]
+    await store.note_place("old", "guild:3")
+    await store.forget_place("a")
+    assert await store.recent_places() == [NotedPlace("old", "guild:3"), NotedPlace("b", "dm:2")]
 
 
 MCP_JUNK = {"settings": '"x"', "settings-object": "{}", "settings-numbers": "[1]"}

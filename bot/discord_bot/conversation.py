@@ -22,7 +22,7 @@ from discord.ext import commands
 from bot.commands import ReplyMode
 from bot.context import ChannelContext, speaker_label
 from bot.discord_bot.render import LiveReply
-from bot.discord_bot.scopes import channel_of, parent_of, scope_for, server_for
+from bot.discord_bot.scopes import channel_of, guild_of, parent_of, scope_for, server_for
 from bot.engine import (
     HAND_BACK_SECONDS,
     NOT_KEPT_NOTE,
@@ -525,8 +525,13 @@ class Conversation(commands.Cog):
                 return None  # a DM or an archived thread: only Discord knows
             return getattr(channel, "last_message_id", None) or 0
 
+        def serves(server: str | None) -> bool:
+            """Whether this process runs the place's guild (a DM's: shard 0); unknown (a
+            place noted before servers were kept) is looked at when read."""
+            return server is None or self.bot.runs_guild(guild_of(server))
+
         try:
-            places = await self.bot.engine.places_to_catch_up(newest, oldest)
+            places = await self.bot.engine.places_to_catch_up(newest, oldest, serves)
         except StoreUnavailable:
             log.warning("could not look for messages missed while stopped: storage unavailable")
             return

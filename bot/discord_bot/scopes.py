@@ -43,6 +43,12 @@ def server_for(guild_id: int | None, user_id: int) -> str:
     return f"guild:{guild_id}" if guild_id is not None else direct_server(str(user_id))
 
 
+def guild_of(server: str) -> int | None:
+    """The guild `server_for` named (None: a DM's server, or one not a guild's)."""
+    rest = server.removeprefix("guild:")
+    return int(rest) if rest != server and rest.isdigit() else None
+
+
 def account_for(interaction: discord.Interaction) -> Account:
     """Who a command's model calls (/retry, /compact) are charged to: the person who ran it.
     Manage Server makes them an admin, as for a message (in a DM nobody is)."""

@@ -192,6 +192,16 @@ def claim_order(claim: str) -> tuple[int, str]:
 
 
 @dataclass(frozen=True)
+class NotedPlace:
+    """A place the bot answered in recently (`note_place`), for the start-up catch-up."""
+
+    scope: str
+    server: str | None
+    """The `Account.server` it belongs to (a process running only some servers reads only
+    theirs); None when unknown: noted before places recorded it, or without an account."""
+
+
+@dataclass(frozen=True)
 class Ticket:
     """One turn's place in its scope's queue, the same on every retry of that turn."""
 
@@ -199,10 +209,13 @@ class Ticket:
     """Turns go in increasing order (Discord message ids grow with time)."""
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     claim: str | None = None
+    server: str | None = None
+    """The server of the turn's place (`NotedPlace.server`), where a store notes the place
+    as the turn begins."""
 
     @classmethod
-    def now(cls, claim: str | None = None) -> Ticket:
-        return cls(order=time.time_ns(), claim=claim)
+    def now(cls, claim: str | None = None, server: str | None = None) -> Ticket:
+        return cls(order=time.time_ns(), claim=claim, server=server)
 
     @property
     def place(self) -> str:
@@ -514,12 +527,14 @@ class SessionStore(Protocol):
         process to take. Nothing happens when the lease is no longer this token's."""
         ...
 
-    async def note_place(self, scope: str) -> None:
-        """Remember that the bot answers in `scope` (a bounded record, expiring by itself)."""
+    async def note_place(self, scope: str, server: str | None = None) -> None:
+        """Remember that the bot answers in `scope`, which belongs to `server` (a bounded
+        record, expiring by itself)."""
         ...
 
-    async def recent_places(self) -> list[str]:
-        """The scopes noted by `note_place` and not expired, most recent first."""
+    async def recent_places(self) -> list[NotedPlace]:
+        """The places noted by `note_place` and not expired, most recent first, each with
+        the server last noted with it."""
         ...
 
     async def finish_turn(

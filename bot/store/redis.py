@@ -16,6 +16,8 @@ moves between nodes):
                                                 turn's token) expiring with the turn's lock, then
                                                 `answered` for a day
     {prefix}:places                     zset    scope -> when the bot last answered there
+    {{prefix}:places}:servers           hash    scope -> its server (`NotedPlace.server`), for the
+                                                places in `places` noted since it was kept
     {prefix}:{scope}:probe:absent       never written: every script reads it first (`PROBE`)
     {prefix}:{scope}:usage              hash    a session's tokens; the servers' counters are
                                                 in `bot.store.redis_usage`
@@ -112,6 +114,7 @@ from bot.store.base import (
     AlreadyClaimed,
     Exchange,
     Message,
+    NotedPlace,
     SessionCleared,
     SessionInfo,
     SessionSettings,
@@ -203,11 +206,33 @@ def places_key() -> str:
     return f"{KEY_PREFIX}:places"
 
 
+def place_servers_key() -> str:
+    """Each noted place's server. Its hash tag is the whole places key, so it shares that
+    key's slot and both change in one script on Redis Cluster."""
+    return f"{{{places_key()}}}:servers"
+
+
 def session_key(scope: str, name: str, part: str) -> str:
     """A session-level key (`meta`, `messages`, `refs`, `refseq` or `lock`); `name` is the
     stored form (`stored_name`)."""
     return scope_key(scope, f"s:{name}:{part}")
 
+
+# Note `scope` (of `server`, '' when unknown) in the places zset and their servers hash as
+# noted `now`; places older than `oldest` or past the newest `kept` leave both.
+_NOTE_PLACE_FUNCTION = """
+local function note_place(places, servers, scope, server, now, oldest, kept)
+  if redis.call('TYPE', servers).ok ~= 'hash' then redis.call('DEL', servers) end  -- junk
+  redis.call('ZADD', places, now, scope)
+  if server ~= '' then redis.call('HSET', servers, scope, server) end
+  local gone = redis.call('ZRANGEBYSCORE', places, '-inf', '(' .. oldest)
+  for _, old in ipairs(redis.call('ZRANGE', places, 0, -kept - 1)) do table.insert(gone, old) end
+  for _, old in ipairs(gone) do
+    redis.call('ZREM', places, old)
+    redis.call('HDEL', servers, old)
+  end
+end
+"""
 
 # Shared Lua: key building, lazy creation of the current session, and a session's summary.
 # KEYS[1] is always the scope's state hash and KEYS[2] its names zset; ARGV[1] the key prefix
@@ -410,9 +435,10 @@ def _lua(body: str) -> str:
 
 # ARGV: prefix, token, lock_ms, budget_bytes, default_model, now, place, claim, claim_ttl,
 # ticket_ttl_ms, cached name, cached gen, cached seq, cached count, history_cap, ttl_seconds,
-# trim_bytes, and, when KEYS[3] is the places record: scope, now, places kept seconds, places
-# kept. Claim, then queue, then lock; only the first ticket of the queue may lock (and then
-# the place is noted, on a single Redis only: the record is in a slot of its own). Then
+# trim_bytes, and, when KEYS[3] is the places record (KEYS[4] their servers): scope, now,
+# places kept seconds, places kept, the place's server ('' when unknown). Claim, then queue,
+# then lock; only the first ticket of the queue may lock (and then the place is noted, on a
+# single Redis only: the record is in a slot of its own). Then
 # the newest messages that fit the budget: only those after the cached seq ('delta') when the
 # caller's cache of this session is still a prefix of it (same gen, and below the caps the
 # length grew by exactly the messages appended since, which also catches writes that bypassed
@@ -423,7 +449,8 @@ def _lua(body: str) -> str:
 # into the reply) at several times the cost of a plain LRANGE, so the script touches each
 # message as little as it can, and the client measures their sizes.
 _BEGIN_TURN = _lua(
-    """
+    _NOTE_PLACE_FUNCTION
+    + """
 local token, claim = ARGV[2], ARGV[8]
 local mine = 'lease:' .. token
 if claim ~= '' then
@@ -476,9 +503,8 @@ if not redis.call('SET', lock, token, 'NX', 'PX', ARGV[3]) then return {'busy'} 
 leave_queue()
 if KEYS[3] and of_type(KEYS[3], 'zset') then  -- the place noted here (see `note_place`)
   local noted = tonumber(ARGV[19])
-  redis.call('ZADD', KEYS[3], noted, ARGV[18])
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', noted - tonumber(ARGV[20]))
-  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -tonumber(ARGV[21]) - 1)
+  note_place(KEYS[3], KEYS[4], ARGV[18], ARGV[22], noted, noted - tonumber(ARGV[20]),
+             tonumber(ARGV[21]))
 end
 local out = {'ok'}
 for _, v in ipairs(info) do out[#out + 1] = v end
@@ -1186,6 +1212,22 @@ def _stored_sizes(texts: list[str]) -> list[int]:
     return [len(text.encode()) for text in texts]
 
 
+# KEYS: the places zset, their servers hash. ARGV: scope, its server ('' keeps the one
+# known), now, the oldest time kept, how many are kept (-1: forget the scope instead).
+_NOTE_PLACE = (
+    _NOTE_PLACE_FUNCTION
+    + """
+if tonumber(ARGV[5]) < 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  return 0
+end
+note_place(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]))
+return 1
+"""
+)
+
+
 def _refuse_damaged(reply: Sequence[ScriptArg]) -> None:
     if reply and reply[0] == DAMAGED:
         raise DamagedState(str(reply[1]))
@@ -1245,6 +1287,7 @@ class RedisStore:
         self._swap_option = register(_SWAP_OPTION)
         self._delete = register(_DELETE_SESSION)
         self._forget_place = register(_FORGET_PLACE)
+        self._note_place = register(_NOTE_PLACE)
         self._usage = RedisUsage(client, policy, usage_key, scope_key)
 
     @classmethod
@@ -1354,8 +1397,8 @@ class RedisStore:
         keys = self._keys(scope)
         noting = self._notes_in_turns and self._noted.get(scope, 0.0) <= time.monotonic()
         if noting:
-            keys.append(places_key())
-            args += [scope, time.time(), PLACES_KEPT_SECONDS, PLACES_KEPT]
+            keys += [places_key(), place_servers_key()]
+            args += [scope, time.time(), PLACES_KEPT_SECONDS, PLACES_KEPT, ticket.server or ""]
         async with self._available():
             reply = await self._begin(keys=keys, args=args)
         status = reply[0]
@@ -1429,24 +1472,24 @@ class RedisStore:
         async with self._available():
             await self._settle(keys=self._keys(scope), args=args)
 
-    async def note_place(self, scope: str) -> None:
+    async def note_place(self, scope: str, server: str | None = None) -> None:
         """Written on its own only when no turn of this process noted the place lately: on a
         single Redis, `begin_turn` notes it in the same step (so a first turn in a place
         takes no third round trip), before the model is called, as the engine's call would."""
         if self._noted.get(scope, 0.0) > time.monotonic():
             return
         now = time.time()
-        async with self._available(), self._redis.pipeline(transaction=True) as tx:
-            tx.zadd(places_key(), {scope: now})
-            tx.zremrangebyscore(places_key(), "-inf", now - PLACES_KEPT_SECONDS)
-            tx.zremrangebyrank(places_key(), 0, -PLACES_KEPT - 1)
-            await tx.execute()
-
-    async def recent_places(self) -> list[str]:
-        since = time.time() - PLACES_KEPT_SECONDS
+        args: list[ScriptArg] = [scope, server or "", now, now - PLACES_KEPT_SECONDS, PLACES_KEPT]
         async with self._available():
-            found = await self._redis.zrevrangebyscore(places_key(), "+inf", since)
-        return [str(scope) for scope in found]
+            await self._note_place(keys=[places_key(), place_servers_key()], args=args)
+
+    async def recent_places(self) -> list[NotedPlace]:
+        since = time.time() - PLACES_KEPT_SECONDS
+        async with self._available(), self._redis.pipeline(transaction=False) as reads:
+            reads.zrevrangebyscore(places_key(), "+inf", since)
+            reads.hgetall(place_servers_key())
+            found, servers = await reads.execute()
+        return [NotedPlace(str(scope), servers.get(scope)) for scope in found]
 
     async def finish_turn(
         self, turn: Turn, added: Sequence[Message], user_ref: str | None = None
@@ -1633,7 +1676,9 @@ class RedisStore:
             count = await self._forget_place(
                 keys=self._keys(scope), args=[self._prefix(scope), DELETED_TTL_SECONDS]
             )
-            await self._redis.zrem(places_key(), scope)
+            await self._note_place(
+                keys=[places_key(), place_servers_key()], args=[scope, "", 0, 0, -1]
+            )
         return int(count)
 
     async def scope_option(self, scope: str, option: str) -> str | None:

@@ -52,6 +52,7 @@ from bot.store.base import (
     AlreadyClaimed,
     Exchange,
     Message,
+    NotedPlace,
     SessionCleared,
     SessionInfo,
     SessionSettings,
@@ -218,6 +219,9 @@ class SqliteStore:
             self._db.execute("UPDATE messages SET size = length(CAST(body AS BLOB))")
         if "answer_record" not in columns:  # a file from before /retry and /undo
             self._db.execute("ALTER TABLE messages ADD COLUMN answer_record TEXT")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(places)")}
+        if "server" not in columns:  # a file from before places recorded their server
+            self._db.execute("ALTER TABLE places ADD COLUMN server TEXT")
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(scope_options)")}
         if "updated" not in columns:
             self._db.execute("ALTER TABLE scope_options ADD COLUMN updated REAL NOT NULL DEFAULT 0")
@@ -564,13 +568,14 @@ class SqliteStore:
             synced=None if answered else False,
         )
 
-    async def note_place(self, scope: str) -> None:
+    async def note_place(self, scope: str, server: str | None = None) -> None:
         def work(db: sqlite3.Connection) -> None:
             now = time.time()
             db.execute(
-                "INSERT INTO places (scope, noted) VALUES (?, ?)"
-                " ON CONFLICT (scope) DO UPDATE SET noted = excluded.noted",
-                (scope, now),
+                "INSERT INTO places (scope, noted, server) VALUES (?, ?, ?)"
+                " ON CONFLICT (scope) DO UPDATE SET noted = excluded.noted,"
+                " server = coalesce(excluded.server, server)",
+                (scope, now, server),
             )
             db.execute(
                 "DELETE FROM places WHERE noted < ? OR scope NOT IN"
@@ -580,13 +585,13 @@ class SqliteStore:
 
         await self._run(work, synced=False)
 
-    async def recent_places(self) -> list[str]:
-        def work(db: sqlite3.Connection) -> list[str]:
+    async def recent_places(self) -> list[NotedPlace]:
+        def work(db: sqlite3.Connection) -> list[NotedPlace]:
             since = time.time() - PLACES_KEPT_SECONDS
             rows = db.execute(
-                "SELECT scope FROM places WHERE noted >= ? ORDER BY noted DESC", (since,)
+                "SELECT scope, server FROM places WHERE noted >= ? ORDER BY noted DESC", (since,)
             ).fetchall()
-            return [str(row[0]) for row in rows]
+            return [NotedPlace(str(scope), server) for scope, server in rows]
 
         return await self._run(work)
 
