@@ -27,6 +27,8 @@ class RedisClusterNodes:
                 "redis-server and redis-cli are not installed; .ci/run installs them"
             )
         self.ports = [_free_node_port() for _ in range(primaries * (1 + replicas))]
+        self.frozen: set[int] = set()
+        """Nodes paused by `freeze`: alive, but answering nothing."""
         self.processes = {
             port: subprocess.Popen(
                 [
@@ -93,7 +95,11 @@ class RedisClusterNodes:
 
     @property
     def live_ports(self) -> list[int]:
-        return [port for port in self.ports if self.processes[port].poll() is None]
+        return [
+            port
+            for port in self.ports
+            if self.processes[port].poll() is None and port not in self.frozen
+        ]
 
     def client(self, port: int) -> redis.Redis:
         return redis.Redis(port=port, decode_responses=True, socket_timeout=10)
@@ -165,6 +171,16 @@ class RedisClusterNodes:
     def kill(self, port: int) -> None:
         self.processes[port].kill()
         self.processes[port].wait(10)
+
+    def freeze(self, port: int) -> None:
+        """Pause a node (`SIGSTOP`): its connections stay open and nothing answers, as with a
+        stalled machine. The helpers here stop asking it until `thaw`."""
+        self.frozen.add(port)
+        self.processes[port].send_signal(signal.SIGSTOP)
+
+    def thaw(self, port: int) -> None:
+        self.processes[port].send_signal(signal.SIGCONT)
+        self.frozen.discard(port)
 
     def move_slot(self, slot: int, target: int, between: Callable[[], None]) -> None:
         """Move `slot` to the primary `target` as `redis-cli --cluster reshard` does: mark it

@@ -75,7 +75,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import (
     AuthenticationError,
     ClusterError,
@@ -157,6 +157,9 @@ _SCRIPT_REFUSED_BY_CLUSTER = (
 )
 """How a Redis Cluster node refuses a script's command (Redis 7's wording): the slot is
 being moved away, or the cluster lost a slot's primary."""
+CLUSTER_PROBE_SECONDS = 1.0
+"""How long a Redis Cluster node has to answer a PING before `_reload_cluster_map` counts it
+silent (a loopback or LAN node answers in well under a millisecond)."""
 IMPORT_TIMEOUT_SECONDS = 120.0
 """An import sends whole sessions in one transaction, possibly many megabytes."""
 
@@ -1255,6 +1258,8 @@ class RedisStore:
         flight to one node it raises at once, which a busy bot (a thousand channels talking)
         would report as an outage. Calls past the limit wait here instead, as they wait for
         the single server's blocking pool, within the same call deadline."""
+        self._reloading: asyncio.Task[None] | None = None
+        """The cluster slot map's reload under way (`_reload_cluster_map`), if any."""
         self._recent = RecentCache(policy.history_cache_bytes)
         self.stats = StoreStats()
         self._notes_in_turns = not isinstance(client, RedisCluster)
@@ -1325,8 +1330,77 @@ class RedisStore:
         return cls(client, policy, owns_client=True, call_timeout=call_timeout)
 
     async def close(self) -> None:
+        if self._reloading is not None:
+            self._reloading.cancel()
+            await asyncio.gather(self._reloading, return_exceptions=True)
         if self._owns_client:
             await self._redis.aclose()
+
+    def _reload_cluster_map_soon(self) -> None:
+        """After a cluster call ran out of time: one reload at a time, in the background (the
+        call that saw it has already failed, and the next should not wait for it)."""
+        if not isinstance(self._redis, RedisCluster):
+            return
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.create_task(self._reload_cluster_map(self._redis))
+
+    async def _reload_cluster_map(self, cluster: RedisCluster) -> None:
+        """Ask the cluster again which node serves which slot, bypassing nodes that do not
+        answer. Needed for a primary that is frozen rather than gone (SIGSTOP, a stalled VM,
+        a network that drops packets): its replica takes over, but redis-py keeps sending
+        that primary's slots to it, and our call deadline cancels each call before redis-py
+        sees an error of its own, the only thing that makes it reload its slot map
+        (`RedisCluster._execute_command` on a ConnectionError or TimeoutError). So every call
+        on those slots failed at the deadline for as long as the node stayed frozen.
+
+        The alternative, a per-read `socket_timeout` on the cluster client so that redis-py
+        raises its own TimeoutError, was not taken: it wraps every command in a timeout (a
+        tenth of a turn, see `CALL_TIMEOUT_SECONDS`), and redis-py then reloads the map
+        through `RedisCluster.initialize`, which asks the startup nodes one by one in random
+        order (a frozen one among them: `socket_timeout` then bounds each ask, but every call
+        of the process waits behind that lock meanwhile) and, if cut off, closes every
+        connection of every node, in-flight calls' included.
+
+        Here every known node is PINGed at once, each bounded by `CLUSTER_PROBE_SECONDS`; if
+        none is silent the call was merely slow (or queued) and nothing is reloaded.
+        Otherwise `NodesManager.initialize` builds the map from the first node that answers
+        `CLUSTER SLOTS` with every slot covered, the silent node asked last (redis-py's own
+        `last_failed_node_name`), all of it bounded by the call deadline. Cut off, it changes
+        nothing (it builds the new map aside and swaps it in at the end) and the next call
+        past the deadline tries again; a map still naming the frozen node (no failover yet)
+        is simply kept. Connections to the frozen node are not ours to close: each cancelled
+        call's connection was already dropped by redis-py (`Connection.read_response`)."""
+        nodes = cluster.nodes_manager
+        known = list(nodes.nodes_cache.values())
+
+        async def silent(node: ClusterNode) -> bool:
+            try:
+                async with asyncio.timeout(CLUSTER_PROBE_SECONDS):
+                    await node.execute_command("PING")
+            except ResponseError:
+                return False  # it answered (LOADING, MASTERDOWN): alive
+            except (RedisError, OSError):  # a timeout included
+                return True
+            return False
+
+        found = await asyncio.gather(*(silent(node) for node in known))
+        quiet = [node.name for node, is_silent in zip(known, found, strict=True) if is_silent]
+        if not quiet:
+            return
+        log.warning(
+            "storage: Redis Cluster node(s) %s do not answer; reloading the slot map from "
+            "the others",
+            ", ".join(quiet),
+        )
+        for name in quiet:
+            nodes.move_node_to_end_of_cached_nodes(name)
+        try:
+            async with asyncio.timeout(self._call_timeout):
+                await nodes.initialize(last_failed_node_name=quiet[0])
+        except (RedisError, OSError) as error:  # a timeout included: the next deadline retries
+            log.warning(
+                "storage: the Redis Cluster slot map was not reloaded: %s", type(error).__name__
+            )
 
     @asynccontextmanager
     async def _available(self, seconds: float | None = None) -> AsyncIterator[None]:
@@ -1348,6 +1422,8 @@ class RedisStore:
             RedisClusterException,  # no node reachable, or a slot not covered
             TryAgainError,  # a slot moving between nodes
         ) as error:
+            if isinstance(error, TimeoutError):  # our deadline: perhaps a frozen cluster node
+                self._reload_cluster_map_soon()
             self.stats.unavailable += 1
             raise StoreUnavailable() from error
         except OutOfMemoryError as error:
