@@ -470,20 +470,29 @@ if damage then
   return {'damaged', damage}
 end
 local queue, tickets, place = prefix .. 'queue', prefix .. 'tickets', ARGV[7]
-local clock = redis.call('TIME')
-local now_ms = clock[1] * 1000 + math.floor(clock[2] / 1000)
-redis.call('ZADD', queue, 0, place)
-redis.call('HSET', tickets, place, now_ms + tonumber(ARGV[10]))
-redis.call('PEXPIRE', queue, ARGV[10])  -- once nobody waited that long, every place lapsed
-redis.call('PEXPIRE', tickets, ARGV[10])
-local first = redis.call('ZRANGE', queue, 0, 0)[1]
-while first ~= place and (tonumber(redis.call('HGET', tickets, first)) or 0) < now_ms do
-  redis.call('ZREM', queue, first)
-  redis.call('HDEL', tickets, first)
-  first = redis.call('ZRANGE', queue, 0, 0)[1]
+local function join_queue()  -- returns the time (ms)
+  local clock = redis.call('TIME')
+  local now_ms = clock[1] * 1000 + math.floor(clock[2] / 1000)
+  redis.call('ZADD', queue, 0, place)
+  redis.call('HSET', tickets, place, now_ms + tonumber(ARGV[10]))
+  redis.call('PEXPIRE', queue, ARGV[10])  -- once nobody waited that long, every place lapsed
+  redis.call('PEXPIRE', tickets, ARGV[10])
+  return now_ms
 end
-if first ~= place then return {'busy'} end
+-- With nobody waiting (the usual case), a turn joins the queue only if the lock is taken.
+local queued = redis.call('EXISTS', queue) == 1
+if queued then
+  local now_ms = join_queue()
+  local first = redis.call('ZRANGE', queue, 0, 0)[1]
+  while first ~= place and (tonumber(redis.call('HGET', tickets, first)) or 0) < now_ms do
+    redis.call('ZREM', queue, first)
+    redis.call('HDEL', tickets, first)
+    first = redis.call('ZRANGE', queue, 0, 0)[1]
+  end
+  if first ~= place then return {'busy'} end
+end
 local function leave_queue()
+  if not queued then return end
   redis.call('ZREM', queue, place)
   redis.call('HDEL', tickets, place)
 end
@@ -502,7 +511,10 @@ if info[2] ~= '$FORMAT' or (stamp[2] and not tonumber(stamp[2])) then
   return {'corrupt', name}
 end
 local lock = key(name, 'lock')
-if not redis.call('SET', lock, token, 'NX', 'PX', ARGV[3]) then return {'busy'} end
+if not redis.call('SET', lock, token, 'NX', 'PX', ARGV[3]) then
+  if not queued then join_queue() end  -- its place kept for its next try
+  return {'busy'}
+end
 leave_queue()
 if KEYS[3] and of_type(KEYS[3], 'zset') then  -- the place noted here (see `note_place`)
   local noted = tonumber(ARGV[19])
