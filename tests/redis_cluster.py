@@ -20,7 +20,13 @@ class RedisClusterNodes:
     as an operator would, each owning a share of the hash slots, and `replicas` replicas of
     each (none by default: the store's tests need no failover and start faster without)."""
 
-    def __init__(self, directory: Path, primaries: int = 3, replicas: int = 0) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        primaries: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = 15_000,
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None or shutil.which("redis-cli") is None:
             raise RuntimeError(
@@ -39,6 +45,8 @@ class RedisClusterNodes:
                     "127.0.0.1",
                     "--cluster-enabled",
                     "yes",
+                    "--cluster-node-timeout",
+                    str(node_timeout_ms),
                     "--cluster-config-file",
                     f"nodes-{port}.conf",
                     "--save",
@@ -167,6 +175,15 @@ class RedisClusterNodes:
             return role[0] == "master" and self._agreed({replica})
 
         self.until(promoted, f"node {replica} never became a primary")
+
+    def promoted(self, replica: int, seconds: float = 60) -> None:
+        """Until the cluster itself made `replica` a primary (its primary failed) and every live
+        node agrees."""
+        self.until(
+            lambda: self.command(replica, "ROLE")[0] == "master" and self._agreed({replica}),
+            f"the cluster never promoted node {replica}",
+            seconds,
+        )
 
     def kill(self, port: int) -> None:
         self.processes[port].kill()

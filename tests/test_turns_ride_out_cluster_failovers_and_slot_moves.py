@@ -30,6 +30,9 @@ ANSWERED, UNAVAILABLE = "answered", "unavailable"
 DEADLINE = 2.0
 """The store's call deadline in the frozen-primary test (5 s in the bot): each call on the
 frozen node waits this long."""
+NODE_TIMEOUT_MS = 3000
+"""The frozen-primary test's cluster: its replica is elected about this long after the primary
+stops answering (15 s by default); long enough not to mistake a slow node for a dead one."""
 TRIES = 4
 """Messages a place gets after its frozen primary's replica took over, before the test gives
 up: the first may still go to the frozen node (the slot map is reloaded in the background
@@ -159,15 +162,28 @@ def assert_whole(history: list[dict[str, object]], outcomes: list[tuple[int, str
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("failover", ["takeover", "by-the-cluster"])
 async def test_turns_on_a_frozen_primary_go_to_its_replica_once_it_took_over(
-    cluster: RedisClusterNodes,
+    tmp_path: Path, failover: str
 ) -> None:
     """A primary paused (`SIGSTOP`: its connections open, nothing answering), its replica
-    taking over: turns on its places meanwhile get the storage line at worst, and after the
+    taking over: turns on every place meanwhile get the storage line at worst, and after the
     takeover each place's next messages are answered within a few tries, while the old
     primary is still frozen (before, every call on its slots kept going to the frozen node and
     failed at the deadline for as long as it stayed frozen). The client was given the frozen
-    node's address when it has one of the primaries."""
+    node's address when it has one of the primaries. The replica takes over by an operator's
+    `CLUSTER FAILOVER TAKEOVER`, or is elected by the cluster once the primary has not answered
+    for the node timeout (every slot refused as the cluster being down in between: redis-py
+    reloads its map on that refusal by itself, so this case passed before too; the takeover
+    case did not)."""
+    cluster = RedisClusterNodes(tmp_path, replicas=1, node_timeout_ms=NODE_TIMEOUT_MS)
+    try:
+        await frozen_primary_case(cluster, failover)
+    finally:
+        cluster.stop()
+
+
+async def frozen_primary_case(cluster: RedisClusterNodes, failover: str) -> None:
     on = places_on(cluster)
     victim = cluster.ports[0] if cluster.ports[0] in on else sorted(on)[0]
     scopes = [scope for places in on.values() for scope in places]
@@ -193,6 +209,13 @@ async def test_turns_on_a_frozen_primary_go_to_its_replica_once_it_took_over(
             outcomes[scope].append((number, outcome))
             return outcome
 
+        async def talk(scope: str) -> None:
+            """Turns while the primary is replaced, a few a second (no need to flood)."""
+            while not replaced.is_set():
+                await turn(scope)
+                await asyncio.sleep(0.1)
+
+        replaced = asyncio.Event()
         for scope in scopes:
             assert await turn(scope) == ANSWERED
         # Every write is on the replica before its primary stops, so a takeover loses none.
@@ -200,8 +223,12 @@ async def test_turns_on_a_frozen_primary_go_to_its_replica_once_it_took_over(
         replica = cluster.replica_of(victim)
         cluster.freeze(victim)
         try:
-            in_flight = [asyncio.create_task(turn(scope)) for scope in on[victim]]
-            await asyncio.to_thread(cluster.failover, replica, "TAKEOVER")
+            in_flight = [asyncio.create_task(talk(scope)) for scope in scopes]
+            if failover == "takeover":
+                await asyncio.to_thread(cluster.failover, replica, "TAKEOVER")
+            else:
+                await asyncio.to_thread(cluster.promoted, replica)
+            replaced.set()
             await asyncio.gather(*in_flight)  # answered or the storage line, nothing else
             for scope in scopes:
                 for _ in range(TRIES):
