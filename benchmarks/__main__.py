@@ -213,6 +213,11 @@ async def run(plan: Plan, command: str) -> Results:
             )
             results.bulk_reply = Timing("bulk reply", reply)
 
+        progress("a first turn, part by part, beside the hand-written list")
+        results.first_turn = await breakdown.first_turn_parts(
+            server.url, conversation, min(plan.compare[0], 100), plan.compare[1]
+        )
+
         for history in plan.round_trip_histories:
             progress(f"round trips at {history} messages")
             results.round_trips.append(

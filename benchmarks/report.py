@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from benchmarks.breakdown import FirstTurnParts, render_first_turn
 from benchmarks.common import ASSISTANT_BYTES, BUDGET_BYTES, USER_BYTES
 from benchmarks.end_to_end import DiscordResult, Timing
 from benchmarks.overhead import Cell, Grid
@@ -56,6 +57,8 @@ class Results:
     seconds: float = 0.0
     scaling: list[Scaling] = field(default_factory=list)
     peers: PeerResults | None = None
+    first_turn: FirstTurnParts | None = None
+    """A session's first turn on Redis, part by part, beside the hand-written list."""
     quick: bool = False
     """Tiny sizes: the figures show the benchmark runs, not how fast the bot is."""
 
@@ -179,6 +182,8 @@ def render(r: Results) -> str:
     lines += _scaling(r)
     lines += _end_to_end(r)
     lines += _where(r, big, longest)
+    if r.first_turn is not None:
+        lines += [render_first_turn(r.first_turn), ""]
     lines += table(r.tokens, r.token_budget)
     lines += _method(r)
     return "\n".join(lines) + "\n"
