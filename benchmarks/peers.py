@@ -217,7 +217,31 @@ class RedisList:
         await self.client.aclose()
 
 
-class SdkRedis:
+class _SdkSessions:
+    """What the SDK's two session kinds share: one object per session, made on its first
+    turn in the process and kept while it takes turns; a turn is `get_items` then
+    `add_items`, as the SDK's runner does."""
+
+    sessions: dict[str, Any]
+    items: _Items
+
+    def _new(self, scope: str) -> Any:
+        raise NotImplementedError
+
+    async def turn(self, scope: str) -> tuple[int, int]:
+        added = self.items.next()
+        start = time.perf_counter_ns()
+        session = self.sessions.get(scope)
+        if session is None:
+            session = self.sessions[scope] = self._new(scope)
+        history = await session.get_items()
+        await session.add_items(added)
+        elapsed = time.perf_counter_ns() - start
+        del history
+        return elapsed, elapsed
+
+
+class SdkRedis(_SdkSessions):
     """`RedisSession`, one object per session over one client (as `from_url` builds it),
     kept while the session takes turns."""
 
@@ -241,18 +265,6 @@ class SdkRedis:
             batch = stored[i : i + 50]
             await asyncio.gather(*(self._new(s).add_items(list(h)) for s, h in batch))
 
-    async def turn(self, scope: str) -> tuple[int, int]:
-        added = self.items.next()
-        start = time.perf_counter_ns()
-        session = self.sessions.get(scope)
-        if session is None:
-            session = self.sessions[scope] = self._new(scope)
-        history = await session.get_items()
-        await session.add_items(added)
-        elapsed = time.perf_counter_ns() - start
-        del history
-        return elapsed, elapsed
-
     def done_with(self, scope: str) -> None:
         self.sessions.pop(scope, None)
 
@@ -260,7 +272,7 @@ class SdkRedis:
         await self.client.aclose()
 
 
-class SdkSqlite:
+class SdkSqlite(_SdkSessions):
     """`SQLiteSession` on a file: one object per session, kept while it takes turns (a new
     one opens its connections and checks the schema, as the SDK does)."""
 
@@ -274,6 +286,9 @@ class SdkSqlite:
         self.sessions: dict[str, Any] = {}
         self.items = _Items(conversation)
 
+    def _new(self, scope: str) -> Any:
+        return self.make(scope, self.path)
+
     async def seed(self, stored: Sequence[tuple[str, list[Message]]]) -> None:
         # One object writes every session (its public `session_id` switched): the same rows
         # as one object per session, without opening two connections for each.
@@ -285,18 +300,6 @@ class SdkSqlite:
                 await writer.add_items(items)
         finally:
             writer.close()
-
-    async def turn(self, scope: str) -> tuple[int, int]:
-        added = self.items.next()
-        start = time.perf_counter_ns()
-        session = self.sessions.get(scope)
-        if session is None:
-            session = self.sessions[scope] = self.make(scope, self.path)
-        history = await session.get_items()
-        await session.add_items(added)
-        elapsed = time.perf_counter_ns() - start
-        del history
-        return elapsed, elapsed
 
     def done_with(self, scope: str) -> None:
         session = self.sessions.pop(scope, None)
