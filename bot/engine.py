@@ -66,6 +66,7 @@ from bot.store.base import (
     SessionStore,
     Ticket,
     Turn,
+    answered_id,
     message_size,
 )
 from bot.summary import Summarizer
@@ -75,9 +76,11 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-ChannelContextSource = Callable[[], Awaitable[ChannelContext | None]]
+ChannelContextSource = Callable[[str, int | None], Awaitable[ChannelContext | None]]
 """Collects what was said around the message (see `ChannelContext`); called only by the
-process that answers, once it holds the turn, so the place is read once per message."""
+process that answers, once it holds the turn, so the place is read once per message. It is
+given the turn's scope and the newest message answered there when the turn began
+(`Turn.last_answered`, read with the turn: no store call of its own)."""
 
 
 BUSY_POLL_MAX_SECONDS = 0.1
@@ -667,8 +670,7 @@ class Engine:
     async def last_answered(self, scope: str) -> int | None:
         """The newest message answered in `scope` (a Discord message id), None when unknown:
         where what the session already holds of the place ends."""
-        last = await self._store.scope_option(scope, LAST_ANSWERED_OPTION)
-        return int(last) if last is not None and last.isdigit() else None
+        return answered_id(await self._store.scope_option(scope, LAST_ANSWERED_OPTION))
 
     async def _save(self, turn: Turn, added: list[Message], user_ref: str | None) -> bool:
         """Save the turn, trying again on a storage fault: the model's answer is in hand, and
@@ -833,7 +835,8 @@ class Engine:
         measured = turn.recent_bytes if len(recent) == len(turn.recent) else None
         extra = None
         if around is not None:
-            extra = channel_context_message(await around(), self._limits.channel_context_bytes)
+            found = await around(turn.scope, turn.last_answered)
+            extra = channel_context_message(found, self._limits.channel_context_bytes)
         for shortened in (False, True):
             context = build_context(
                 system,

@@ -250,7 +250,7 @@ async def test_the_channel_context_is_counted_in_the_budget(store: SessionStore)
             for i in range(30)
         ]
 
-        async def around() -> ChannelContext:
+        async def around(scope: str, answered: int | None) -> ChannelContext:
             return ChannelContext(recent=chatter)
 
         api.reply_text("last answer")

@@ -324,6 +324,25 @@ async def test_a_turn_reads_its_scopes_persona_as_it_begins(store: SessionStore)
     await store.finish_turn(turn, [])
 
 
+async def test_a_turn_knows_the_last_message_answered_in_its_place(store: SessionStore) -> None:
+    """Read in the turn's own step (a mention's channel context starts after it), as it was
+    when the turn began: the turn's own message counts from the next turn."""
+    turn = await store.begin_turn("s1", Ticket(order=1, claim="101"), BIG, 10_000)
+    assert turn.last_answered is None
+    await store.finish_turn(turn, [{"role": "user", "content": "hi"}], "101")
+    turn = await store.begin_turn("s1", Ticket(order=2, claim="102"), BIG, 10_000)
+    assert turn.last_answered == 101
+    await store.finish_turn(turn, [], "102")
+    await store.claim("s1", "1000", "outside", 10_000)  # answered outside a turn (threads mode)
+    await store.settle_claim("s1", "1000", "outside", answered=True)
+    turn = await store.begin_turn("s1", Ticket.now(), BIG, 10_000)
+    assert turn.last_answered == 1000
+    await store.finish_turn(turn, [])
+    turn = await store.begin_turn("s2", Ticket.now(), BIG, 10_000)
+    assert turn.last_answered is None  # each place has its own
+    await store.finish_turn(turn, [])
+
+
 async def test_a_scope_option_is_swapped_by_one_caller_only(store: SessionStore) -> None:
     """What makes a once-only act (naming a thread) once across processes and retries."""
     assert not await store.swap_scope_option("s1", "title", "named:x", "titled")

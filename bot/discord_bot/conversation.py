@@ -275,12 +275,16 @@ class Conversation(commands.Cog):
             return None
         return functools.partial(self._channel_context, message)
 
-    async def _channel_context(self, message: discord.Message) -> ChannelContext | None:
+    async def _channel_context(
+        self, message: discord.Message, turn_scope: str, answered: int | None
+    ) -> ChannelContext | None:
         """What was said in the message's channel since the bot's last answer there, read in
         one request (the page of messages just before it), with the thread's first message
         when the bot never answered in that thread, and the message replied to (which the
         event carries). Nothing when an admin switched it off; a read Discord refuses is
-        logged and the turn goes on without it."""
+        logged and the turn goes on without it. `answered` is the last answer in the turn's
+        place, which came with the turn: the channel's own, unless the answer goes to a
+        thread the bot opened (then the channel's is read)."""
         me = self.bot.user
         assert me is not None
         channel = message.channel
@@ -288,7 +292,7 @@ class Conversation(commands.Cog):
         try:
             if not await self._channel_context_on(channel):
                 return None
-            last = await self.bot.engine.last_answered(scope)
+            last = answered if scope == turn_scope else await self.bot.engine.last_answered(scope)
         except StoreUnavailable:
             log.warning("no channel context for %s: storage unavailable", message.id)
             return None

@@ -169,7 +169,15 @@ or be frozen, long after) saves nothing instead of bringing the session back."""
 CLAIM_ANSWERED = "answered"
 """A claim's value once its message was answered; a lease's value is `claim_lease(token)`."""
 LAST_ANSWERED_OPTION = "last_answered"
-"""The scope option holding the newest claim answered there (the start-up catch-up reads it)."""
+"""The scope option holding the newest claim answered there (the start-up catch-up reads it,
+and `begin_turn` hands it over with the turn)."""
+
+
+def answered_id(stored: str | None) -> int | None:
+    """`LAST_ANSWERED_OPTION`'s value as a message id; None when unset or not an id."""
+    return int(stored) if stored and stored.isdigit() else None
+
+
 PERSONA_OPTION = "persona"
 """The scope option holding the place's own persona (`/persona`), which `begin_turn` reads
 in the same step, so every process's next turn there uses the newest one."""
@@ -354,6 +362,9 @@ class Turn:
     pending: int | None = None
     """How many of the newest stored messages the summary does not cover (None: all of
     them): only those are sent, the ones before being summarized."""
+    last_answered: int | None = None
+    """The newest message answered in the scope (`LAST_ANSWERED_OPTION`) when the turn
+    began, read in the same step; None when none is known."""
 
 
 HISTORY_CACHE_MB = 32

@@ -125,6 +125,7 @@ from bot.store.base import (
     Ticket,
     Turn,
     answer_record,
+    answered_id,
     decode_message_array,
     decode_messages,
     exchange_from,
@@ -447,7 +448,10 @@ def _lua(body: str) -> str:
 # length grew by exactly the messages appended since, which also catches writes that bypassed
 # these scripts; a session holding at most `trim_bytes`, the byte cap less one message, has
 # not been trimmed for its size since it last held less), else the
-# window ('window', or 'all' when it holds the whole history). The messages come last, oldest
+# window ('window', or 'all' when it holds the whole history). The reply: 'ok', the session's
+# summary row, its gen, seq, mode and epoch, the place's persona, the session's summary (text,
+# upto, covered), the place's last answered message ('' for none: the channel context reads
+# what was said since), then the messages. The messages come last, oldest
 # first, as one nested array: Redis copies every byte a script handles (in from LRANGE, out
 # into the reply) at several times the cost of a plain LRANGE, so the script touches each
 # message as little as it can, and the client measures their sizes.
@@ -538,13 +542,15 @@ end
 local head = #out
 out[head + 1], out[head + 2], out[head + 3] = gen, seq, mode
 out[head + 4] = stamp[4] or ''
-out[head + 5] = redis.call('HGET', KEYS[1], 'opt:$PERSONA') or ''  -- read at every turn
+-- The place's persona and last answer are read at every turn, in this step.
+local own = redis.call('HMGET', KEYS[1], 'opt:$PERSONA', 'opt:$LAST')
+out[head + 5], out[head + 9] = own[1] or '', own[2] or ''
 out[head + 6], out[head + 7], out[head + 8] = stamp[5] or '', stamp[6] or '', stamp[7] or ''
 local messages, budget, first = key(name, 'messages'), tonumber(ARGV[4]), count - wanted
 local total = tonumber(stamp[3])
 if total and total <= budget then
   -- All of it fits (so does any part): one read, no size to look at.
-  out[head + 9] = first < count and redis.call('LRANGE', messages, first, count - 1) or {}
+  out[head + 10] = first < count and redis.call('LRANGE', messages, first, count - 1) or {}
   if mode == 'window' then out[head + 3] = 'all' end
   return out
 end
@@ -563,7 +569,7 @@ end
 if full then mode = 'window' elseif mode == 'window' then mode = 'all' end
 local loaded, n = {}, #newest
 for i = 1, n do loaded[i] = newest[n + 1 - i] end
-out[head + 3], out[head + 9] = mode, loaded
+out[head + 3], out[head + 10] = mode, loaded
 return out
 """
 )
@@ -1506,7 +1512,8 @@ class RedisStore:
         stamp = reply[1 + _SUMMARY_FIELDS : 6 + _SUMMARY_FIELDS]
         generation, sequence, mode, epoch, persona = stamp
         summary = _summary_of(*reply[6 + _SUMMARY_FIELDS : 9 + _SUMMARY_FIELDS])
-        loaded: list[str] = reply[9 + _SUMMARY_FIELDS]
+        last_answered = reply[9 + _SUMMARY_FIELDS]
+        loaded: list[str] = reply[10 + _SUMMARY_FIELDS]
         try:
             session = session_info(reply[1 : 1 + _SUMMARY_FIELDS])
             messages = decode_message_array(shown_name(name), "[" + ",".join(loaded) + "]")
@@ -1545,6 +1552,7 @@ class RedisStore:
             persona or None,
             summary,
             None if summary is None else max(0, min(count, int(sequence) - summary.upto)),
+            answered_id(last_answered),
         )
 
     async def claim(self, scope: str, claim: str, token: str, lease_ms: int) -> None:

@@ -63,6 +63,7 @@ from bot.store.base import (
     Ticket,
     Turn,
     answer_record,
+    answered_id,
     claim_lease,
     decode_messages,
     exchange_from,
@@ -119,13 +120,15 @@ _TURN_PLACE = """
 SELECT c.current, s.lock_expires, s.epoch, s.summary, s.summary_upto, s.summary_covered,
        s.name, s.format, s.model, s.mcp, s.created, s.updated,
        (SELECT count(*) FROM messages m WHERE m.scope = s.scope AND m.name = s.name),
-       (SELECT value FROM scope_options o WHERE o.scope = ?1 AND o.option = ?3)
+       (SELECT value FROM scope_options o WHERE o.scope = ?1 AND o.option = ?3),
+       (SELECT value FROM scope_options o WHERE o.scope = ?1 AND o.option = ?4)
 FROM (SELECT ?1 AS scope) q
 LEFT JOIN scopes c ON c.scope = q.scope
 LEFT JOIN sessions s ON s.scope = q.scope AND s.name = coalesce(c.current, ?2)"""
 """What a turn reads of its place in one statement: the current session's name; that
 session's lock, epoch and summary, then `_SUMMARY`'s row (NULLs when it has no row); and
-the place's persona. ?1: the scope, ?2: `DEFAULT_SESSION`, ?3: `PERSONA_OPTION`."""
+the place's persona and last answered message. ?1: the scope, ?2: `DEFAULT_SESSION`, ?3:
+`PERSONA_OPTION`, ?4: `LAST_ANSWERED_OPTION`."""
 
 _PURGE_EVERY_SECONDS = 60.0
 _SUMMARY_COLUMNS = {
@@ -396,7 +399,17 @@ class SqliteStore:
         def work(
             db: sqlite3.Connection,
         ) -> (
-            tuple[SessionInfo, list[str], int, str, int, str | None, Summary | None, int | None]
+            tuple[
+                SessionInfo,
+                list[str],
+                int,
+                str,
+                int,
+                str | None,
+                Summary | None,
+                int | None,
+                int | None,
+            ]
             | Exception
         ):
             """Returns the refusal instead of raising it, so the claim and the place in
@@ -416,8 +429,8 @@ class SqliteStore:
             queued = first is not None and first[0] == place
             if first is not None and not queued:
                 return self._wait(db, scope, place, now)
-            found = (scope, DEFAULT_SESSION, PERSONA_OPTION)
-            current, *row, persona = db.execute(_TURN_PLACE, found).fetchone()
+            found = (scope, DEFAULT_SESSION, PERSONA_OPTION, LAST_ANSWERED_OPTION)
+            current, *row, persona, last = db.execute(_TURN_PLACE, found).fetchone()
             try:
                 name = _current_of(current)
             except DamagedState as damaged:
@@ -427,7 +440,7 @@ class SqliteStore:
                 self._set_current(db, scope, name)
             if row[5] is None:  # its current session has no row yet
                 self._insert(db, scope, name, SessionSettings(self._policy.default_model))
-                current, *row, persona = db.execute(_TURN_PLACE, found).fetchone()
+                current, *row, persona, last = db.execute(_TURN_PLACE, found).fetchone()
             expires, epoch, summary_text, upto, covered, *summarized = row
             if summarized[1] != STORE_FORMAT:
                 return self._refuse(db, scope, ticket, queued, CorruptSession(shown_name(name)))
@@ -460,12 +473,23 @@ class SqliteStore:
                     (scope, name, summary.upto),
                 ).fetchone()
             persona = None if persona is None else str(persona)
-            return session, recent[::-1], used, epoch, position, persona, summary, pending
+            last_answered = answered_id(None if last is None else str(last))
+            return (
+                session,
+                recent[::-1],
+                used,
+                epoch,
+                position,
+                persona,
+                summary,
+                pending,
+                last_answered,
+            )
 
         outcome = await self._run(work, synced=False)
         if isinstance(outcome, Exception):
             raise outcome
-        session, bodies, used, epoch, position, persona, summary, pending = outcome
+        session, bodies, used, epoch, position, persona, summary, pending, last = outcome
         turn = Turn(
             scope,
             session,
@@ -478,6 +502,7 @@ class SqliteStore:
             persona=persona,
             summary=summary,
             pending=pending,
+            last_answered=last,
         )
         try:
             recent = decode_messages(session.name, bodies)
