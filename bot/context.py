@@ -10,6 +10,7 @@ message. That keeps the per-turn work independent of how many messages the windo
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -172,11 +173,22 @@ def channel_context_message(context: ChannelContext | None, cap_bytes: int) -> M
     return {"role": "user", "content": parts}
 
 
-def history_room(system_prompt: str, user: Message, budget_bytes: int) -> int:
+@functools.lru_cache(maxsize=256)
+def _system_size(system_prompt: str) -> int:
+    """The stored size of the system prompt sent first. Every turn sends one of a few
+    prompts (the default, or a place's persona), so each is measured once, not per turn."""
+    return message_size({"role": "system", "content": system_prompt})
+
+
+def history_room(
+    system_prompt: str, user: Message, budget_bytes: int, *, user_bytes: int | None = None
+) -> int:
     """What the budget leaves for history beside the system prompt and the new message: the
-    most a turn loads from the store (`build_context` then fits the other parts in)."""
-    system: Message = {"role": "system", "content": system_prompt}
-    return max(budget_bytes - message_size(system) - message_size(user), 0)
+    most a turn loads from the store (`build_context` then fits the other parts in).
+    `user_bytes`: the new message's stored size, when the caller measured it already."""
+    if user_bytes is None:
+        user_bytes = message_size(user)
+    return max(budget_bytes - _system_size(system_prompt) - user_bytes, 0)
 
 
 SUMMARY_HEADING = (
@@ -215,6 +227,7 @@ def build_context(
     *,
     recent_bytes: int | None = None,
     as_stored: bool = False,
+    user_bytes: int | None = None,
 ) -> Context:
     """The one place that decides what is sent, counting each part's stored size against
     `budget`, in this order of precedence: the system prompt (the channel's persona, when it
@@ -225,9 +238,12 @@ def build_context(
 
     `recent_bytes`, when the store already measured `recent`, spares measuring it again
     whenever it fits whole (the common case); `as_stored`, when the store knows that no
-    message of `recent` needs rewriting, spares looking at each."""
+    message of `recent` needs rewriting, spares looking at each; `user_bytes`, the new
+    message's stored size when the caller measured it, spares measuring it again."""
     system: Message = {"role": "system", "content": system_prompt}
-    used = message_size(system) + message_size(user)
+    if user_bytes is None:
+        user_bytes = message_size(user)
+    used = _system_size(system_prompt) + user_bytes
     head = [system]
     if summary:
         note = summary_message(summary)

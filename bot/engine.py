@@ -428,7 +428,9 @@ class Engine:
                 await self._admit(scope, ticket.claim, ticket.token, account)
             # The history loaded: what fits beside the default prompt. The place's persona
             # comes with the turn, and the context is then cut to the room beside it.
-            room = history_room(self._limits.system_prompt, user, self._limits.budget_bytes)
+            room = history_room(
+                self._limits.system_prompt, user, self._limits.budget_bytes, user_bytes=size
+            )
             try:
                 turn = await self._begin(scope, ticket, room)
                 held = _Held(time.monotonic())
@@ -447,12 +449,14 @@ class Engine:
                 try:
                     with self.metrics.timed(TurnPart.MODEL):
                         added, text, shortened, context = await self._kept_alive(
-                            turn, held, self._run(turn, system, user, on_text, meter, around)
+                            turn,
+                            held,
+                            self._run(turn, system, user, on_text, meter, around, user_bytes=size),
                         )
                 finally:  # the calls the API accepted cost tokens, whatever happened next
                     usage = await self.ledger.charge(meter, account, turn.scope, turn.session.name)
                 await self._still_claimed(turn, held)
-                stored = self._within_size([user, *added])
+                stored = [user, *self._within_size(added)]  # `user` is within the cap
                 try:
                     with self.metrics.timed(TurnPart.STORE):
                         saved = kept = await self._save(turn, stored, user_ref)
@@ -798,8 +802,8 @@ class Engine:
             try:
                 turn = await self._until_claimed(attempt)
                 loaded = time.perf_counter()
-                self.metrics.turn_seconds.labels(TurnPart.QUEUE.value).observe(last_try - started)
-                self.metrics.turn_seconds.labels(TurnPart.STORE.value).observe(loaded - last_try)
+                self.metrics.part_took(TurnPart.QUEUE, last_try - started)
+                self.metrics.part_took(TurnPart.STORE, loaded - last_try)
                 return turn
             except SessionBusy:
                 deadline = deadline or time.monotonic() + limits.wait_seconds
@@ -828,9 +832,12 @@ class Engine:
         on_text: TextSink | None,
         meter: UsageMeter,
         around: ChannelContextSource | None = None,
+        *,
+        user_bytes: int | None = None,
     ) -> tuple[list[Message], str, bool, Context]:
         """Call the model; when the provider says the context is too long, once more with
-        half of the history that was sent. `around` is read once, before the first call."""
+        half of the history that was sent. `around` is read once, before the first call;
+        `user_bytes` is `user`'s stored size, when the caller measured it."""
         recent, budget = self._unsummarized(turn), self._limits.budget_bytes
         measured = turn.recent_bytes if len(recent) == len(turn.recent) else None
         extra = None
@@ -847,6 +854,7 @@ class Engine:
                 budget,
                 recent_bytes=measured,
                 as_stored=turn.as_stored,
+                user_bytes=user_bytes,
             )
             try:
                 added, text = await self._call_model(
@@ -977,9 +985,12 @@ class Engine:
     async def _kept_alive(self, turn: Turn, held: _Held, work: Awaitable[T]) -> T:
         """Run `work` while renewing the session lock (and the claim's lease), so only a dead
         process's lock expires. When a renewal fails because another process took the message
-        over (this one was frozen past its lease), `work` is cancelled: `AnsweredElsewhere`."""
+        over (this one was frozen past its lease), `work` is cancelled: `AnsweredElsewhere`.
+        `work` runs in this task (no task of its own per turn): a take-over cancels this task,
+        and that one cancellation is taken back as it turns into `AnsweredElsewhere`."""
         interval = self._limits.lock_ms / 3000
-        run = asyncio.ensure_future(work)
+        run = asyncio.current_task()
+        assert run is not None
         taken_over = False
 
         async def renew() -> None:
@@ -987,7 +998,7 @@ class Engine:
             while True:
                 try:
                     if not await self._store.extend_lock(turn, self._limits.lock_ms):
-                        if await self._taken_over(turn):
+                        if await self._taken_over(turn) and not finished:
                             taken_over = True
                             run.cancel()
                         return
@@ -1003,17 +1014,17 @@ class Engine:
             nonlocal renewer
             renewer = asyncio.create_task(renew())
 
+        finished = False
         timer = asyncio.get_running_loop().call_later(interval, start_renewing)
         try:
-            return await run
+            return await work
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if taken_over and (current is None or not current.cancelling()):
+            if taken_over and run.uncancel() == 0:  # only the take-over's cancellation
                 raise AnsweredElsewhere() from None
             raise
         finally:
+            finished = True
             timer.cancel()
-            run.cancel()
             if renewer is not None:
                 renewer.cancel()
 

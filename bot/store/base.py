@@ -46,13 +46,19 @@ STORE_FORMAT = "1"
 """Stored sessions carry this; a session with another value is refused as unreadable."""
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+"""What `json.dumps` with these options builds on every call: made once (a turn measures and
+stores several messages)."""
+
+
 def encode_message(message: Message) -> str:
     """The one serialization of a stored message; its length is what the budget counts."""
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(message)
 
 
 def message_size(message: Message) -> int:
-    return len(encode_message(message).encode())
+    encoded = encode_message(message)
+    return len(encoded) if encoded.isascii() else len(encoded.encode())
 
 
 def newest_fitting(sizes_newest_first: Iterable[int], budget_bytes: int) -> tuple[int, int]:
