@@ -13,7 +13,7 @@ from typing import Any
 
 from benchmarks.breakdown import FirstTurnParts, render_first_turn
 from benchmarks.common import ASSISTANT_BYTES, BUDGET_BYTES, USER_BYTES
-from benchmarks.end_to_end import DiscordResult, Timing
+from benchmarks.end_to_end import DISCORD_CALLS, DiscordResult, Timing
 from benchmarks.overhead import Cell, Grid
 from benchmarks.peers import (
     BENCH_EXTRA,
@@ -293,7 +293,11 @@ def _targets(
             "At most 2 Redis round trips per turn, session lock included",
             f"{num(trips)} per turn (engine turn, steady state, histories "
             + ", ".join(str(t.history) for t in r.round_trips)
-            + (f"); {num(r.discord.round_trips)} per Discord message" if r.discord else ")")
+            + (
+                f"); {num(r.discord.round_trips)} per Discord message ({DISCORD_CALLS})"
+                if r.discord
+                else ")"
+            )
             + _first_turn_trips(r),
             _met(trips <= 2, "steady state"),
         )
@@ -838,7 +842,7 @@ def _round_trips(r: Results) -> list[str]:
         sent = ", ".join(f"{name} {num(n)}" for name, n in sorted(r.discord.commands.items()))
         lines.append(
             f"- Through Discord (the whole bot, see below): {num(r.discord.round_trips)} "
-            f"round trips per message; sent {sent or 'nothing'}."
+            f"round trips per message ({DISCORD_CALLS}); sent {sent or 'nothing'}."
         )
     return [*lines, ""]
 

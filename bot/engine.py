@@ -70,7 +70,16 @@ from bot.store.base import (
     message_size,
 )
 from bot.summary import Summarizer
-from bot.usage import Account, Admission, OverLimit, Usage, UsageLedger, UsageLimits, UsageMeter
+from bot.usage import (
+    Account,
+    Admission,
+    Charge,
+    OverLimit,
+    Usage,
+    UsageLedger,
+    UsageLimits,
+    UsageMeter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -446,6 +455,7 @@ class Engine:
                 system = await self._system_prompt(turn, parent)
                 if on_begin is not None:
                     await on_begin()
+                ran = False
                 try:
                     with self.metrics.timed(TurnPart.MODEL):
                         added, text, shortened, context = await self._kept_alive(
@@ -453,13 +463,26 @@ class Engine:
                             held,
                             self._run(turn, system, user, on_text, meter, around, user_bytes=size),
                         )
+                    await self._still_claimed(turn, held)
+                    ran = True
                 finally:  # the calls the API accepted cost tokens, whatever happened next
-                    usage = await self.ledger.charge(meter, account, turn.scope, turn.session.name)
-                await self._still_claimed(turn, held)
+                    if not ran:
+                        await self.ledger.charge(meter, account, turn.scope, turn.session.name)
                 stored = [user, *self._within_size(added)]  # `user` is within the cap
+                # The save adds the session's share of the charge; the server's counters are
+                # in another place of the store (a Redis Cluster slot), counted meanwhile.
+                charge = self.ledger.charge_of(meter, account, turn.scope, turn.session.name)
+                usage = charge.usage if charge is not None else meter.usage()
                 try:
                     with self.metrics.timed(TurnPart.STORE):
-                        saved = kept = await self._save(turn, stored, user_ref)
+                        outcome, _ = await asyncio.gather(
+                            self._save(turn, stored, user_ref, charge),
+                            self.ledger.charge_server(charge),
+                            return_exceptions=True,
+                        )
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                    saved = kept = outcome
                 except SessionCleared:  # the store released the lock
                     saved = True
             except asyncio.CancelledError:
@@ -676,17 +699,19 @@ class Engine:
         where what the session already holds of the place ends."""
         return answered_id(await self._store.scope_option(scope, LAST_ANSWERED_OPTION))
 
-    async def _save(self, turn: Turn, added: list[Message], user_ref: str | None) -> bool:
+    async def _save(
+        self, turn: Turn, added: list[Message], user_ref: str | None, usage: Charge | None = None
+    ) -> bool:
         """Save the turn, trying again on a storage fault: the model's answer is in hand, and
-        saving is idempotent (a repeated save of the same turn stores nothing twice), so a
-        brief outage or a lost reply does not lose it."""
+        saving is idempotent (a repeated save of the same turn stores nothing twice, nor
+        charges `usage` twice), so a brief outage or a lost reply does not lose it."""
         for pause in SAVE_RETRY_PAUSES:
             try:
-                return await self._store.finish_turn(turn, added, user_ref)
+                return await self._store.finish_turn(turn, added, user_ref, usage)
             except StoreUnavailable:
                 log.warning("saving a turn failed: storage unavailable; retrying in %ss", pause)
                 await asyncio.sleep(pause)
-        return await self._store.finish_turn(turn, added, user_ref)
+        return await self._store.finish_turn(turn, added, user_ref, usage)
 
     def _within_size(self, messages: list[Message]) -> list[Message]:
         cap = self._limits.message_cap_bytes

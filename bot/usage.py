@@ -153,7 +153,7 @@ class Charge:
 class UsageRecorder(Protocol):
     """The part of the session store that keeps the counts (`SessionStore.record_usage`)."""
 
-    async def record_usage(self, charge: Charge) -> None: ...
+    async def record_usage(self, charge: Charge, *, session: bool = True) -> None: ...
 
 
 class UsageLedger:
@@ -181,6 +181,26 @@ class UsageLedger:
         except BotError as error:
             log.warning("could not count a model run's tokens: %s", error)
         return usage
+
+    def charge_of(
+        self, meter: UsageMeter, account: Account | None, scope: str, session: str
+    ) -> Charge | None:
+        """What `charge` would record, for a turn whose save adds the session's share (in
+        the same step as the save: one round trip less); None when nothing is charged."""
+        usage = meter.usage()
+        if usage is None or account is None:
+            return None
+        return Charge(account, scope, session, usage, day_of(self._clock()))
+
+    async def charge_server(self, charge: Charge | None) -> None:
+        """The server's share of `charge` (its counters are elsewhere in the store than the
+        session's), run beside the save that adds the session's share."""
+        if charge is None:
+            return
+        try:
+            await self._store.record_usage(charge, session=False)
+        except BotError as error:
+            log.warning("could not count a model run's tokens: %s", error)
 
     @contextlib.asynccontextmanager
     async def metered(

@@ -13,7 +13,7 @@ from tests.fakes.discord_gateway import FakeDiscord
 
 MESSAGES = 3
 
-CALLS_PER_MESSAGE = 5
+CALLS_PER_MESSAGE = 4
 """`begin_turn` (which also brings the place's last answer, where a mention's channel
 context starts), the usage charge (the server's day, the session's totals: two hash slots),
 `finish_turn`, and `note_answer` (where the answer went, for /retry)."""

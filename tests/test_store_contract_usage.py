@@ -162,3 +162,31 @@ async def test_junk_in_the_limits_counters_starts_them_again(
     assert await raw_redis_store.admit(Admission(ADA, "a2", NOW, limits)) == Refusal(
         RATE, NOW + 60, notify=True
     )
+
+
+async def test_a_turns_save_charges_its_session_once_whatever_the_outcome(
+    store: SessionStore,
+) -> None:
+    """The session's share of a turn's charge goes with its save (the server's day is
+    charged on its own): once, even when the save is repeated (its reply was lost), and also
+    when there was nothing to keep (the lock lost, the run failed)."""
+    from bot.store.base import Ticket
+
+    saved = await store.begin_turn("place:1", Ticket.now(), 100_000, 10_000)
+    said = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    first = charge(ADA, 100, 20)
+    assert await store.finish_turn(saved, said, "m1", first)
+    assert await store.finish_turn(saved, said, "m1", first)  # a repeat: nothing twice
+    await store.record_usage(first, session=False)
+    assert await store.session_usage("place:1", "default", "guild:1", TODAY) == SessionUsage(
+        100, 20, 0, today=120, server_today=120
+    )
+    lost = await store.begin_turn("place:1", Ticket.now(), 100_000, 10)
+    await asyncio.sleep(0.05)  # its lock lapses, and another turn takes the session
+    other = await store.begin_turn("place:1", Ticket.now(), 100_000, 10_000)
+    late = charge(ADA, 10, 5, estimated=True)
+    assert not await store.finish_turn(lost, said, "m2", late)  # stale: not saved, charged
+    assert await store.finish_turn(other, [], None, charge(ADA, 1, 1))  # a failed run
+    usage = await store.session_usage("place:1", "default", "guild:1", TODAY)
+    assert (usage.input_tokens, usage.output_tokens, usage.estimated_tokens) == (111, 26, 15)
+    assert usage.today == 120  # the server's day is the caller's to charge

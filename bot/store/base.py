@@ -573,7 +573,11 @@ class SessionStore(Protocol):
         ...
 
     async def finish_turn(
-        self, turn: Turn, added: Sequence[Message], user_ref: str | None = None
+        self,
+        turn: Turn,
+        added: Sequence[Message],
+        user_ref: str | None = None,
+        usage: Charge | None = None,
     ) -> bool:
         """Append `added` and release the lock in one step, dropping the oldest messages
         beyond the policy's caps. `user_ref` (for example a Discord message id) names the
@@ -584,7 +588,9 @@ class SessionStore(Protocol):
         replaced meanwhile. The turn's claim, while still its lease, is settled as answered
         in the same step (a turn that failed or lost its lock told the user so). Raises
         `MessageTooLarge`, saving nothing and keeping the lock (the caller releases it), when
-        a message is over the cap."""
+        a message is over the cap. `usage`, the turn's model run, is added to its session's
+        totals in the same step, whatever the outcome, once even when a call whose reply was
+        lost is repeated (the server's counters are the caller's: `record_usage(session=False)`)."""
         ...
 
     async def extend_lock(self, turn: Turn, lock_ms: int) -> bool:
@@ -722,8 +728,9 @@ class SessionStore(Protocol):
         member: the one to answer."""
         ...
 
-    async def record_usage(self, charge: Charge) -> None:
-        """Add a run's tokens to its session's totals and its server's day."""
+    async def record_usage(self, charge: Charge, *, session: bool = True) -> None:
+        """Add a run's tokens to its server's day and (unless `session` is False, when a
+        turn's save adds them) to its session's totals."""
         ...
 
     async def session_usage(self, scope: str, name: str, server: str, day: str) -> SessionUsage:

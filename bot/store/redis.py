@@ -21,6 +21,9 @@ moves between nodes):
     {prefix}:{scope}:probe:absent       never written: every script reads it first (`PROBE`)
     {prefix}:{scope}:usage              hash    a session's tokens; the servers' counters are
                                                 in `bot.store.redis_usage`
+    {prefix}:{scope}:charged:{token}    string  a turn's run was added to `usage` by its save
+                                                (`finish_turn`), for an hour: a repeated save
+                                                adds it once
     {prefix}:{scope}:s:{name}:meta      hash    model, mcp (JSON list), created, updated, format,
                                                 last_turn (the last saved turn's token),
                                                 gen and seq (see below), forgotten (messages
@@ -606,7 +609,10 @@ return 1
 )
 
 # ARGV: prefix, name, token, history_cap, now, ttl_seconds, user_ref, claim, claim_ttl,
-# history_cap_bytes, epoch, seq, model, mcp_json, message... Idempotent: the meta remembers
+# history_cap_bytes, epoch, seq, model, mcp_json, the usage field prefix (the session's shown
+# name; '' for no charge), tokens in, tokens out, tokens estimated, message...
+# The run's tokens are added to the session's totals first, whatever the outcome, once per
+# token (a `charged:` marker). Idempotent: the meta remembers
 # the last saved turn's token, so a call repeated because its reply was lost (a timeout) saves
 # nothing twice. Returns {1, gen, seq, length} after appending, {1} when nothing was appended
 # (or already had been), {0} when the lock was lost, {2} when the session was cleared or
@@ -618,6 +624,14 @@ return 1
 _FINISH_TURN = _lua(
     """
 local name = ARGV[2]
+if ARGV[15] ~= '' and redis.call('SET', prefix .. 'charged:' .. ARGV[3], 1, 'NX', 'EX', 3600) then
+  local usage, field = prefix .. 'usage', ARGV[15]
+  if not of_type(usage, 'hash') then redis.call('DEL', usage) end  -- junk: counts start again
+  redis.call('HINCRBY', usage, field .. ':in', ARGV[16])
+  redis.call('HINCRBY', usage, field .. ':out', ARGV[17])
+  redis.call('HINCRBY', usage, field .. ':est', ARGV[18])
+  if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', usage, ARGV[6]) end
+end
 if ARGV[8] ~= '' then answered(ARGV[8], 'lease:' .. ARGV[3], ARGV[9]) end
 local lock, meta = key(name, 'lock'), key(name, 'meta')
 if not of_type(lock, 'string') or not of_type(meta, 'hash') then return {3} end  -- damaged
@@ -628,7 +642,7 @@ if last_turn == ARGV[3] then return {1} end
 if holder and holder ~= ARGV[3] then return {0} end
 local cap, byte_cap = tonumber(ARGV[4]), tonumber(ARGV[10])
 local out = {1}
-local first = 15  -- the first message among ARGV
+local first = 19  -- the first message among ARGV
 local saving = #ARGV >= first
 if ARGV[11] ~= '' and (epoch or '') ~= ARGV[11]
    and redis.call('EXISTS', prefix .. 'deleted:' .. ARGV[11]) == 1 then
@@ -1206,7 +1220,7 @@ return count
 )
 
 _SUMMARY_FIELDS = 7
-_FINISH_FIRST_MESSAGE = 14
+_FINISH_FIRST_MESSAGE = 18
 """Index of the first saved message among `_FINISH_TURN`'s arguments."""
 
 
@@ -1588,9 +1602,14 @@ class RedisStore:
         return [NotedPlace(str(scope), servers.get(scope)) for scope in found]
 
     async def finish_turn(
-        self, turn: Turn, added: Sequence[Message], user_ref: str | None = None
+        self,
+        turn: Turn,
+        added: Sequence[Message],
+        user_ref: str | None = None,
+        usage: Charge | None = None,
     ) -> bool:
         policy = self._policy
+        charged = usage.usage if usage is not None else None
         args: list[ScriptArg] = [
             self._prefix(turn.scope),
             stored_name(turn.session.name),
@@ -1606,6 +1625,10 @@ class RedisStore:
             turn.sequence,
             turn.session.settings.model,
             mcp_json(turn.session.settings),
+            "" if usage is None or charged is None else usage.session,
+            0 if charged is None else charged.input_tokens,
+            0 if charged is None else charged.output_tokens,
+            0 if charged is None or not charged.estimated else charged.total,
             *policy.check_sizes(added),
         ]
         async with self._available():
@@ -1860,9 +1883,9 @@ class RedisStore:
         async with self._available():
             return await self._usage.admit(admission)
 
-    async def record_usage(self, charge: Charge) -> None:
+    async def record_usage(self, charge: Charge, *, session: bool = True) -> None:
         async with self._available():
-            await self._usage.record(charge)
+            await self._usage.record(charge, session=session)
 
     async def session_usage(self, scope: str, name: str, server: str, day: str) -> SessionUsage:
         try:

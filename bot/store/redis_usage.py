@@ -167,9 +167,10 @@ class RedisUsage:
             return None
         return Refusal(str(reply[0]), int(reply[1]) / 1000, bool(int(reply[2])))
 
-    async def record(self, charge: Charge) -> None:
+    async def record(self, charge: Charge, *, session: bool = True) -> None:
         """Two scripts, one per slot (the server's day, the session's totals), so each runs
-        whole on its node of a Redis Cluster."""
+        whole on its node of a Redis Cluster; a turn's save adds the session's (then
+        `session` is False)."""
         usage, account = charge.usage, charge.account
         estimated = usage.total if usage.estimated else 0
         day = self._key(account.server, f"day:{charge.day}")
@@ -182,6 +183,8 @@ class RedisUsage:
                 *(f"s:{charge.scope}:{charge.session}", usage.total),
             ],
         )
+        if not session:
+            return
         name = charge.session
         await self._add(
             keys=[self._scope_key(charge.scope, "usage")],

@@ -621,7 +621,11 @@ class SqliteStore:
         return await self._run(work)
 
     async def finish_turn(
-        self, turn: Turn, added: Sequence[Message], user_ref: str | None = None
+        self,
+        turn: Turn,
+        added: Sequence[Message],
+        user_ref: str | None = None,
+        usage: Charge | None = None,
     ) -> bool:
         scope, name = turn.scope, stored_name(turn.session.name)
         bodies = self._policy.check_sizes(added)
@@ -636,7 +640,9 @@ class SqliteStore:
             ).fetchone()
             now = time.time()
             if row is not None and row[2] == turn.lock_token:
-                return True  # saved already: this call repeats one whose reply was lost
+                return True  # saved already (and charged): this call repeats one
+            if usage is not None:  # in this transaction: a failed call charged nothing
+                sqlite_usage.record_session(db, usage)
             if bodies and (row is None or row[3] != turn.epoch) and self._epoch_deleted(db, turn):
                 return SessionCleared()  # its session was deleted: nothing of it comes back
             if row is None or (row[0] != turn.lock_token and _number(row[1]) > now):
@@ -1041,8 +1047,8 @@ class SqliteStore:
     async def admit(self, admission: Admission) -> Refusal | None:
         return await self._run(lambda db: sqlite_usage.admit(db, admission), synced=False)
 
-    async def record_usage(self, charge: Charge) -> None:
-        await self._run(lambda db: sqlite_usage.record(db, charge), synced=False)
+    async def record_usage(self, charge: Charge, *, session: bool = True) -> None:
+        await self._run(lambda db: sqlite_usage.record(db, charge, session=session), synced=False)
 
     async def session_usage(self, scope: str, name: str, server: str, day: str) -> SessionUsage:
         return await self._run(lambda db: sqlite_usage.session_usage(db, scope, name, server, day))

@@ -98,7 +98,7 @@ def admit(db: sqlite3.Connection, admission: Admission) -> Refusal | None:
     return Refusal(refused[0], refused[1], notify)
 
 
-def record(db: sqlite3.Connection, charge: Charge) -> None:
+def record(db: sqlite3.Connection, charge: Charge, *, session: bool = True) -> None:
     usage, account = charge.usage, charge.account
     estimated = usage.total if usage.estimated else 0
     db.execute(
@@ -118,6 +118,16 @@ def record(db: sqlite3.Connection, charge: Charge) -> None:
             estimated,
         ),
     )
+    if session:
+        record_session(db, charge)
+    oldest = (date.fromisoformat(charge.day) - timedelta(days=USAGE_DAYS_KEPT)).isoformat()
+    db.execute("DELETE FROM usage_days WHERE server = ? AND day < ?", (account.server, oldest))
+
+
+def record_session(db: sqlite3.Connection, charge: Charge) -> None:
+    """The session's share of `record` (a turn's save adds it in its own transaction)."""
+    usage = charge.usage
+    estimated = usage.total if usage.estimated else 0
     db.execute(
         "INSERT INTO session_usage (scope, name, tokens_in, tokens_out, estimated)"
         " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET"
@@ -126,8 +136,6 @@ def record(db: sqlite3.Connection, charge: Charge) -> None:
         " estimated = estimated + excluded.estimated",
         (charge.scope, charge.session, usage.input_tokens, usage.output_tokens, estimated),
     )
-    oldest = (date.fromisoformat(charge.day) - timedelta(days=USAGE_DAYS_KEPT)).isoformat()
-    db.execute("DELETE FROM usage_days WHERE server = ? AND day < ?", (account.server, oldest))
 
 
 def session_usage(
