@@ -21,9 +21,6 @@ moves between nodes):
     {prefix}:{scope}:probe:absent       never written: every script reads it first (`PROBE`)
     {prefix}:{scope}:usage              hash    a session's tokens; the servers' counters are
                                                 in `bot.store.redis_usage`
-    {prefix}:{scope}:charged:{token}    string  a turn's run was added to `usage` by its save
-                                                (`finish_turn`), for an hour: a repeated save
-                                                adds it once
     {prefix}:{scope}:s:{name}:meta      hash    model, mcp (JSON list), created, updated, format,
                                                 last_turn (the last saved turn's token),
                                                 gen and seq (see below), forgotten (messages
@@ -612,7 +609,8 @@ return 1
 # history_cap_bytes, epoch, seq, model, mcp_json, the usage field prefix (the session's shown
 # name; '' for no charge), tokens in, tokens out, tokens estimated, message...
 # The run's tokens are added to the session's totals first, whatever the outcome, once per
-# token (a `charged:` marker). Idempotent: the meta remembers
+# turn: the totals remember the last turn charged (`<name>:charged`, its token), which is all a
+# save repeated at once because its reply was lost needs. Idempotent: the meta remembers
 # the last saved turn's token, so a call repeated because its reply was lost (a timeout) saves
 # nothing twice. Returns {1, gen, seq, length} after appending, {1} when nothing was appended
 # (or already had been), {0} when the lock was lost, {2} when the session was cleared or
@@ -624,12 +622,15 @@ return 1
 _FINISH_TURN = _lua(
     """
 local name = ARGV[2]
-if ARGV[15] ~= '' and redis.call('SET', prefix .. 'charged:' .. ARGV[3], 1, 'NX', 'EX', 3600) then
+if ARGV[15] ~= '' then
   local usage, field = prefix .. 'usage', ARGV[15]
   if not of_type(usage, 'hash') then redis.call('DEL', usage) end  -- junk: counts start again
-  redis.call('HINCRBY', usage, field .. ':in', ARGV[16])
-  redis.call('HINCRBY', usage, field .. ':out', ARGV[17])
-  redis.call('HINCRBY', usage, field .. ':est', ARGV[18])
+  if redis.call('HGET', usage, field .. ':charged') ~= ARGV[3] then
+    redis.call('HSET', usage, field .. ':charged', ARGV[3])
+    redis.call('HINCRBY', usage, field .. ':in', ARGV[16])
+    redis.call('HINCRBY', usage, field .. ':out', ARGV[17])
+    redis.call('HINCRBY', usage, field .. ':est', ARGV[18])
+  end
   if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', usage, ARGV[6]) end
 end
 if ARGV[8] ~= '' then answered(ARGV[8], 'lease:' .. ARGV[3], ARGV[9]) end

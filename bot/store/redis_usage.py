@@ -11,8 +11,11 @@ the session, in its scope's slot:
                                                        (ms); the last minute's, expiring
     {prefix}:{usage:<server>}:notice:<user>     string  until when (ms) a member over a limit
                                                        is not told again
-    {prefix}:{<scope>}:usage                    hash    <session>:in, :out, :est (tokens);
-                                                       with a TTL, expires with the place
+    {prefix}:{<scope>}:usage                    hash    <session>:in, :out, :est (tokens),
+                                                       :charged (the token of the last turn
+                                                       its save charged, so a repeated save
+                                                       charges once); with a TTL, expires
+                                                       with the place
 """
 
 from __future__ import annotations
