@@ -64,9 +64,15 @@ def within_size(message: Message, cap: int) -> Message:
     """`message`, or a copy that fits `cap` stored bytes: its text cut with a note saying so,
     or, when even that cannot fit (huge tool-call arguments), the note alone. A call message
     that loses its calls leaves its results orphaned, and `paired_tool_messages` drops them."""
+    return fitted_and_size(message, cap)[0]
+
+
+def fitted_and_size(message: Message, cap: int) -> tuple[Message, int]:
+    """`within_size`, and the stored size of what it returns (measured on the way, so a
+    caller that needs it does not encode the message again)."""
     size = message_size(message)
     if size <= cap:
-        return message
+        return message, size
     note = cut_note(size, cap)
     content = message.get("content")
     if isinstance(content, str):
@@ -75,12 +81,12 @@ def within_size(message: Message, cap: int) -> Message:
             candidate = {**message, "content": text + note}
             fitted = message_size(candidate)
             if fitted <= cap:
-                return candidate
+                return candidate, fitted
             text = text[: len(text) * cap // fitted - 1]
     kept: Message = {"role": message.get("role"), "content": note.strip()}
     if message.get("role") == "tool":
         kept["tool_call_id"] = message.get("tool_call_id")
-    return kept
+    return kept, message_size(kept)
 
 
 def _first_user(messages: Sequence[Message]) -> int:

@@ -33,11 +33,11 @@ from bot.context import (
     Context,
     build_context,
     channel_context_message,
+    fitted_and_size,
     history_room,
     paired_tool_messages,
     speaker_of,
     system_prompt,
-    within_size,
 )
 from bot.errors import (
     BotError,
@@ -468,18 +468,24 @@ class Engine:
                 finally:  # the calls the API accepted cost tokens, whatever happened next
                     if not ran:
                         await self.ledger.charge(meter, account, turn.scope, turn.session.name)
-                stored = [user, *self._within_size(added)]  # `user` is within the cap
+                fitted, fitted_bytes = self._fitted(added)
+                stored = [user, *fitted]  # `user` is within the cap
                 # The save adds the session's share of the charge; the server's counters are
                 # in another place of the store (a Redis Cluster slot), counted meanwhile.
                 charge = self.ledger.charge_of(meter, account, turn.scope, turn.session.name)
                 usage = charge.usage if charge is not None else meter.usage()
                 try:
                     with self.metrics.timed(TurnPart.STORE):
-                        outcome, _ = await asyncio.gather(
-                            self._save(turn, stored, user_ref, charge),
-                            self.ledger.charge_server(charge),
-                            return_exceptions=True,
-                        )
+                        if charge is None:  # nothing to count: no tasks for a gather
+                            outcome: bool | BaseException = await self._save(
+                                turn, stored, user_ref, charge
+                            )
+                        else:
+                            outcome, _ = await asyncio.gather(
+                                self._save(turn, stored, user_ref, charge),
+                                self.ledger.charge_server(charge),
+                                return_exceptions=True,
+                            )
                     if isinstance(outcome, BaseException):
                         raise outcome
                     saved = kept = outcome
@@ -495,7 +501,7 @@ class Engine:
             if not saved:
                 raise LostTurn()
             if kept:
-                self._summarize_if_due(turn, context, stored, account)
+                self._summarize_if_due(turn, context, stored, size + fitted_bytes, account)
             return Reply(
                 text=text,
                 session=turn.session.name,
@@ -714,12 +720,23 @@ class Engine:
         return await self._store.finish_turn(turn, added, user_ref, usage)
 
     def _within_size(self, messages: list[Message]) -> list[Message]:
+        return self._fitted(messages)[0]
+
+    def _fitted(self, messages: list[Message]) -> tuple[list[Message], int]:
+        """The messages as stored (each within the cap; see `within_size`) and their stored
+        size, measured once."""
         cap = self._limits.message_cap_bytes
-        fitted = [within_size(m, cap) for m in messages]
+        fitted: list[Message] = []
+        total = 0
+        for message in messages:
+            kept, size = fitted_and_size(message, cap)
+            fitted.append(kept)
+            total += size
         if any(a is not b for a, b in zip(fitted, messages, strict=True)):
             log.warning("a turn's answer was over %s KB per message; stored cut", cap // 1024)
-            return paired_tool_messages(fitted)
-        return messages
+            paired = paired_tool_messages(fitted)
+            return paired, sum(map(message_size, paired))
+        return messages, total
 
     async def forget(self, scope: str, user_ref: str) -> bool:
         """Remove a stored user message (its author deleted it); False if none was stored."""
@@ -910,13 +927,19 @@ class Engine:
         return (turn.session.message_count if turn.pending is None else turn.pending) > 0
 
     def _summarize_if_due(
-        self, turn: Turn, context: Context, stored: list[Message], account: Account | None
+        self,
+        turn: Turn,
+        context: Context,
+        stored: list[Message],
+        added_bytes: int,
+        account: Account | None,
     ) -> None:
         """After a saved turn, bring the summary up to date in the background when the history
         no longer fits (some was left out) or soon will not: the oldest uncovered messages
         are folded in, all but the newest that fill half the room the budget leaves history.
         One summary at a time per scope in this process (the store's lease covers the
-        others); none while shutting down. Its tokens are charged to the turn's `account`."""
+        others); none while shutting down. Its tokens are charged to the turn's `account`.
+        `added_bytes` is the stored size of `stored` (measured as it was fitted)."""
         scope = turn.scope
         if not self._limits.summaries or self._draining or scope in self._summarizing:
             return
@@ -925,7 +948,6 @@ class Engine:
         recent = self._unsummarized(turn)
         pending = turn.session.message_count if turn.pending is None else turn.pending
         left_out = context.history_from > 0 or pending > len(recent)
-        added_bytes = sum(map(message_size, stored))
         room = context.history_room
         if not left_out and context.history_bytes + added_bytes <= room * SUMMARY_START_SHARE:
             return
