@@ -57,10 +57,10 @@ from bot.store.base import (
     LAST_ANSWERED_OPTION,
     MESSAGE_CAP_KB,
     PERSONA_OPTION,
-    PLACE_NOTE_SECONDS,
     AlreadyClaimed,
     Exchange,
     Message,
+    PlaceNotes,
     SessionCleared,
     SessionSettings,
     SessionStore,
@@ -296,7 +296,7 @@ class Engine:
         self._working: dict[asyncio.Task[Any], bool] = {}
         """The tasks with a turn (or a claim) under way, True once it holds its message."""
         self._draining = False
-        self._places_noted: dict[str, float] = {}
+        self._places_noted = PlaceNotes()
         self.ledger = UsageLedger(store, clock)
         """Where every model run's tokens are charged (turns, retries, summaries)."""
         self.summaries = Summarizer(
@@ -808,12 +808,9 @@ class Engine:
     async def _note_place(self, scope: str, account: Account | None) -> None:
         """Remember the place, and its server, for the start-up catch-up, at most once a
         minute per place."""
-        now = time.monotonic()
-        if now < self._places_noted.get(scope, 0.0):
+        if not self._places_noted.due(scope):
             return
-        if len(self._places_noted) > 10_000:
-            self._places_noted.clear()
-        self._places_noted[scope] = now + PLACE_NOTE_SECONDS
+        self._places_noted.noted(scope)
         try:
             await self._store.note_place(scope, account.server if account else None)
         except StoreUnavailable:

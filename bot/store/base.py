@@ -193,6 +193,28 @@ PLACES_KEPT_SECONDS = 7 * 86_400
 """...each for at most this long after it was last noted."""
 PLACE_NOTE_SECONDS = 60.0
 """A process notes a place it answers in at most this often (`SessionStore.note_place`)."""
+PLACE_NOTES_REMEMBERED = 10_000
+"""`PlaceNotes` forgets everything past this many places (each is then noted once more)."""
+
+
+class PlaceNotes:
+    """Which places this process noted lately, so it notes each at most once per
+    `PLACE_NOTE_SECONDS`. Bounded: past `PLACE_NOTES_REMEMBERED` places it starts afresh,
+    which costs one more note each, never a missed one."""
+
+    def __init__(self) -> None:
+        self._due: dict[str, float] = {}
+
+    def due(self, scope: str) -> bool:
+        return self._due.get(scope, 0.0) <= time.monotonic()
+
+    def noted(self, scope: str) -> None:
+        if len(self._due) > PLACE_NOTES_REMEMBERED:
+            self._due.clear()
+        self._due[scope] = time.monotonic() + PLACE_NOTE_SECONDS
+
+    def forget(self, scope: str) -> None:
+        self._due.pop(scope, None)
 
 
 def claim_lease(token: str) -> str:

@@ -105,7 +105,6 @@ from bot.store.base import (
     FORGOTTEN_TTL_SECONDS,
     LAST_ANSWERED_OPTION,
     PERSONA_OPTION,
-    PLACE_NOTE_SECONDS,
     PLACES_KEPT,
     PLACES_KEPT_SECONDS,
     STORE_FORMAT,
@@ -115,6 +114,7 @@ from bot.store.base import (
     Exchange,
     Message,
     NotedPlace,
+    PlaceNotes,
     SessionCleared,
     SessionInfo,
     SessionSettings,
@@ -1298,8 +1298,8 @@ class RedisStore:
         self._notes_in_turns = not isinstance(client, RedisCluster)
         """On a single Redis, `begin_turn` notes the place in its own step (a cluster keeps
         the record in a slot of its own, which a script of the place cannot touch)."""
-        self._noted: dict[str, float] = {}
-        """Places noted by `begin_turn`, with when (monotonic) each is due again."""
+        self._noted = PlaceNotes()
+        """Places noted by `begin_turn`, so `note_place` need not note them again."""
         self._load_bytes = 0
         """The largest budget asked for so far: windows are loaded and kept to it, so a turn
         whose new message is shorter than the last one's still finds its history cached."""
@@ -1504,7 +1504,7 @@ class RedisStore:
         args += [policy.history_cap, policy.ttl_seconds]
         args.append(policy.history_cap_bytes - policy.message_cap_bytes)
         keys = self._keys(scope)
-        noting = self._notes_in_turns and self._noted.get(scope, 0.0) <= time.monotonic()
+        noting = self._notes_in_turns and self._noted.due(scope)
         if noting:
             keys += [places_key(), place_servers_key()]
             args += [scope, time.time(), PLACES_KEPT_SECONDS, PLACES_KEPT, ticket.server or ""]
@@ -1512,9 +1512,7 @@ class RedisStore:
             reply = await self._begin(keys=keys, args=args)
         status = reply[0]
         if noting and status == "ok":
-            if len(self._noted) > 10_000:
-                self._noted.clear()
-            self._noted[scope] = time.monotonic() + PLACE_NOTE_SECONDS
+            self._noted.noted(scope)
         if status == "claimed":
             raise AlreadyClaimed(answered=reply[1] == "answered")
         if status == "corrupt":
@@ -1587,7 +1585,7 @@ class RedisStore:
         """Written on its own only when no turn of this process noted the place lately: on a
         single Redis, `begin_turn` notes it in the same step (so a first turn in a place
         takes no third round trip), before the model is called, as the engine's call would."""
-        if self._noted.get(scope, 0.0) > time.monotonic():
+        if not self._noted.due(scope):
             return
         now = time.time()
         args: list[ScriptArg] = [scope, server or "", now, now - PLACES_KEPT_SECONDS, PLACES_KEPT]
@@ -1791,7 +1789,7 @@ class RedisStore:
 
     async def forget_place(self, scope: str) -> int:
         self._recent.drop(scope)
-        self._noted.pop(scope, None)
+        self._noted.forget(scope)
         async with self._available():
             count = await self._forget_place(
                 keys=self._keys(scope), args=[self._prefix(scope), DELETED_TTL_SECONDS]
