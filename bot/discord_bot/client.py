@@ -29,7 +29,7 @@ from bot.discord_bot.render import (
     private_answer,
     respond,
 )
-from bot.discord_bot.scopes import scope_for
+from bot.discord_bot.scopes import scope_of
 from bot.discord_bot.thread_titles import ThreadNamer
 from bot.engine import Backfill, Engine
 from bot.errors import BotError, SettingsError, StoreUnavailable
@@ -98,7 +98,7 @@ class OncePerInteraction(app_commands.CommandTree["ChatBot"]):
         """An autocomplete request cannot be deferred (its one response is the choices), so
         a lease on its id in the store picks the process that computes them. The lease is
         never settled: it lapses by itself, long after Discord stopped waiting."""
-        scope = scope_for(interaction.channel_id or 0)
+        scope = scope_of(interaction)
         claim = f"interaction:{interaction.id}"
         try:
             await self.client.session_commands.store.claim(

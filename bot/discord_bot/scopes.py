@@ -16,6 +16,11 @@ def scope_for(channel_id: int) -> str:
     return f"{_PREFIX}{channel_id}"
 
 
+def scope_of(interaction: discord.Interaction) -> str:
+    """The place a slash command was used in."""
+    return scope_for(interaction.channel_id or 0)
+
+
 def channel_of(scope: str) -> int | None:
     """The channel a scope belongs to; None for a scope that is not Discord's (the console)."""
     rest = scope.removeprefix(_PREFIX)

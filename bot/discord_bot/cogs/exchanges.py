@@ -17,7 +17,7 @@ from discord.ext import commands
 from bot.commands import describe_retried, describe_undone
 from bot.discord_bot.conversation import SHORTENED_NOTE
 from bot.discord_bot.render import PRIVATE, LiveReply, Posted, respond
-from bot.discord_bot.scopes import account_for, parent_of, scope_for
+from bot.discord_bot.scopes import account_for, parent_of, scope_of
 from bot.errors import InvalidInput
 from bot.store.base import Exchange
 
@@ -68,7 +68,7 @@ class Exchanges(commands.Cog):
         channel = interaction.channel
         if not isinstance(channel, Chat):
             raise InvalidInput("There is no conversation to retry here.")
-        scope = scope_for(interaction.channel_id or 0)
+        scope = scope_of(interaction)
         shown: list[tuple[LiveReply, Exchange]] = []
 
         async def begin(exchange: Exchange) -> None:
@@ -115,7 +115,7 @@ class Exchanges(commands.Cog):
     )
     async def undo(self, interaction: discord.Interaction) -> None:
         exchange = await self.bot.engine.undo(
-            scope_for(interaction.channel_id or 0),
+            scope_of(interaction),
             requester=str(interaction.user.id),
             manager=manages(interaction),
             order=interaction.id,

@@ -11,7 +11,14 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord_bot.render import PRIVATE, respond, respond_with_file
-from bot.discord_bot.scopes import account_for, parent_of, place_name, scope_for, server_for
+from bot.discord_bot.scopes import (
+    account_for,
+    parent_of,
+    place_name,
+    scope_for,
+    scope_of,
+    server_for,
+)
 from bot.discord_bot.thread_titles import THREAD_NAME_MAX
 from bot.errors import BotError, InvalidInput
 from bot.exports import EXPORT_HELP, ExportFormat
@@ -39,7 +46,7 @@ class Sessions(commands.Cog):
         self, interaction: discord.Interaction, name: str | None = None, thread: bool = False
     ) -> None:
         if not thread:
-            text = await self.bot.session_commands.new(scope_for(interaction.channel_id or 0), name)
+            text = await self.bot.session_commands.new(scope_of(interaction), name)
             await respond(interaction, text)
             return
         channel = interaction.channel
@@ -60,13 +67,13 @@ class Sessions(commands.Cog):
         name="list", description="Show this place's sessions", extras={PRIVATE: True}
     )
     async def list_sessions(self, interaction: discord.Interaction) -> None:
-        text = await self.bot.session_commands.list(scope_for(interaction.channel_id or 0))
+        text = await self.bot.session_commands.list(scope_of(interaction))
         await respond(interaction, text)
 
     @app_commands.command(description="Switch this place to another saved session")
     @app_commands.describe(name="The session to continue")
     async def load(self, interaction: discord.Interaction, name: str) -> None:
-        text = await self.bot.session_commands.load(scope_for(interaction.channel_id or 0), name)
+        text = await self.bot.session_commands.load(scope_of(interaction), name)
         await respond(interaction, text)
 
     @load.autocomplete("name")
@@ -78,7 +85,7 @@ class Sessions(commands.Cog):
     async def _session_names(
         self, interaction: discord.Interaction, typed: str
     ) -> list[app_commands.Choice[str]]:
-        scope = scope_for(interaction.channel_id or 0)
+        scope = scope_of(interaction)
         command = interaction.command and interaction.command.name
         try:
             sessions = await self.bot.session_commands.store.list_sessions(scope)
@@ -91,14 +98,14 @@ class Sessions(commands.Cog):
     @app_commands.command(description="Forget this session's history (settings stay)")
     @app_commands.default_permissions(manage_guild=True)
     async def clear(self, interaction: discord.Interaction) -> None:
-        text = await self.bot.session_commands.clear(scope_for(interaction.channel_id or 0))
+        text = await self.bot.session_commands.clear(scope_of(interaction))
         await respond(interaction, text)
 
     @app_commands.command(description="Delete a session and everything stored with it")
     @app_commands.describe(name="The session to delete (the current one: a fresh one replaces it)")
     @app_commands.default_permissions(manage_guild=True)
     async def delete(self, interaction: discord.Interaction, name: str) -> None:
-        text = await self.bot.session_commands.delete(scope_for(interaction.channel_id or 0), name)
+        text = await self.bot.session_commands.delete(scope_of(interaction), name)
         await respond(interaction, text)
 
     @delete.autocomplete("name")
@@ -114,7 +121,7 @@ class Sessions(commands.Cog):
     @app_commands.describe(confirm=f"To confirm, type this channel's name (in a DM: {DM_NAME})")
     @app_commands.default_permissions(manage_guild=True)
     async def forget_channel(self, interaction: discord.Interaction, confirm: str) -> None:
-        scope = scope_for(interaction.channel_id or 0)
+        scope = scope_of(interaction)
         channel = interaction.channel
         name = DM_NAME if isinstance(channel, discord.DMChannel) else getattr(channel, "name", "")
         text = await self.bot.session_commands.forget_place(scope, confirm, name or DM_NAME)
@@ -127,7 +134,7 @@ class Sessions(commands.Cog):
     @app_commands.default_permissions(manage_guild=True)
     async def compact(self, interaction: discord.Interaction) -> None:
         text = await self.bot.session_commands.compact(
-            scope_for(interaction.channel_id or 0), account_for(interaction)
+            scope_of(interaction), account_for(interaction)
         )
         await respond(interaction, text)
 
@@ -145,7 +152,7 @@ class Sessions(commands.Cog):
     async def export(
         self, interaction: discord.Interaction, format_: str = ExportFormat.JSON.value
     ) -> None:
-        scope = scope_for(interaction.channel_id or 0)
+        scope = scope_of(interaction)
         exported = await self.bot.session_commands.export(
             scope, format_, interaction.filesize_limit
         )
@@ -158,7 +165,7 @@ class Sessions(commands.Cog):
     async def status(self, interaction: discord.Interaction) -> None:
         channel = interaction.channel
         text = await self.bot.session_commands.status(
-            scope_for(interaction.channel_id or 0),
+            scope_of(interaction),
             place_name(channel),
             parent_of(channel),
             server_for(interaction.guild_id, interaction.user.id),

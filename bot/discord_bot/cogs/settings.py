@@ -17,7 +17,7 @@ from discord.ext import commands
 from bot.commands import CHANNEL_CONTEXT_HELP, PERSONA_MAX_CHARS, REPLY_MODE_HELP, ReplyMode
 from bot.discord_bot.conversation import UNEXPECTED
 from bot.discord_bot.render import FORM, PRIVATE, respond, show_form
-from bot.discord_bot.scopes import parent_of, place_name, scope_for
+from bot.discord_bot.scopes import parent_of, place_name, scope_of
 from bot.errors import BotError
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ MODE_CHOICES = [
 
 
 def _scope(interaction: discord.Interaction) -> str:
-    return scope_for(interaction.channel_id or 0)
+    return scope_of(interaction)
 
 
 class PersonaForm(discord.ui.Modal):
@@ -101,7 +101,7 @@ class Settings(commands.Cog):
     @app_commands.describe(name="A model from the list, or its number")
     @app_commands.default_permissions(manage_guild=True)
     async def model(self, interaction: discord.Interaction, name: str | None = None) -> None:
-        text = await self.bot.session_commands.model(_scope(interaction), name)
+        text = await self.bot.session_commands.model(scope_of(interaction), name)
         await respond(interaction, text)
 
     @model.autocomplete("name")
@@ -115,23 +115,23 @@ class Settings(commands.Cog):
     @app_commands.describe(server="A marketplace slug like org/name[@version], or an https:// URL")
     async def mcp_add(self, interaction: discord.Interaction, server: str) -> None:
         await respond(
-            interaction, await self.bot.session_commands.mcp_add(_scope(interaction), server)
+            interaction, await self.bot.session_commands.mcp_add(scope_of(interaction), server)
         )
 
     @mcp.command(name="remove", description="Take an MCP server away")
     @app_commands.describe(server="The server, as /mcp list shows it")
     async def mcp_remove(self, interaction: discord.Interaction, server: str) -> None:
-        text = await self.bot.session_commands.mcp_remove(_scope(interaction), server)
+        text = await self.bot.session_commands.mcp_remove(scope_of(interaction), server)
         await respond(interaction, text)
 
     @mcp.command(name="list", description="Show this session's MCP servers", extras={PRIVATE: True})
     async def mcp_list(self, interaction: discord.Interaction) -> None:
-        text = await self.bot.session_commands.mcp_list(_scope(interaction))
+        text = await self.bot.session_commands.mcp_list(scope_of(interaction))
         await respond(interaction, text)
 
     @mcp.command(name="clear", description="Remove all MCP servers")
     async def mcp_clear(self, interaction: discord.Interaction) -> None:
-        text = await self.bot.session_commands.mcp_clear(_scope(interaction))
+        text = await self.bot.session_commands.mcp_clear(scope_of(interaction))
         await respond(interaction, text)
 
     @app_commands.command(description="Choose when the bot answers in this channel")
@@ -145,7 +145,7 @@ class Settings(commands.Cog):
     @app_commands.default_permissions(manage_guild=True)
     @app_commands.guild_only()
     async def mode(self, interaction: discord.Interaction, mode: str) -> None:
-        scope = _scope(interaction)
+        scope = scope_of(interaction)
         text = await self.bot.session_commands.set_reply_mode(scope, mode)
         self.bot.conversation.remember_mode(scope, ReplyMode(mode))
         await respond(interaction, text)
@@ -163,7 +163,7 @@ class Settings(commands.Cog):
         interaction: discord.Interaction,
         text: app_commands.Range[str, 1, PERSONA_MAX_CHARS] | None = None,
     ) -> None:
-        scope = _scope(interaction)
+        scope = scope_of(interaction)
         if text is None:  # a form, which keeps line breaks, holding the persona to edit
             current = await self.bot.session_commands.own_persona(scope)
             title = f"Persona for {place_name(interaction.channel)}"
@@ -178,14 +178,14 @@ class Settings(commands.Cog):
     async def persona_show(self, interaction: discord.Interaction) -> None:
         channel = interaction.channel
         text = await self.bot.session_commands.show_persona(
-            _scope(interaction), place_name(channel), parent_of(channel)
+            scope_of(interaction), place_name(channel), parent_of(channel)
         )
         await respond(interaction, text)
 
     @persona.command(name="clear", description="Remove this place's own persona")
     async def persona_clear(self, interaction: discord.Interaction) -> None:
         text = await self.bot.session_commands.clear_persona(
-            _scope(interaction), parent_of(interaction.channel)
+            scope_of(interaction), parent_of(interaction.channel)
         )
         await respond(interaction, text)
 
@@ -203,7 +203,7 @@ class Settings(commands.Cog):
     @app_commands.default_permissions(manage_guild=True)
     @app_commands.guild_only()
     async def channel_context(self, interaction: discord.Interaction, state: str) -> None:
-        scope = _scope(interaction)
+        scope = scope_of(interaction)
         text = await self.bot.session_commands.set_channel_context(scope, state)
         self.bot.conversation.remember_channel_context(scope, state.strip().lower() == "on")
         await respond(interaction, text)
