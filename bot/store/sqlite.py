@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from bot.errors import (
     CorruptSession,
@@ -146,6 +146,17 @@ def _summary_of(text: object, upto: object, covered: object) -> Summary | None:
     if not isinstance(text, str) or not isinstance(upto, int):
         return None
     return Summary(text, covered if isinstance(covered, int) else 0, upto)
+
+
+def _turn_row(db: sqlite3.Connection, scope: str, name: str) -> tuple[Any, ...] | None:
+    """What a turn's save checks before writing: (lock_token, lock_expires, last_turn,
+    epoch) of its session, None when the session is gone."""
+    row: tuple[Any, ...] | None = db.execute(
+        "SELECT lock_token, lock_expires, last_turn, epoch FROM sessions"
+        " WHERE scope = ? AND name = ?",
+        (scope, name),
+    ).fetchone()
+    return row
 
 
 def _number(value: object) -> float:
@@ -633,11 +644,7 @@ class SqliteStore:
         def work(db: sqlite3.Connection) -> bool | SessionCleared:
             if turn.claim is not None:
                 self._settle(db, scope, turn.claim, turn.lock_token, answered=True)
-            row = db.execute(
-                "SELECT lock_token, lock_expires, last_turn, epoch FROM sessions"
-                " WHERE scope = ? AND name = ?",
-                (scope, name),
-            ).fetchone()
+            row = _turn_row(db, scope, name)
             now = time.time()
             if row is not None and row[2] == turn.lock_token:
                 return True  # saved already (and charged): this call repeats one
@@ -996,11 +1003,7 @@ class SqliteStore:
         bodies = [] if answer is None else self._policy.check_sizes(answer)
 
         def work(db: sqlite3.Connection) -> bool | SessionCleared:
-            row = db.execute(
-                "SELECT lock_token, lock_expires, last_turn, epoch FROM sessions"
-                " WHERE scope = ? AND name = ?",
-                (scope, name),
-            ).fetchone()
+            row = _turn_row(db, scope, name)
             now = time.time()
             if row is not None and row[2] == turn.lock_token:
                 return True  # done already: this call repeats one whose reply was lost
