@@ -138,6 +138,15 @@ class Usage:
     def total(self) -> int:
         return self.input_tokens + self.output_tokens
 
+    @property
+    def estimated_tokens(self) -> int:
+        """How many of the tokens are estimates: the stores keep this count beside the
+        totals, so a sum of reported and estimated runs can be marked as holding estimates."""
+        return self.total if self.estimated else 0
+
+
+NOTHING_USED = Usage(0, 0)
+
 
 @dataclass(frozen=True)
 class Charge:

@@ -137,7 +137,7 @@ from bot.store.base import (
 )
 from bot.store.recent import RecentCache, RecentWindow
 from bot.store.redis_usage import RedisUsage
-from bot.usage import Admission, Charge, Refusal, ServerUsage, SessionUsage
+from bot.usage import NOTHING_USED, Admission, Charge, Refusal, ServerUsage, SessionUsage
 
 log = logging.getLogger(__name__)
 
@@ -1608,7 +1608,7 @@ class RedisStore:
         usage: Charge | None = None,
     ) -> bool:
         policy = self._policy
-        charged = usage.usage if usage is not None else None
+        charged = usage.usage if usage is not None else NOTHING_USED
         args: list[ScriptArg] = [
             self._prefix(turn.scope),
             stored_name(turn.session.name),
@@ -1624,10 +1624,10 @@ class RedisStore:
             turn.sequence,
             turn.session.settings.model,
             mcp_json(turn.session.settings),
-            "" if usage is None or charged is None else usage.session,
-            0 if charged is None else charged.input_tokens,
-            0 if charged is None else charged.output_tokens,
-            0 if charged is None or not charged.estimated else charged.total,
+            "" if usage is None else usage.session,
+            charged.input_tokens,
+            charged.output_tokens,
+            charged.estimated_tokens,
             *policy.check_sizes(added),
         ]
         async with self._available():

@@ -175,7 +175,7 @@ class RedisUsage:
         whole on its node of a Redis Cluster; a turn's save adds the session's (then
         `session` is False)."""
         usage, account = charge.usage, charge.account
-        estimated = usage.total if usage.estimated else 0
+        estimated = usage.estimated_tokens
         day = self._key(account.server, f"day:{charge.day}")
         await self._add(
             keys=[day],

@@ -100,7 +100,7 @@ def admit(db: sqlite3.Connection, admission: Admission) -> Refusal | None:
 
 def record(db: sqlite3.Connection, charge: Charge, *, session: bool = True) -> None:
     usage, account = charge.usage, charge.account
-    estimated = usage.total if usage.estimated else 0
+    estimated = usage.estimated_tokens
     db.execute(
         "INSERT INTO usage_days (server, day, user, scope, session, tokens_in, tokens_out,"
         " estimated) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET"
@@ -127,7 +127,7 @@ def record(db: sqlite3.Connection, charge: Charge, *, session: bool = True) -> N
 def record_session(db: sqlite3.Connection, charge: Charge) -> None:
     """The session's share of `record` (a turn's save adds it in its own transaction)."""
     usage = charge.usage
-    estimated = usage.total if usage.estimated else 0
+    estimated = usage.estimated_tokens
     db.execute(
         "INSERT INTO session_usage (scope, name, tokens_in, tokens_out, estimated)"
         " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET"
