@@ -1397,3 +1397,39 @@ async def test_answer_records_on_redis_are_no_more_than_the_refs_kept(
     assert await store._redis.hkeys(answers) == ["m3"]
     await store.clear_session("s1")
     assert not await store._redis.exists(answers)
+
+
+@pytest.mark.parametrize("junked", ["lock", "meta", "claim", "state"])
+async def test_junk_a_save_meets_on_redis_is_reported_or_passed_over(
+    raw_redis_store: RedisStore, junked: str
+) -> None:
+    """A key of the wrong type written while a turn ran: where the session's lock or meta
+    is, the save stops before it writes to the session (the session is reported unreadable);
+    a junk claim or place state only goes unrecorded. Either way the answer is not given
+    again: the claim, when it could be read, is settled as answered."""
+    from bot.errors import CorruptSession
+    from bot.store.redis import scope_key
+
+    store = raw_redis_store
+    redis = store._redis
+    turn = await store.begin_turn("s1", Ticket.now(claim="1001"), BIG, 10_000)
+    key = {
+        "lock": session_key("s1", "default", "lock"),
+        "meta": session_key("s1", "default", "meta"),
+        "claim": scope_key("s1", "claim:1001"),
+        "state": scope_key("s1", "state"),
+    }[junked]
+    await redis.delete(key)
+    await redis.rpush(key, "junk")
+    answer = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    if junked in ("lock", "meta"):
+        with pytest.raises(CorruptSession):
+            await store.finish_turn(turn, answer, "1001")
+        assert await redis.llen(session_key("s1", "default", "messages")) == 0
+    else:
+        assert await store.finish_turn(turn, answer, "1001")
+        assert await redis.llen(session_key("s1", "default", "messages")) == 2
+    if junked != "claim":
+        with pytest.raises(AlreadyClaimed) as claimed:
+            await store.begin_turn("s1", Ticket.now(claim="1001"), BIG, 10_000)
+        assert claimed.value.answered

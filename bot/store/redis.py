@@ -706,26 +706,48 @@ return 1
 # either cap the oldest messages go, with their refs, the newest staying.
 _FINISH_TURN = _lua(
     """
-local name = ARGV[2]
+-- Reads of keys that may hold junk go through pcall: a key of the wrong type answers with an
+-- error, so only the damaged case pays for the check, where a TYPE before each read costs
+-- every turn a call. Any other error is raised, as redis.call would.
+local function damaged(reply)
+  if type(reply) ~= 'table' or not reply.err then return false end
+  if string.sub(reply.err, 1, 9) == 'WRONGTYPE' then return true end
+  error(reply)
+end
+local name, token = ARGV[2], ARGV[3]
 if ARGV[15] ~= '' then
   local usage, field = prefix .. 'usage', ARGV[15]
-  if not of_type(usage, 'hash') then redis.call('DEL', usage) end  -- junk: counts start again
-  if redis.call('HGET', usage, field .. ':charged') ~= ARGV[3] then
-    redis.call('HSET', usage, field .. ':charged', ARGV[3])
+  local charged = redis.pcall('HGET', usage, field .. ':charged')
+  if damaged(charged) then redis.call('DEL', usage) end  -- junk: counts start again
+  if charged ~= token then
+    redis.call('HSET', usage, field .. ':charged', token)
     redis.call('HINCRBY', usage, field .. ':in', ARGV[16])
     redis.call('HINCRBY', usage, field .. ':out', ARGV[17])
     redis.call('HINCRBY', usage, field .. ':est', ARGV[18])
   end
   if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', usage, ARGV[6]) end
 end
-if ARGV[8] ~= '' then answered(ARGV[8], 'lease:' .. ARGV[3], ARGV[9]) end
+if ARGV[8] ~= '' then  -- the prelude's `answered`, in fewer calls
+  local claim = ARGV[8]
+  local claimed = prefix .. 'claim:' .. claim
+  local claimant = redis.pcall('GET', claimed)
+  if not damaged(claimant) and claimant == 'lease:' .. token then
+    redis.call('SET', claimed, '$ANSWERED', 'EX', ARGV[9])
+    local last = redis.pcall('HGET', KEYS[1], 'opt:$LAST')
+    if not damaged(last)  -- /clear or /new repairs it
+       and (not last or #claim > #last or (#claim == #last and claim > last)) then
+      redis.call('HSET', KEYS[1], 'opt:$LAST', claim)
+    end
+  end
+end
 local lock, meta = key(name, 'lock'), key(name, 'meta')
-if not of_type(lock, 'string') or not of_type(meta, 'hash') then return {3} end  -- damaged
-local holder = redis.call('GET', lock)
-local last_turn, gen, forgotten, total, epoch, seq_now = unpack(
-  redis.call('HMGET', meta, 'last_turn', 'gen', 'forgotten', 'bytes', 'epoch', 'seq'))
-if last_turn == ARGV[3] then return {1} end
-if holder and holder ~= ARGV[3] then return {0} end
+local holder = redis.pcall('GET', lock)
+if damaged(holder) then return {3} end  -- nothing written to the session yet
+local stamp = redis.pcall('HMGET', meta, 'last_turn', 'gen', 'forgotten', 'bytes', 'epoch', 'seq')
+if damaged(stamp) then return {3} end
+local last_turn, gen, forgotten, total, epoch, seq_now = unpack(stamp, 1, 6)
+if last_turn == token then return {1} end
+if holder and holder ~= token then return {0} end
 local cap, byte_cap = tonumber(ARGV[4]), tonumber(ARGV[10])
 local out = {1}
 local first = 19  -- the first message among ARGV
@@ -744,12 +766,14 @@ if saving and ARGV[7] ~= '' and redis.call('EXISTS', deleted) == 1 then
   if holder then redis.call('DEL', lock) end
   return {1}
 end
-if saving and redis.call('EXISTS', meta) == 0 then
+-- A meta holding none of the fields read may still be there (an old one): then ask.
+if saving and not (last_turn or gen or forgotten or total or epoch or seq_now)
+   and redis.call('EXISTS', meta) == 0 then
   -- The session is gone entirely (storage lost its data, or it expired): no history is
   -- there for this turn to be stale against, so the turn starts the session again.
   create(name, ARGV[13], ARGV[14], ARGV[5])
   gen, epoch, seq_now = redis.call('HGET', meta, 'gen'), ARGV[11], ARGV[12]
-  holder = holder or ARGV[3]
+  holder = holder or token
 end
 if saving and seq_now and not tonumber(seq_now) then  -- damaged: check before writing
   if holder then redis.call('DEL', lock) end
@@ -818,7 +842,7 @@ if saving then
       unrecord(name, gone)
     end
   end
-  redis.call('HSET', meta, 'updated', ARGV[5], 'last_turn', ARGV[3], 'bytes', total)
+  redis.call('HSET', meta, 'updated', ARGV[5], 'last_turn', token, 'bytes', total)
   out = {1, gen or '', seq, length - #dropped}
 end
 if holder then redis.call('DEL', lock) end
