@@ -1330,8 +1330,6 @@ return count
 )
 
 _SUMMARY_FIELDS = 7
-_FINISH_FIRST_MESSAGE = 18
-"""Index of the first saved message among `_FINISH_TURN`'s arguments."""
 
 
 def _summary_of(text: str | None, upto: str | None, covered: str | None) -> Summary | None:
@@ -1720,9 +1718,10 @@ class RedisStore:
     ) -> bool:
         policy = self._policy
         charged = usage.usage if usage is not None else NOTHING_USED
+        name, stored = stored_name(turn.session.name), policy.check_sizes(added)
         args: list[ScriptArg] = [
             self._prefix(turn.scope),
-            stored_name(turn.session.name),
+            name,
             turn.lock_token,
             policy.history_cap,
             time.time(),
@@ -1739,7 +1738,7 @@ class RedisStore:
             charged.input_tokens,
             charged.output_tokens,
             charged.estimated_tokens,
-            *policy.check_sizes(added),
+            *stored,
         ]
         async with self._available():
             reply = await self._finish(keys=self._keys(turn.scope), args=args)
@@ -1751,31 +1750,36 @@ class RedisStore:
             raise CorruptSession(turn.session.name)
         if len(reply) == 4:
             generation, sequence, count = reply[1], int(reply[2]), int(reply[3])
-            self._remember_saved(turn, args[_FINISH_FIRST_MESSAGE:], generation, sequence, count)
+            self._remember_saved(turn, name, stored, generation, sequence, count)
         return bool(reply[0])
 
     def _remember_saved(
-        self, turn: Turn, stored: Sequence[ScriptArg], generation: str, sequence: int, count: int
+        self,
+        turn: Turn,
+        name: str,
+        stored: list[str],
+        generation: str,
+        sequence: int,
+        count: int,
     ) -> None:
-        """Extend the cached window by what the turn saved, when it is the window the turn
-        began from (the saved messages follow it directly); otherwise forget it."""
+        """Extend the cached window by the messages the turn saved (`stored`, as stored, in
+        the session stored as `name`), when it is the window the turn began from (the saved
+        messages follow it directly); otherwise forget it."""
         scope, cached = turn.scope, self._recent.get(turn.scope)
         if (
             cached is None
-            or cached.name != stored_name(turn.session.name)
+            or cached.name != name
             or cached.generation != generation
             or cached.sequence + len(stored) != sequence
         ):
             self._recent.drop(scope)
             return
-        texts = [str(item) for item in stored]
         try:  # as a reload would see them (JSON has no tuples, no non-string keys)
-            saved = decode_message_array(turn.session.name, "[" + ",".join(texts) + "]")
+            saved = decode_message_array(turn.session.name, "[" + ",".join(stored) + "]")
         except CorruptSession:  # saved all the same; the next load reports it
             self._recent.drop(scope)
             return
-        sizes = [len(text.encode()) for text in texts]
-        self._recent.put(scope, cached.extended(saved, sizes, sequence, count))
+        self._recent.put(scope, cached.extended(saved, _stored_sizes(stored), sequence, count))
 
     async def extend_lock(self, turn: Turn, lock_ms: int) -> bool:
         args: list[ScriptArg] = [
