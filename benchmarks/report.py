@@ -426,6 +426,25 @@ def _peer_ratios(r: Results, peer: str, ours: str) -> list[tuple[PeerCell, float
     return out
 
 
+def _floor_ratios(r: Results) -> list[tuple[PeerCell, float, float, float, float]]:
+    """Our Redis store against the hand-written list, per workload: (cell of ours, its store
+    calls / list first turns and steady state, its engine turns / list the same). The list's
+    turn is a load and a save; ours are `begin_turn` and `finish_turn`, lock, claim and queue
+    included, and the engine around them also builds the context and counts the turn."""
+    out: list[tuple[PeerCell, float, float, float, float]] = []
+    cells = r.peers.cells if r.peers else []
+    for cell, engine_first, engine_steady in _peer_ratios(r, LIST, OURS_REDIS):
+        other = next(
+            c
+            for c in cells
+            if c.candidate == LIST and (c.sessions, c.history) == (cell.sessions, cell.history)
+        )
+        first = _ratio(cell.p(50, first=True, store=True), other.p(50, first=True))
+        steady = _ratio(cell.p(50, first=False, store=True), other.p(50, first=False))
+        out.append((cell, first, steady, engine_first, engine_steady))
+    return out
+
+
 def _peer_met(r: Results, measured: bool, ok: bool, how: str) -> str:
     if r.quick:
         return _met(ok, judged=False)
@@ -453,22 +472,42 @@ def _peer_targets(r: Results) -> list[str]:
             _peer_met(r, bool(sqlite), worst <= 1.0, "ratio at most 1"),
         )
     )
-    floor = _peer_ratios(r, LIST, OURS_REDIS)
-    first_worst = max((f for _, f, _ in floor), default=math.nan)
-    steady_worst = max((s for _, _, s in floor), default=math.nan)
+    floor = _floor_ratios(r)
+    met_at = [c for c, f, s, _, _ in floor if f <= 1.2 and s <= 1.0]
+    missed_at = [c for c, f, s, _, _ in floor if not (f <= 1.2 and s <= 1.0)]
     lines.append(
         _row(
             "Redis within 1.2x of the hand-written redis-py list for a session's first turn "
             "in a process, within 1.0x in steady state (lock, claim and queue included)",
-            "ours / list p50: "
+            "ours / list p50, the store's calls (`begin_turn` + `finish_turn`: load and save, "
+            "the list's turn): "
             + (
                 "; ".join(
                     f"{num(f)} first, {num(s)} steady at {c.sessions:,} x {c.history}"
-                    for c, f, s in floor
+                    for c, f, s, _, _ in floor
                 )
                 or "not measured"
+            )
+            + (
+                "; the whole engine turn (also building the context, metrics, usage): "
+                + "; ".join(
+                    f"{num(f)} first, {num(s)} steady at {c.sessions:,} x {c.history}"
+                    for c, _, _, f, s in floor
+                )
+                if floor
+                else ""
             ),
-            _peer_met(r, bool(floor), first_worst <= 1.2 and steady_worst <= 1.0, "every workload"),
+            _peer_met(
+                r,
+                bool(floor),
+                not missed_at,
+                "every workload"
+                if not missed_at
+                else "; ".join(
+                    f"{'yes' if c in met_at else 'no'} at {c.sessions:,} x {c.history}"
+                    for c, *_ in floor
+                ),
+            ),
         )
     )
     rate = next((c for c in r.concurrency if c["backend"] == "redis" and c["cache_mb"] != 0), None)
@@ -537,6 +576,21 @@ def _notes(r: Results, big: int, longest: int) -> list[str]:
             f"at {history} messages (load {num(redis_cell.p(50, 'load'))}, context "
             f"{num(redis_cell.p(50, 'context'))}, save {num(redis_cell.p(50, 'save'))}), "
             "made of the same parts as above."
+        )
+    floor = _floor_ratios(r)
+    parts = r.first_turn
+    if parts is not None and any(f > 1.2 or s > 1.0 for _, f, s, _, _ in floor):
+        notes.append(
+            "- **Redis near the hand-written list:** the list's turn is two plain commands;"
+            " ours are two Lua scripts that also claim the message, keep the queue and take the"
+            " lock. On a first turn they take"
+            f" {parts.begin_first + parts.finish:.0f} µs inside Redis against the list's"
+            f" {parts.lrange + parts.list_write:.0f} µs, of which about"
+            f" {parts.begin_first - parts.begin_steady:.0f} µs is the"
+            f" {parts.loaded} messages copied through Lua (see the first-turn table). In steady"
+            " state only new messages are sent, and where the list decodes a long history at"
+            " every turn, ours is ahead; at short histories the list's decoding costs little"
+            " and the scripts' calls are what is left."
         )
     for c in r.concurrency:
         if c["turns_failed"]:
