@@ -89,9 +89,13 @@ def fitted_and_size(message: Message, cap: int) -> tuple[Message, int]:
     return kept, message_size(kept)
 
 
-def _first_user(messages: Sequence[Message]) -> int:
-    """Where the window may start: its first user message (its length when it has none)."""
-    return next((i for i, m in enumerate(messages) if m.get("role") == "user"), len(messages))
+def _first_user(messages: Sequence[Message], start: int = 0) -> int:
+    """Where a window from `start` may start: its first user message from there (the length
+    of `messages` when none is), found without copying the window out."""
+    for i in range(start, len(messages)):
+        if messages[i].get("role") == "user":
+            return i
+    return len(messages)
 
 
 IMAGE_NOTE = "[an image was shared here; it was shown to you when it was sent]"
@@ -257,25 +261,31 @@ def build_context(
         if used + size <= budget:
             head.append(note)
             used += size
-    channel = newest_within(channel_context, max(budget - used, 0))
-    used += sum(map(message_size, channel))
+    channel: Sequence[Message] = ()
+    if channel_context:
+        channel = newest_within(channel_context, max(budget - used, 0))
+        used += sum(map(message_size, channel))
     room = max(budget - used, 0)
     if recent_bytes is not None and recent_bytes <= room:
         start, window_bytes = 0, recent_bytes
     else:
         count, window_bytes = newest_fitting(map(message_size, reversed(recent)), room)
         start = len(recent) - count
-    skipped = _first_user(recent[start:])
+    skipped = _first_user(recent, start) - start
     if skipped:
         window_bytes -= sum(map(message_size, recent[start : start + skipped]))
         start += skipped
-    if as_stored:
-        history = list(recent[start:])
+    if as_stored:  # the window is sent as it is: copied once, into the messages sent
+        messages = head
+        messages += recent[start:] if start else recent
     else:
         history, window_bytes, dropped = _sendable(recent[start:], window_bytes, room)
         start = start + dropped if history else len(recent)
+        messages = head + history
+    messages += channel
+    messages.append(user)
     return Context(
-        messages=[*head, *history, *channel, user],
+        messages=messages,
         history_room=room,
         history_bytes=window_bytes,
         history_from=start,
