@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 import traceback
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -25,9 +25,10 @@ class LogFormat(StrEnum):
     JSON = "json"
 
 
-_scope: ContextVar[str | None] = ContextVar("log_scope", default=None)
-_session: ContextVar[str | None] = ContextVar("log_session", default=None)
-_message_id: ContextVar[str | None] = ContextVar("log_message_id", default=None)
+_turn: ContextVar[tuple[str | None, str | None, str | None]] = ContextVar(
+    "log_turn", default=(None, None, None)
+)
+"""The turn's scope, session and Discord message id: one variable, set once per turn."""
 
 
 class about_turn:
@@ -35,29 +36,22 @@ class about_turn:
     session, once `note_session` names it, until the block ends. A plain class: it wraps
     every turn, and is cheaper than a generator-based context manager."""
 
-    __slots__ = ("_message_id", "_scope", "_tokens")
+    __slots__ = ("_message_id", "_scope", "_token")
 
     def __init__(self, scope: str, message_id: str | None = None) -> None:
         self._scope, self._message_id = scope, message_id
-        self._tokens: tuple[Token[str | None], ...] = ()
 
     def __enter__(self) -> None:
-        self._tokens = (
-            _scope.set(self._scope),
-            _message_id.set(self._message_id),
-            _session.set(None),
-        )
+        self._token = _turn.set((self._scope, None, self._message_id))
 
     def __exit__(self, *_: object) -> None:
-        scope_token, message_token, session_token = self._tokens
-        _session.reset(session_token)
-        _message_id.reset(message_token)
-        _scope.reset(scope_token)
+        _turn.reset(self._token)
 
 
 def note_session(name: str) -> None:
     """The session the current turn runs in, for its remaining lines (see `about_turn`)."""
-    _session.set(name)
+    scope, _, message_id = _turn.get()
+    _turn.set((scope, name, message_id))
 
 
 class JsonFormatter(logging.Formatter):
@@ -68,8 +62,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key, var in (("scope", _scope), ("session", _session), ("message_id", _message_id)):
-            value = var.get()
+        for key, value in zip(("scope", "session", "message_id"), _turn.get(), strict=True):
             if value is not None:
                 entry[key] = value
         if record.exc_info and record.exc_info[0] is not None:
