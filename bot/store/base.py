@@ -22,11 +22,11 @@ and another process takes the message over.
 from __future__ import annotations
 
 import json
+import os
 import re
 import string
 import time
 import unicodedata
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -51,9 +51,21 @@ _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 stores several messages)."""
 
 
+_MAKE_ENCODER: Callable[..., Callable[[Any, int], list[str]]] | None = getattr(
+    json.encoder, "c_make_encoder", None
+)
+"""The C encoder `_ENCODER.encode` ends in, called here directly with the same arguments (a
+message is measured a few times a turn; the two Python calls before it cost half as much)."""
+
+
 def encode_message(message: Message) -> str:
     """The one serialization of a stored message; its length is what the budget counts."""
-    return _ENCODER.encode(message)
+    if _MAKE_ENCODER is None or type(message) is not dict:
+        return _ENCODER.encode(message)
+    encoder = _MAKE_ENCODER(
+        {}, _ENCODER.default, json.encoder.encode_basestring, None, ":", ",", False, False, True
+    )
+    return "".join(encoder(message, 0))
 
 
 def message_size(message: Message) -> int:
@@ -217,6 +229,15 @@ class PlaceNotes:
         self._due.pop(scope, None)
 
 
+def new_token() -> str:
+    """What `uuid.uuid4().hex` returns (32 hex digits of a random version-4 UUID), at a third
+    of the cost: every turn takes one, and this builds no `UUID` object."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # the version, 4
+    raw[8] = raw[8] & 0x3F | 0x80  # the variant, RFC 4122
+    return raw.hex()
+
+
 def claim_lease(token: str) -> str:
     """The stored value of a claim in progress: anything else stored counts as answered."""
     return f"lease:{token}"
@@ -243,7 +264,7 @@ class Ticket:
 
     order: int
     """Turns go in increasing order (Discord message ids grow with time)."""
-    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    token: str = field(default_factory=new_token)
     claim: str | None = None
     server: str | None = None
     """The server of the turn's place (`NotedPlace.server`), where a store notes the place
