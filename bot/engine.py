@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
@@ -230,6 +230,58 @@ class _Held:
     """When the turn's lock and lease were last known held (`time.monotonic()`)."""
 
 
+class _Working:
+    """`Engine._working_on`: a plain class, as it wraps every turn (a generator-based context
+    manager costs more)."""
+
+    __slots__ = ("_engine", "_outer", "_task")
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def __enter__(self) -> Callable[[], None]:
+        engine = self._engine
+        if engine._draining:
+            raise ShuttingDown()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._outer = outer = engine._working.get(task)
+        if outer is None:  # tracked until it ends: the answer is posted after the turn
+            task.add_done_callback(engine._done_working)
+        engine._working[task] = False
+        return self._holding
+
+    def _holding(self) -> None:
+        self._engine._working[self._task] = True
+
+    def __exit__(self, *_: object) -> None:
+        outer = self._outer
+        self._engine._working[self._task] = True if outer is None else outer
+
+
+class _ScopeTurn:
+    """`Engine._scope_turn`: tracked (`_Working`), then the scope's lock."""
+
+    __slots__ = ("_lock", "_working")
+
+    def __init__(self, working: _Working, lock: asyncio.Lock) -> None:
+        self._working, self._lock = working, lock
+
+    async def __aenter__(self) -> Callable[[], None]:
+        holding = self._working.__enter__()
+        try:
+            await self._lock.acquire()
+        except BaseException:
+            self._working.__exit__()
+            raise
+        return holding
+
+    async def __aexit__(self, *_: object) -> None:
+        self._lock.release()
+        self._working.__exit__()
+
+
 P = ParamSpec("P")
 TurnMethod = Callable[Concatenate["Engine", str, Message, P], Coroutine[Any, Any, Reply]]
 
@@ -317,35 +369,19 @@ class Engine:
         """The process is stopping (`drain`): take no new work."""
         return self._draining
 
-    @contextlib.asynccontextmanager
-    async def _scope_turn(self, scope: str) -> AsyncIterator[Callable[[], None]]:
+    def _scope_turn(self, scope: str) -> _ScopeTurn:
         """This process's turns of a scope one at a time, in arrival order, each tracked."""
         lock = self._scope_locks.setdefault(scope, asyncio.Lock())
-        with self._working_on() as holding:
-            async with lock:
-                yield holding
+        return _ScopeTurn(self._working_on(), lock)
 
-    @contextlib.contextmanager
-    def _working_on(self) -> Iterator[Callable[[], None]]:
+    def _working_on(self) -> _Working:
         """Track the current task while it waits for (and then holds, once it calls the
         function it is handed) a message, and after, until it ends (it posts the answer),
         so `drain` can find it."""
-        if self._draining:
-            raise ShuttingDown()
-        task = asyncio.current_task()
-        assert task is not None
-        outer = self._working.get(task)
-        if outer is None:  # tracked until it ends: the answer is posted after the turn
-            task.add_done_callback(lambda done: self._working.pop(done, None))
-        self._working[task] = False
+        return _Working(self)
 
-        def holding() -> None:
-            self._working[task] = True
-
-        try:
-            yield holding
-        finally:
-            self._working[task] = True if outer is None else outer
+    def _done_working(self, task: asyncio.Task[Any]) -> None:
+        self._working.pop(task, None)
 
     async def background_done(self) -> None:
         """Wait until no summary is being written in the background (so a benchmark, or a
@@ -824,27 +860,28 @@ class Engine:
 
     async def _begin(self, scope: str, ticket: Ticket, room: int) -> Turn:
         """Wait for the scope's earlier turns, polling with a short backoff, and for the
-        message's claim while another process has it in progress. The store loads only the
-        history that fits `room`, which is all that will be sent."""
-        limits = self._limits
+        message's claim while another process has it in progress (as `_until_claimed`
+        does, inline: every turn comes here). The store loads only the history that fits
+        `room`, which is all that will be sent."""
+        limits, store = self._limits, self._store
         deadline: float | None = None
         pause = 0.005
-
-        started = last_try = time.perf_counter()
-
-        async def attempt() -> Turn:
-            nonlocal last_try
-            last_try = time.perf_counter()
-            return await self._store.begin_turn(scope, ticket, room, limits.lock_ms)
-
+        waiting = False
+        started = time.perf_counter()
         while True:
+            last_try = time.perf_counter()
             try:
-                turn = await self._until_claimed(attempt)
-                loaded = time.perf_counter()
-                self.metrics.part_took(TurnPart.QUEUE, last_try - started)
-                self.metrics.part_took(TurnPart.STORE, loaded - last_try)
-                return turn
+                turn = await store.begin_turn(scope, ticket, room, limits.lock_ms)
+            except AlreadyClaimed as claimed:
+                if claimed.answered:
+                    raise
+                if not waiting:
+                    log.debug("a message here is being answered by another process; waiting")
+                    waiting = True
+                await asyncio.sleep(limits.claim_poll_seconds)
+                continue
             except SessionBusy:
+                waiting = False
                 deadline = deadline or time.monotonic() + limits.wait_seconds
                 if time.monotonic() + pause > deadline:
                     if ticket.claim is not None:  # the user is told: answered
@@ -852,6 +889,11 @@ class Engine:
                     raise
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, BUSY_POLL_MAX_SECONDS)
+                continue
+            loaded = time.perf_counter()
+            self.metrics.part_took(TurnPart.QUEUE, last_try - started)
+            self.metrics.part_took(TurnPart.STORE, loaded - last_try)
+            return turn
 
     async def _system_prompt(self, turn: Turn, parent: str | None) -> str:
         """The turn's system prompt. The scope's own persona came with the turn; a parent's
