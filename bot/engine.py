@@ -22,7 +22,6 @@ import functools
 import logging
 import time
 import uuid
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
@@ -260,25 +259,48 @@ class _Working:
         self._engine._working[self._task] = True if outer is None else outer
 
 
+class _ScopeQueue:
+    """A scope's lock, and how many of this process's turns wait for or hold it: the entry
+    goes when the last one leaves."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 class _ScopeTurn:
     """`Engine._scope_turn`: tracked (`_Working`), then the scope's lock."""
 
-    __slots__ = ("_lock", "_working")
+    __slots__ = ("_queue", "_queues", "_scope", "_working")
 
-    def __init__(self, working: _Working, lock: asyncio.Lock) -> None:
-        self._working, self._lock = working, lock
+    def __init__(self, working: _Working, queues: dict[str, _ScopeQueue], scope: str) -> None:
+        self._working, self._queues, self._scope = working, queues, scope
 
     async def __aenter__(self) -> Callable[[], None]:
         holding = self._working.__enter__()
+        queue = self._queues.get(self._scope)
+        if queue is None:
+            queue = self._queues[self._scope] = _ScopeQueue()
+        queue.users += 1
+        self._queue = queue
         try:
-            await self._lock.acquire()
+            await queue.lock.acquire()
         except BaseException:
-            self._working.__exit__()
+            self._leave()
             raise
         return holding
 
     async def __aexit__(self, *_: object) -> None:
-        self._lock.release()
+        self._queue.lock.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        queue = self._queue
+        queue.users -= 1
+        if not queue.users:
+            del self._queues[self._scope]
         self._working.__exit__()
 
 
@@ -342,9 +364,7 @@ class Engine:
         self._model = model
         self._limits = limits
         self._clock = clock
-        self._scope_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
-            weakref.WeakValueDictionary()
-        )
+        self._scope_queues: dict[str, _ScopeQueue] = {}
         self._working: dict[asyncio.Task[Any], bool] = {}
         """The tasks with a turn (or a claim) under way, True once it holds its message."""
         self._draining = False
@@ -371,8 +391,7 @@ class Engine:
 
     def _scope_turn(self, scope: str) -> _ScopeTurn:
         """This process's turns of a scope one at a time, in arrival order, each tracked."""
-        lock = self._scope_locks.setdefault(scope, asyncio.Lock())
-        return _ScopeTurn(self._working_on(), lock)
+        return _ScopeTurn(self._working_on(), self._scope_queues, scope)
 
     def _working_on(self) -> _Working:
         """Track the current task while it waits for (and then holds, once it calls the
@@ -764,11 +783,13 @@ class Engine:
         cap = self._limits.message_cap_bytes
         fitted: list[Message] = []
         total = 0
+        cut = False
         for message in messages:
             kept, size = fitted_and_size(message, cap)
             fitted.append(kept)
             total += size
-        if any(a is not b for a, b in zip(fitted, messages, strict=True)):
+            cut = cut or kept is not message
+        if cut:
             log.warning("a turn's answer was over %s KB per message; stored cut", cap // 1024)
             paired = paired_tool_messages(fitted)
             return paired, sum(map(message_size, paired))
@@ -1101,7 +1122,8 @@ class Engine:
             renewer = asyncio.create_task(renew())
 
         finished = False
-        timer = asyncio.get_running_loop().call_later(interval, start_renewing)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(loop.time() + interval, start_renewing)
         try:
             return await work
         except asyncio.CancelledError:
