@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 import signal
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bot.metrics import SECONDS_BUCKETS, Metrics, TurnPart
 from tests.bot_process import BotProcess, bot_environment, wait_connected
 from tests.conftest import RedisServer, free_port
 from tests.fakes.dedalus_api import FakeDedalusAPI
@@ -155,3 +159,31 @@ async def test_metrics_summed_over_two_processes_count_what_people_did(
     for text in scrapes:
         for private in (QUESTION, "Bob", str(fake.member_id), str(fake.general_id), fake.token):
             assert private not in text
+
+
+def test_turn_times_are_exported_as_a_prometheus_histogram_would_export_them() -> None:
+    """A dashboard built on `dcbot_turn_seconds` (buckets, count, sum, created) reads the
+    same series as from prometheus_client's own Histogram fed the same times."""
+    with mock.patch("time.time", lambda: 1_764_670_000.5):
+        metrics, registry = Metrics(), CollectorRegistry()
+        reference = Histogram(
+            "dcbot_turn_seconds",
+            "Time of a turn and of its parts.",
+            ["part"],
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
+        rng = random.Random(3)
+        for _ in range(2_000):
+            part = rng.choice([TurnPart.MODEL, TurnPart.TOTAL, TurnPart.QUEUE])
+            seconds = rng.choice([0.0, 0.001, 2.5, 60.0, 75.0, rng.random() * 3])
+            metrics.part_took(part, seconds)
+            reference.labels(part.value).observe(seconds)
+
+    def histogram(text: bytes) -> str:
+        lines = text.decode().splitlines(keepends=True)
+        return "".join(line for line in lines if "dcbot_turn_seconds" in line)
+
+    exported = histogram(generate_latest(metrics.registry))
+    assert 'dcbot_turn_seconds_bucket{le="+Inf",part="model"}' in exported
+    assert exported == histogram(generate_latest(registry))
