@@ -2,8 +2,8 @@
 line, for collectors such as Loki, CloudWatch or journald's JSON export).
 
 A line written while a turn runs carries the turn's scope, session and Discord message id.
-They come from context variables set where the turn starts, so no call site passes them, and
-asyncio copies them into the tasks a turn starts. Nothing here adds message content to a
+They come from a context variable set where the turn starts, so no call site passes them, and
+asyncio copies it into the tasks a turn starts. Nothing here adds message content to a
 line: a JSON line holds the same message text as the readable one, and an exception's
 traceback without its message (an SDK error can quote a request), only its type and where
 it was raised.
