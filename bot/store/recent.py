@@ -77,6 +77,8 @@ class RecentWindow:
         """This window with messages appended after it (the session now at `sequence`,
         with `count` stored). The oldest are dropped where the history cap dropped them,
         and beyond the bound, so the window can still serve any room up to the bound."""
+        if not messages and sequence == self.sequence and count == self.count:
+            return self  # nothing new (the common load): the same window, not a copy of it
         rewritten = (
             *self.rewritten,
             *(len(self.messages) + i for i, m in enumerate(messages) if not sendable_as_stored(m)),
@@ -116,6 +118,9 @@ class RecentCache:
         return window
 
     def put(self, scope: str, window: RecentWindow) -> None:
+        if self._windows.get(scope) is window:  # kept as it was: now the most recent
+            self._windows.move_to_end(scope)
+            return
         self.drop(scope)
         if _memory(window) > self.max_bytes or self.max_bytes == 0:
             return
