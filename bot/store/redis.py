@@ -1649,9 +1649,9 @@ class RedisStore:
         if mode != "delta" or cached is None:
             self.stats.cache_misses += 1
             base = RecentWindow(name, generation, 0, 0, load_bytes, mode == "all")
-        elif cached.complete:  # holding everything, it may keep up to any bound
-            base = replace(cached, bound=max(cached.bound, load_bytes))
-        else:
+        elif cached.complete and cached.bound < load_bytes:  # holding everything, it may
+            base = replace(cached, bound=load_bytes)  # keep up to any bound
+        else:  # the same window: a turn that brings nothing new keeps it as it is
             base = cached
         if mode == "delta" and cached is not None:
             self.stats.cache_hits += 1
