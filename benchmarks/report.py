@@ -588,9 +588,14 @@ def _notes(r: Results, big: int, longest: int) -> list[str]:
             f" {parts.lrange + parts.list_write:.0f} µs, of which about"
             f" {parts.begin_first - parts.begin_steady:.0f} µs is the"
             f" {parts.loaded} messages copied through Lua (see the first-turn table). In steady"
-            " state only new messages are sent, and where the list decodes a long history at"
-            " every turn, ours is ahead; at short histories the list's decoding costs little"
-            " and the scripts' calls are what is left."
+            " state only new messages are sent, while the list decodes its whole history at"
+            " every turn: the store's calls are "
+            + ", ".join(
+                f"{num(st)}x the list at {c.sessions:,} x {c.history}" for c, _, st, _, _ in floor
+            )
+            + " here. What is left is the scripts' calls inside Redis and the client's work"
+            " around two script calls (their arguments and replies), against two plain"
+            " commands."
         )
     for c in r.concurrency:
         if c["turns_failed"]:
