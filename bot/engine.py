@@ -855,12 +855,17 @@ class Engine:
             try:
                 return await attempt()
             except AlreadyClaimed as claimed:
-                if claimed.answered:
-                    raise
-                if not waiting:
-                    log.debug("a message here is being answered by another process; waiting")
-                    waiting = True
-                await asyncio.sleep(self._limits.claim_poll_seconds)
+                waiting = await self._wait_for_claim(claimed, waiting)
+
+    async def _wait_for_claim(self, claimed: AlreadyClaimed, waiting: bool) -> bool:
+        """Raise `claimed` if its message was answered, else wait a poll for its holder (said
+        once per wait: `waiting`); True, as the caller is now waiting."""
+        if claimed.answered:
+            raise claimed
+        if not waiting:
+            log.debug("a message here is being answered by another process; waiting")
+        await asyncio.sleep(self._limits.claim_poll_seconds)
+        return True
 
     async def _note_place(self, scope: str, account: Account | None) -> None:
         """Remember the place, and its server, for the start-up catch-up, at most once a
@@ -881,9 +886,9 @@ class Engine:
 
     async def _begin(self, scope: str, ticket: Ticket, room: int) -> Turn:
         """Wait for the scope's earlier turns, polling with a short backoff, and for the
-        message's claim while another process has it in progress (as `_until_claimed`
-        does, inline: every turn comes here). The store loads only the history that fits
-        `room`, which is all that will be sent."""
+        message's claim while another process has it in progress (`_wait_for_claim`, as
+        `_until_claimed` waits, without its closure: every turn comes here). The store loads
+        only the history that fits `room`, which is all that will be sent."""
         limits, store = self._limits, self._store
         deadline: float | None = None
         pause = 0.005
@@ -894,12 +899,7 @@ class Engine:
             try:
                 turn = await store.begin_turn(scope, ticket, room, limits.lock_ms)
             except AlreadyClaimed as claimed:
-                if claimed.answered:
-                    raise
-                if not waiting:
-                    log.debug("a message here is being answered by another process; waiting")
-                    waiting = True
-                await asyncio.sleep(limits.claim_poll_seconds)
+                waiting = await self._wait_for_claim(claimed, waiting)
                 continue
             except SessionBusy:
                 waiting = False

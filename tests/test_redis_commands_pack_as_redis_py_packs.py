@@ -33,10 +33,10 @@ def test_what_redis_has_no_form_for_is_refused_as_redis_py_refuses_it(value: obj
 
 
 async def test_the_store_talks_to_redis_through_it(redis_url: str) -> None:
-    from benchmarks.common import POLICY
+    from bot.store.base import StorePolicy
     from bot.store.redis import RedisStore
 
-    store = RedisStore.from_url(redis_url, POLICY)
+    store = RedisStore.from_url(redis_url, StorePolicy(default_model="openai/gpt-5.1"))
     try:
         await store.ping()
         pool = store._redis.connection_pool  # type: ignore[union-attr]
