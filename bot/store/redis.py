@@ -312,12 +312,21 @@ local function current_or_create(model, now)
   if redis.call('EXISTS', key(name, 'meta')) == 0 then create(name, model, '[]', now) end
   return name
 end
+-- Whether a `redis.pcall` reply says its key holds the wrong type. Reads of keys that may hold
+-- junk go through pcall so that only the damaged case pays for the check, where a TYPE before
+-- each read costs every call a call. Any other error is raised, as redis.call would.
+local function damaged(reply)
+  if type(reply) ~= 'table' or not reply.err then return false end
+  if string.sub(reply.err, 1, 9) == 'WRONGTYPE' then return true end
+  error(reply)
+end
 local function answered(claim, mine, ttl)
   local claimed = prefix .. 'claim:' .. claim
-  if not of_type(claimed, 'string') or redis.call('GET', claimed) ~= mine then return end
+  local claimant = redis.pcall('GET', claimed)
+  if damaged(claimant) or claimant ~= mine then return end
   redis.call('SET', claimed, '$ANSWERED', 'EX', ttl)
-  if not of_type(KEYS[1], 'hash') then return end  -- damaged: /clear or /new repairs it
-  local last = redis.call('HGET', KEYS[1], 'opt:$LAST')
+  local last = redis.pcall('HGET', KEYS[1], 'opt:$LAST')
+  if damaged(last) then return end  -- /clear or /new repairs it
   if not last or #claim > #last or (#claim == #last and claim > last) then
     redis.call('HSET', KEYS[1], 'opt:$LAST', claim)
   end
@@ -706,14 +715,7 @@ return 1
 # either cap the oldest messages go, with their refs, the newest staying.
 _FINISH_TURN = _lua(
     """
--- Reads of keys that may hold junk go through pcall: a key of the wrong type answers with an
--- error, so only the damaged case pays for the check, where a TYPE before each read costs
--- every turn a call. Any other error is raised, as redis.call would.
-local function damaged(reply)
-  if type(reply) ~= 'table' or not reply.err then return false end
-  if string.sub(reply.err, 1, 9) == 'WRONGTYPE' then return true end
-  error(reply)
-end
+-- Reads of keys that may hold junk go through pcall (see `damaged`).
 local name, token = ARGV[2], ARGV[3]
 if ARGV[15] ~= '' then
   local usage, field = prefix .. 'usage', ARGV[15]
@@ -727,19 +729,7 @@ if ARGV[15] ~= '' then
   end
   if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', usage, ARGV[6]) end
 end
-if ARGV[8] ~= '' then  -- the prelude's `answered`, in fewer calls
-  local claim = ARGV[8]
-  local claimed = prefix .. 'claim:' .. claim
-  local claimant = redis.pcall('GET', claimed)
-  if not damaged(claimant) and claimant == 'lease:' .. token then
-    redis.call('SET', claimed, '$ANSWERED', 'EX', ARGV[9])
-    local last = redis.pcall('HGET', KEYS[1], 'opt:$LAST')
-    if not damaged(last)  -- /clear or /new repairs it
-       and (not last or #claim > #last or (#claim == #last and claim > last)) then
-      redis.call('HSET', KEYS[1], 'opt:$LAST', claim)
-    end
-  end
-end
+if ARGV[8] ~= '' then answered(ARGV[8], 'lease:' .. token, ARGV[9]) end
 local lock, meta = key(name, 'lock'), key(name, 'meta')
 local holder = redis.pcall('GET', lock)
 if damaged(holder) then return {3} end  -- nothing written to the session yet
