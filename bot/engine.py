@@ -21,7 +21,6 @@ import contextlib
 import functools
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
@@ -67,6 +66,7 @@ from bot.store.base import (
     Turn,
     answered_id,
     message_size,
+    new_token,
 )
 from bot.summary import Summarizer
 from bot.usage import (
@@ -474,7 +474,7 @@ class Engine:
         size = message_size(user)
         if size > cap:
             if claim is not None:  # refused once, by whichever process takes it
-                token = uuid.uuid4().hex
+                token = new_token()
                 await self._until_claimed(
                     lambda: self._store.claim(scope, claim, token, self._limits.lock_ms)
                 )
@@ -626,7 +626,7 @@ class Engine:
         async with self._rewriting(scope, order, room_all) as (turn, held):
             exchange = await self._last_exchange(turn, "retry", requester, manager)
             if account is not None:
-                admission = f"retry:{order}" if order is not None else uuid.uuid4().hex
+                admission = f"retry:{order}" if order is not None else new_token()
                 await self._admit(scope, None, admission, account, "This retry")
             earlier = await self._history_before(turn, exchange)
             if on_begin is not None:
@@ -808,7 +808,7 @@ class Engine:
         it ends, handed back when it is cancelled. While another process has the message in
         progress this waits, as a turn does; `AlreadyClaimed` once it was answered. The
         message is checked against `account`'s limits before the body runs (`OverLimit`)."""
-        token, lease_ms = uuid.uuid4().hex, self._limits.lock_ms
+        token, lease_ms = new_token(), self._limits.lock_ms
         with self._working_on() as holding:
             if account is not None:  # it takes the claim, and settles it when refused
                 await self._admit(scope, claim, token, account)

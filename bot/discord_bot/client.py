@@ -7,7 +7,6 @@ import asyncio
 import logging
 import math
 import signal
-import uuid
 
 import aiohttp
 import discord
@@ -35,7 +34,7 @@ from bot.engine import Backfill, Engine
 from bot.errors import BotError, SettingsError, StoreUnavailable
 from bot.health import Check
 from bot.logs import LogFormat, keep_payloads_out, use_json_lines
-from bot.store.base import AlreadyClaimed
+from bot.store.base import AlreadyClaimed, new_token
 from bot.titles import ThreadTitles
 
 log = logging.getLogger(__name__)
@@ -102,7 +101,7 @@ class OncePerInteraction(app_commands.CommandTree["ChatBot"]):
         claim = f"interaction:{interaction.id}"
         try:
             await self.client.session_commands.store.claim(
-                scope, claim, uuid.uuid4().hex, AUTOCOMPLETE_LEASE_MS
+                scope, claim, new_token(), AUTOCOMPLETE_LEASE_MS
             )
         except AlreadyClaimed:
             log.debug("autocomplete %s answered elsewhere", interaction.id)
