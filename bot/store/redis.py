@@ -70,12 +70,14 @@ import re
 import time
 import urllib.parse
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.connection import HiredisRespSerializer
 from redis.exceptions import (
     AuthenticationError,
@@ -193,6 +195,59 @@ class _HiredisPackedConnection(aioredis.Connection):
         except TypeError:
             packed: list[bytes] = self._packer.pack(*args)  # type: ignore[arg-type]  # a list
             return packed
+
+
+class _WaitingPool(aioredis.ConnectionPool):
+    """redis-py's pool that waits for a free connection (`BlockingConnectionPool`) takes an
+    `asyncio.Condition` and a timeout scope, and records pool metrics nobody reads, around
+    every command: about 70 µs of a 200 µs call on a small VM, and a third of a busy
+    process's turns per second. This pool keeps its promise (at most `max_connections`, and
+    a call past them waits, within the call's own deadline) with a plain check while a
+    connection is free, and waits only when none is."""
+
+    def __init__(self, **connection_kwargs: object) -> None:
+        super().__init__(**connection_kwargs)  # type: ignore[arg-type]  # redis-py's kwargs
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def _full(self) -> bool:
+        return (
+            not self._available_connections
+            and len(self._in_use_connections) >= self.max_connections
+        )
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def get_connection(
+        self, command_name: str | None = None, *keys: object, **options: object
+    ) -> AbstractConnection:
+        while self._full():
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():  # woken, then cancelled:
+                    self._wake_one()  # the free connection goes to the next in line
+                raise
+        connection: AbstractConnection = self.get_available_connection()  # type: ignore[no-untyped-call]
+        try:
+            await self.ensure_connection(connection)  # connected, nothing left unread
+        except BaseException:
+            await self.release(connection)
+            raise
+        return connection
+
+    async def release(self, connection: AbstractConnection) -> None:
+        self._in_use_connections.remove(connection)
+        if connection.should_reconnect():  # type: ignore[no-untyped-call]
+            await connection.disconnect()
+        self._available_connections.append(connection)
+        self._wake_one()
 
 
 def redis_address(url: str) -> str:
@@ -1447,12 +1502,11 @@ class RedisStore:
                 health_check_interval=30,
             )
             return cls(nodes, policy, owns_client=True, call_timeout=call_timeout)
-        pool = aioredis.BlockingConnectionPool.from_url(
+        pool = _WaitingPool.from_url(
             url,
             # rediss:// and unix:// URLs name connection classes of their own, which win
             **({"connection_class": _HiredisPackedConnection} if HIREDIS_AVAILABLE else {}),
-            max_connections=MAX_CONNECTIONS,
-            timeout=None,  # the call's own deadline applies
+            max_connections=MAX_CONNECTIONS,  # past them a call waits: its deadline applies
             decode_responses=True,
             socket_connect_timeout=2,
             socket_timeout=None,  # redis-py's default (5 s) would wrap every command in a task
