@@ -74,14 +74,17 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection
+from redis.commands.core import AsyncScript
 from redis.connection import HiredisRespSerializer
 from redis.exceptions import (
     AuthenticationError,
     ClusterError,
+    NoScriptError,
     OutOfMemoryError,
     RedisClusterException,
     RedisError,
@@ -144,6 +147,7 @@ from bot.store.base import (
     stored_name,
 )
 from bot.store.recent import RecentCache, RecentWindow
+from bot.store.redis_pipelining import AutoPipeline
 from bot.store.redis_usage import RedisUsage
 from bot.usage import NOTHING_USED, Admission, Charge, Refusal, ServerUsage, SessionUsage
 
@@ -236,11 +240,25 @@ class _WaitingPool(aioredis.ConnectionPool):
                 raise
         connection: AbstractConnection = self.get_available_connection()  # type: ignore[no-untyped-call]
         try:
-            await self.ensure_connection(connection)  # connected, nothing left unread
+            await self._ready(connection)
         except BaseException:
             await self.release(connection)
             raise
         return connection
+
+    @staticmethod
+    async def _ready(connection: AbstractConnection) -> None:
+        """Connected, with nothing unread: a connection that was closed (Redis restarted) or
+        holds bytes nobody asked for is opened again. redis-py's own check is skipped while
+        its maintenance notifications are on, as they are by default ('auto')."""
+        await connection.connect()  # type: ignore[no-untyped-call]
+        try:
+            stale = await connection.can_read()
+        except (RedisConnectionError, OSError):
+            stale = True
+        if stale:
+            await connection.disconnect()
+            await connection.connect()  # type: ignore[no-untyped-call]
 
     async def release(self, connection: AbstractConnection) -> None:
         self._in_use_connections.remove(connection)
@@ -248,6 +266,56 @@ class _WaitingPool(aioredis.ConnectionPool):
             await connection.disconnect()
         self._available_connections.append(connection)
         self._wake_one()
+
+
+def _pack(args: tuple[EncodableT, ...]) -> bytes:
+    """A command as `_HiredisPackedConnection` packs it (its name one word)."""
+    try:
+        packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]  # any length
+    except TypeError:
+        return b"".join(_HiredisPackedConnection._packer.pack(*args))  # type: ignore[arg-type]
+    return packed
+
+
+def _auto_pipeline(url: str, pool: aioredis.ConnectionPool) -> AutoPipeline | None:
+    """For a plain redis:// URL (no TLS, no socket path, no options): the scripts' shared
+    connection (`AutoPipeline`). Anything else keeps redis-py's own connections only."""
+    parts = urllib.parse.urlsplit(url)
+    if not HIREDIS_AVAILABLE or parts.scheme != "redis" or parts.query:
+        return None
+    settings = pool.connection_kwargs
+    return AutoPipeline(
+        _pack,
+        host=settings.get("host", "localhost"),
+        port=int(settings.get("port", 6379)),
+        db=int(settings.get("db", 0)),
+        username=settings.get("username"),
+        password=settings.get("password"),
+        connect_timeout=float(settings.get("socket_connect_timeout") or 2.0),
+    )
+
+
+class _Script:
+    """A registered script, run over the shared connection where there is one (a single
+    Redis, `_auto_pipeline`), else through redis-py's client."""
+
+    def __init__(
+        self,
+        script: AsyncScript,
+        pipeline: AutoPipeline | None,
+        client: aioredis.Redis | RedisCluster,
+    ) -> None:
+        self._script, self._pipeline, self._client = script, pipeline, client
+
+    async def __call__(self, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
+        if self._pipeline is None:
+            return await self._script(keys=keys, args=args)
+        command = ("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        try:
+            return await self._pipeline.call(*command)
+        except NoScriptError:  # a new server, or one whose scripts were flushed
+            await self._pipeline.call("SCRIPT", "LOAD", self._script.script)
+            return await self._pipeline.call(*command)
 
 
 def redis_address(url: str) -> str:
@@ -1431,8 +1499,12 @@ class RedisStore:
         *,
         owns_client: bool = False,
         call_timeout: float = CALL_TIMEOUT_SECONDS,
+        pipeline: AutoPipeline | None = None,
     ):
+        """`pipeline`: the scripts' shared connection to a single Redis (`_auto_pipeline`),
+        owned by the store from then on."""
         self._redis = client
+        self._pipeline = pipeline
         self._policy = policy
         self._owns_client = owns_client
         self._call_timeout = call_timeout
@@ -1455,7 +1527,10 @@ class RedisStore:
         self._load_bytes = 0
         """The largest budget asked for so far: windows are loaded and kept to it, so a turn
         whose new message is shorter than the last one's still finds its history cached."""
-        register = client.register_script
+
+        def register(source: str) -> _Script:
+            return _Script(client.register_script(source), pipeline, client)
+
         self._begin = register(_BEGIN_TURN)
         self._claim = register(_CLAIM)
         self._settle = register(_SETTLE_CLAIM)
@@ -1513,12 +1588,15 @@ class RedisStore:
             health_check_interval=30,
         )
         client = aioredis.Redis.from_pool(pool)
-        return cls(client, policy, owns_client=True, call_timeout=call_timeout)
+        pipeline = _auto_pipeline(url, pool)
+        return cls(client, policy, owns_client=True, call_timeout=call_timeout, pipeline=pipeline)
 
     async def close(self) -> None:
         if self._reloading is not None:
             self._reloading.cancel()
             await asyncio.gather(self._reloading, return_exceptions=True)
+        if self._pipeline is not None:
+            await self._pipeline.close()
         if self._owns_client:
             await self._redis.aclose()
 
@@ -1590,9 +1668,10 @@ class RedisStore:
 
     @asynccontextmanager
     async def _available(self, seconds: float | None = None) -> AsyncIterator[None]:
-        """Turn a lost or silent connection into the one error users are shown for it. A
-        call cut off mid-reply closes its connection (redis-py drops it), so no later call
-        reads a stale reply."""
+        """Turn a lost or silent connection into the one error users are shown for it. No
+        later call reads the reply of a call cut off mid-reply: redis-py drops its connection,
+        and the scripts' shared connection drops the reply (`AutoPipeline`), and is itself
+        replaced if it has been silent for half the deadline."""
         try:
             async with asyncio.timeout(seconds or self._call_timeout):
                 if self._in_flight is None:
@@ -1610,6 +1689,8 @@ class RedisStore:
         ) as error:
             if isinstance(error, TimeoutError):  # our deadline: perhaps a frozen cluster node
                 self._reload_cluster_map_soon()
+                if self._pipeline is not None:  # or a dead connection that never said so
+                    self._pipeline.drop_if_silent(self._call_timeout / 2)
             self.stats.unavailable += 1
             raise StoreUnavailable() from error
         except OutOfMemoryError as error:

@@ -1,0 +1,183 @@
+"""One Redis connection that every call in flight shares, their commands written together
+(auto-pipelining, as ioredis and Lettuce do it; redis-py does not).
+
+Why: with redis-py, each call takes a connection from the pool, writes its command with one
+system call, reads its reply with another and gives the connection back. With a thousand
+channels talking, a process spends most of its time there (a `send` costs tens of µs on a
+small VM), not in the bot. Here the commands of every call made in one turn of the event
+loop go out in one write, and the replies are read as they come, in order, by the
+connection itself: no pool, no task per call.
+
+A reply belongs to the call that sent its command: Redis answers in order, and a call that
+gave up (its deadline passed, or it was cancelled) leaves its place in the line, so its late
+reply is read and dropped, never handed to a later call. A lost connection fails the calls
+waiting on it; the next call opens a new one. A connection that has said nothing for a
+while, with calls waiting, may be silently dead (a frozen server, a network that dropped
+it): `drop_if_silent` closes it, so the next call opens a new one instead of waiting
+behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Any
+
+import hiredis
+from redis._parsers import BaseParser
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.typing import EncodableT
+
+Packer = Any
+"""How a command becomes bytes: `pack(args) -> bytes`."""
+
+
+class _Replies(asyncio.Protocol):
+    """The connection: commands out, replies back to the calls waiting, in order."""
+
+    def __init__(self, encoding: str, errors: str) -> None:
+        self.reader = hiredis.Reader(encoding=encoding, errors=errors)
+        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.outgoing: list[bytes] = []
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.heard_at = 0.0
+        """When the server last said something, or the first call began waiting since."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.heard_at = time.monotonic()
+        self.reader.feed(data)
+        while True:
+            try:
+                reply = self.reader.gets()
+            except Exception as error:  # a reply that cannot be read: as redis-py, hang up
+                if self.waiting and not self.waiting[0].done():
+                    self.waiting.popleft().set_exception(error)
+                self.abort()
+                return
+            if reply is False:
+                return
+            waiter = self.waiting.popleft()
+            if waiter.done():  # its call gave up
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                waiter.set_exception(BaseParser.parse_error(str(reply)))  # type: ignore[no-untyped-call]
+            else:
+                waiter.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        error = RedisConnectionError(
+            "Connection closed by server." if exc is None else f"Connection lost: {exc}"
+        )
+        while self.waiting:
+            waiter = self.waiting.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+
+    def send(self, packed: bytes) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        if not self.waiting:  # silence counts from the first call that waits
+            self.heard_at = time.monotonic()
+        waiter = loop.create_future()
+        self.waiting.append(waiter)
+        if not self.outgoing:
+            loop.call_soon(self._flush)
+        self.outgoing.append(packed)
+        return waiter
+
+    def _flush(self) -> None:
+        data = b"".join(self.outgoing)
+        self.outgoing.clear()
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()  # connection_lost fails whoever still waits
+
+
+def _retrieved(task: asyncio.Task[_Replies]) -> None:
+    """A failed opening is reported to the calls waiting for it, if any are left."""
+    if not task.cancelled():
+        task.exception()
+
+
+class AutoPipeline:
+    """Calls to one Redis server (TCP, RESP2) over one shared connection."""
+
+    def __init__(
+        self,
+        pack: Packer,
+        *,
+        host: str,
+        port: int,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        encoding: str = "utf-8",
+        errors: str = "strict",
+        connect_timeout: float = 2.0,
+    ) -> None:
+        self._pack = pack
+        self._address = (host, port)
+        self._hello: list[tuple[EncodableT, ...]] = []
+        if password is not None:
+            self._hello.append(("AUTH", username, password) if username else ("AUTH", password))
+        if db:
+            self._hello.append(("SELECT", db))
+        self._decoding = (encoding, errors)
+        self._connect_timeout = connect_timeout
+        self._replies: _Replies | None = None
+        self._opening: asyncio.Task[_Replies] | None = None
+
+    async def call(self, *args: EncodableT) -> Any:
+        replies = self._replies
+        if replies is None or replies.closed:
+            replies = await self._open()
+        return await replies.send(self._pack(args))
+
+    async def _open(self) -> _Replies:
+        """Every call that finds no connection waits for the same new one; a call that gives
+        up does not stop it opening for the others."""
+        if self._opening is None or self._opening.done():
+            self._opening = asyncio.ensure_future(self._connect())
+            self._opening.add_done_callback(_retrieved)
+        return await asyncio.shield(self._opening)
+
+    async def _connect(self) -> _Replies:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self._connect_timeout):
+            transport, replies = await loop.create_connection(
+                lambda: _Replies(*self._decoding), *self._address
+            )
+            try:
+                await asyncio.gather(*(replies.send(self._pack(c)) for c in self._hello))
+            except BaseException:
+                transport.close()
+                raise
+        self._replies = replies
+        return replies
+
+    def drop_if_silent(self, seconds: float) -> None:
+        """Close the connection if calls wait on it and it has said nothing for `seconds`."""
+        replies = self._replies
+        if (
+            replies is not None
+            and replies.waiting
+            and time.monotonic() - replies.heard_at >= seconds
+        ):
+            replies.abort()
+
+    async def close(self) -> None:
+        if self._opening is not None and not self._opening.done():
+            self._opening.cancel()
+            await asyncio.gather(self._opening, return_exceptions=True)
+        if self._replies is not None and self._replies.transport is not None:
+            self._replies.transport.close()
+        self._replies = None
