@@ -69,9 +69,9 @@ async def sdk_turns(redis_url: str, turns: int, history: int = 100) -> list[Timi
 SETTLE_SECONDS = 0.05
 
 DISCORD_CALLS = (
-    "begin_turn; finish_turn, which also adds the session's tokens, sent together with the"
-    " server's day counter (another hash slot); note_answer once the answer is posted"
-    " (where it went, for /retry)"
+    "begin_turn; finish_turn, which also adds the session's tokens, and the server's day"
+    " counter (another hash slot), made together and so written in one go on the scripts'"
+    " shared connection; note_answer once the answer is posted (where it went, for /retry)"
 )
 """The Redis calls one Discord message makes, as the report names them."""
 

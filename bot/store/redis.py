@@ -18,7 +18,7 @@ moves between nodes):
     {prefix}:places                     zset    scope -> when the bot last answered there
     {{prefix}:places}:servers           hash    scope -> its server (`NotedPlace.server`), for the
                                                 places in `places` noted since it was kept
-    {prefix}:{scope}:probe:absent       never written: every script reads it first (`PROBE`)
+    {prefix}:{scope}:probe:absent       never written: a cluster's scripts read it first (`PROBE`)
     {prefix}:{scope}:usage              hash    a session's tokens; the servers' counters are
                                                 in `bot.store.redis_usage`
     {prefix}:{scope}:s:{name}:meta      hash    model, mcp (JSON list), created, updated, format,
@@ -401,10 +401,10 @@ end
 # script would create), keeping the writes made before it. Touching an absent key before
 # anything else makes such a script fail whole, with nothing written; the client then sees
 # storage unavailable until the slot's keys are all moved (then it is redirected to their
-# new node). Anywhere else the probe is one EXISTS answered 0.
+# new node). On a single Redis, where no slot moves, the store leaves it out (`_PROBE_CALL`).
 _PRELUDE = """
 local prefix = ARGV[1]
-redis.call('EXISTS', prefix .. '$PROBE')
+$PROBE_CALL
 local function key(name, part) return prefix .. 's:' .. name .. ':' .. part end
 local function of_type(k, wanted)  -- a missing key is of every type
   local found = redis.call('TYPE', k).ok
@@ -581,6 +581,10 @@ DAMAGED = "!damaged"
 name can contain '!'); the second says what is."""
 
 
+_PROBE_CALL = f"redis.call('EXISTS', prefix .. '{PROBE}')\n"
+"""The prelude's probe (see `_PRELUDE`): a cluster's scripts only."""
+
+
 def _lua(body: str) -> str:
     """A script: the prelude, then `body`, with the format, default session and claim values
     filled in (`claim_lease` is the Python twin of the scripts' `'lease:' .. token`)."""
@@ -592,7 +596,7 @@ def _lua(body: str) -> str:
         ("$LAST", LAST_ANSWERED_OPTION),
         ("$PERSONA", PERSONA_OPTION),
         ("$DAMAGED", DAMAGED),
-        ("$PROBE", PROBE),
+        ("$PROBE_CALL\n", _PROBE_CALL),
         ("$NAME_BYTES", str(STORED_NAME_MAX_BYTES)),
     ):
         script = script.replace(name, value)
@@ -859,6 +863,7 @@ if damaged(holder) then return {3} end  -- nothing written to the session yet
 local stamp = redis.pcall('HMGET', meta, 'last_turn', 'gen', 'forgotten', 'bytes', 'epoch', 'seq')
 if damaged(stamp) then return {3} end
 local last_turn, gen, forgotten, total, epoch, seq_now = unpack(stamp, 1, 6)
+local seq_stored = seq_now  -- what the meta holds, which the save counts on from
 if last_turn == token then return {1} end
 if holder and holder ~= token then return {0} end
 local cap, byte_cap = tonumber(ARGV[4]), tonumber(ARGV[10])
@@ -886,6 +891,7 @@ if saving and not (last_turn or gen or forgotten or total or epoch or seq_now)
   -- there for this turn to be stale against, so the turn starts the session again.
   create(name, ARGV[13], ARGV[14], ARGV[5])
   gen, epoch, seq_now = redis.call('HGET', meta, 'gen'), ARGV[11], ARGV[12]
+  seq_stored = 0
   holder = holder or token
 end
 if saving and seq_now and not tonumber(seq_now) then  -- damaged: check before writing
@@ -908,7 +914,7 @@ if saving then
   end
   local length = redis.call('RPUSH', messages, unpack(ARGV, first))
   for i = first, #ARGV do total = total + #ARGV[i] end
-  local seq = redis.call('HINCRBY', meta, 'seq', #ARGV - first + 1)
+  local seq = (tonumber(seq_stored) or 0) + #ARGV - first + 1  -- written with the meta below
   local refs, order = key(name, 'refs'), key(name, 'refseq')
   if ARGV[7] ~= '' then
     redis.call('HSET', refs, ARGV[7], ARGV[first])
@@ -955,11 +961,13 @@ if saving then
       unrecord(name, gone)
     end
   end
-  redis.call('HSET', meta, 'updated', ARGV[5], 'last_turn', token, 'bytes', total)
+  redis.call('HSET', meta, 'updated', ARGV[5], 'last_turn', token, 'bytes', total, 'seq', seq)
   out = {1, gen or '', seq, length - #dropped}
 end
 if holder then redis.call('DEL', lock) end
-touch(name, ARGV[5], ARGV[6])
+-- The session's last use was noted when its turn began; with a TTL, the keys this save
+-- created (its first messages, refs) are given it here.
+if tonumber(ARGV[6]) > 0 then touch(name, ARGV[5], ARGV[6]) end
 return out
 """
 )
@@ -1528,7 +1536,11 @@ class RedisStore:
         """The largest budget asked for so far: windows are loaded and kept to it, so a turn
         whose new message is shorter than the last one's still finds its history cached."""
 
+        cluster = isinstance(client, RedisCluster)
+
         def register(source: str) -> _Script:
+            if not cluster:  # the probe guards scripts on a slot being moved: nothing here
+                source = source.replace(_PROBE_CALL, "", 1)
             return _Script(client.register_script(source), pipeline, client)
 
         self._begin = register(_BEGIN_TURN)
@@ -1553,7 +1565,7 @@ class RedisStore:
         self._delete = register(_DELETE_SESSION)
         self._forget_place = register(_FORGET_PLACE)
         self._note_place = register(_NOTE_PLACE)
-        self._usage = RedisUsage(client, policy, usage_key, scope_key)
+        self._usage = RedisUsage(client, policy, usage_key, scope_key, register)
 
     @classmethod
     def from_url(

@@ -80,10 +80,16 @@ class _Replies(asyncio.Protocol):
                 waiter.set_exception(error)
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
+        """A call alone on the connection is written at once; calls made while others wait
+        are written together once this turn of the event loop is done."""
         loop = asyncio.get_running_loop()
-        if not self.waiting:  # silence counts from the first call that waits
-            self.heard_at = time.monotonic()
         waiter = loop.create_future()
+        if not self.waiting:
+            self.heard_at = time.monotonic()  # silence counts from the first call that waits
+            self.waiting.append(waiter)
+            if not self.closed and self.transport is not None:
+                self.transport.write(packed)
+            return waiter
         self.waiting.append(waiter)
         if not self.outgoing:
             loop.call_soon(self._flush)

@@ -142,15 +142,18 @@ class RedisUsage:
         policy: StorePolicy,
         usage_key: Callable[[str, str], str],
         scope_key: Callable[[str, str], str],
+        register: Callable[[str], Any],
     ) -> None:
-        """`usage_key(server, part)` and `scope_key(scope, part)` build the keys (`redis`)."""
+        """`usage_key(server, part)` and `scope_key(scope, part)` build the keys, and
+        `register(source)` makes a script callable as `script(keys=..., args=...)`, the
+        store's way (`redis`)."""
         self._redis = client
         self._policy = policy
         self._key = usage_key
         self._scope_key = scope_key
-        self._admit = client.register_script(ADMIT)
-        self._add = client.register_script(ADD)
-        self._server_usage = client.register_script(SERVER_USAGE)
+        self._admit = register(ADMIT)
+        self._add = register(ADD)
+        self._server_usage = register(SERVER_USAGE)
 
     async def admit(self, admission: Admission) -> Refusal | None:
         account, limits = admission.account, admission.limits
