@@ -528,13 +528,17 @@ local function readable_mcp(raw)  -- a JSON list of strings, as the reader wants
   end
   return count == #servers
 end
-local scope_keys = {state = KEYS[1], names = KEYS[2], queue = prefix .. 'queue',
-                    tickets = prefix .. 'tickets', refindex = prefix .. 'refindex'}
-local scope_types = {state = 'hash', names = 'zset', queue = 'zset', tickets = 'hash',
-                     refindex = 'hash'}
+-- The scope's own keys and the type each must have. Built when asked, as most calls never
+-- ask: a script's top level runs at every call, and building them there cost every call.
+local function scope_parts()
+  return {state = KEYS[1], names = KEYS[2], queue = prefix .. 'queue',
+          tickets = prefix .. 'tickets', refindex = prefix .. 'refindex'},
+         {state = 'hash', names = 'zset', queue = 'zset', tickets = 'hash', refindex = 'hash'}
+end
 -- What is damaged among the scope's own keys (nil when nothing is): checked before a script
 -- reads or writes them, so junk there gives one clear answer instead of a script error.
 local function scope_damage()
+  local scope_keys, scope_types = scope_parts()
   for part, k in pairs(scope_keys) do
     if not of_type(k, scope_types[part]) then return 'its ' .. part .. ' key has the wrong type' end
   end
@@ -548,6 +552,7 @@ end
 -- The way out for /clear and /new: drop what is damaged there (nothing in it is readable).
 -- An unreadable current name is the caller's to replace.
 local function repair_scope()
+  local scope_keys, scope_types = scope_parts()
   for part, k in pairs(scope_keys) do
     if not of_type(k, scope_types[part]) then
       redis.call('DEL', k)
@@ -1100,6 +1105,7 @@ _FORGET = _lua(
     """
 -- Only the place's keys a deletion uses: junk elsewhere (its queue, its current name) does
 -- not keep a deleted message stored.
+local scope_keys, scope_types = scope_parts()
 for _, part in ipairs({'state', 'refindex'}) do
   if not of_type(scope_keys[part], scope_types[part]) then
     return {'$DAMAGED', 'its ' .. part .. ' key has the wrong type'}
