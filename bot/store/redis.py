@@ -147,7 +147,7 @@ from bot.store.base import (
     stored_name,
 )
 from bot.store.recent import RecentCache, RecentWindow
-from bot.store.redis_pipelining import AutoPipeline
+from bot.store.redis_pipelining import AutoPipeline, raised
 from bot.store.redis_usage import RedisUsage
 from bot.usage import NOTHING_USED, Admission, Charge, Refusal, ServerUsage, SessionUsage
 
@@ -159,6 +159,9 @@ ScriptArg = str | int | float
 MAX_CONNECTIONS = 64
 """Beyond this many calls in flight, a call waits for a free connection (redis-py's default
 pool raises at once, which a busy bot would report as an outage)."""
+FIRST_READ_MESSAGES = 256
+"""How many of a session's newest messages a first turn in this process reads beside its
+`begin_turn` (see there): more than the context budget takes of usual messages."""
 CALL_TIMEOUT_SECONDS = 5.0
 """A store call not done by then (waiting for a connection included) fails as storage
 unavailable: Redis stopped answering. One deadline per call, not redis-py's per-read
@@ -316,6 +319,21 @@ class _Script:
         except NoScriptError:  # a new server, or one whose scripts were flushed
             await self._pipeline.call("SCRIPT", "LOAD", self._script.script)
             return await self._pipeline.call(*command)
+
+    async def then_read(
+        self, keys: Sequence[str], args: Sequence[ScriptArg], read: tuple[EncodableT, ...]
+    ) -> tuple[Any, Any]:
+        """The script, then the command `read`, as one transaction on the shared connection
+        (there must be one): both replies."""
+        assert self._pipeline is not None
+        command = ("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        script, after = await self._pipeline.transaction(command, read)
+        try:
+            return raised(script), raised(after)
+        except NoScriptError:  # then nothing ran but the read
+            await self._pipeline.call("SCRIPT", "LOAD", self._script.script)
+            script, after = await self._pipeline.transaction(command, read)
+            return raised(script), raised(after)
 
 
 def redis_address(url: str) -> str:
@@ -610,8 +628,10 @@ def _lua(body: str) -> str:
 
 # ARGV: prefix, token, lock_ms, budget_bytes, default_model, now, place, claim, claim_ttl,
 # ticket_ttl_ms, cached name, cached gen, cached seq, cached count, history_cap, ttl_seconds,
-# trim_bytes, and, when KEYS[3] is the places record (KEYS[4] their servers): scope, now,
-# places kept seconds, places kept, the place's server ('' when unknown). Claim, then queue,
+# trim_bytes, the session whose newest messages the caller reads itself in the same
+# transaction ('' for none: see `begin_turn`), and, when KEYS[3] is the places record
+# (KEYS[4] their servers): scope, now, places kept seconds, places kept, the place's server
+# ('' when unknown). Claim, then queue,
 # then lock; only the first ticket of the queue may lock (and then the place is noted, on a
 # single Redis only: the record is in a slot of its own). Then
 # the newest messages that fit the budget: only those after the cached seq ('delta') when the
@@ -619,7 +639,8 @@ def _lua(body: str) -> str:
 # length grew by exactly the messages appended since, which also catches writes that bypassed
 # these scripts; a session holding at most `trim_bytes`, the byte cap less one message, has
 # not been trimmed for its size since it last held less), else the
-# window ('window', or 'all' when it holds the whole history). The reply: 'ok', the session's
+# window ('window', or 'all' when it holds the whole history), or no message at all ('read')
+# when the caller reads the window itself and named this session. The reply: 'ok', the session's
 # summary row, its gen, seq, mode and epoch, the place's persona, the session's summary (text,
 # upto, covered), the place's last answered message ('' for none: the channel context reads
 # what was said since), then the messages. The messages come last, oldest
@@ -635,9 +656,9 @@ local token, claim = ARGV[2], ARGV[8]
 local mine = 'lease:' .. token
 local function noted()  -- the place noted here (see `note_place`), once the lock is held
   if KEYS[3] and of_type(KEYS[3], 'zset') then
-    local at = tonumber(ARGV[19])
-    note_place(KEYS[3], KEYS[4], ARGV[18], ARGV[22], at, at - tonumber(ARGV[20]),
-               tonumber(ARGV[21]))
+    local at = tonumber(ARGV[20])
+    note_place(KEYS[3], KEYS[4], ARGV[19], ARGV[23], at, at - tonumber(ARGV[21]),
+               tonumber(ARGV[22]))
   end
 end
 -- The reply once the lock is held: `info` is the session's summary row (`describe`), `stamp`
@@ -664,6 +685,11 @@ local function loaded(name, info, stamp, own)
   out[head + 4] = stamp[4] or ''
   out[head + 5], out[head + 9] = own[1] or '', own[2] or ''
   out[head + 6], out[head + 7], out[head + 8] = stamp[5] or '', stamp[6] or '', stamp[7] or ''
+  if mode == 'window' and ARGV[18] == name then
+    -- The caller reads this session's newest messages itself, in the same transaction.
+    out[head + 3], out[head + 10] = 'read', {}
+    return out
+  end
   local messages, budget, first = key(name, 'messages'), tonumber(ARGV[4]), count - wanted
   local total = tonumber(stamp[3])
   if total and total <= budget then
@@ -1755,13 +1781,33 @@ class RedisStore:
         policy = self._policy
         args += [policy.history_cap, policy.ttl_seconds]
         args.append(policy.history_cap_bytes - policy.message_cap_bytes)
+        # Nothing of this place cached here (a first turn in this process): its newest
+        # messages are read by a plain LRANGE in the same transaction, for the session it
+        # most likely uses, rather than copied through Lua (several times slower per byte).
+        # The script leaves them to this read if it guessed the session; else it sends them.
+        reading = stored_name(DEFAULT_SESSION) if cached is None and self._pipeline else ""
+        args.append(reading)
         keys = self._keys(scope)
         noting = self._notes_in_turns and self._noted.due(scope)
         if noting:
             keys += [places_key(), place_servers_key()]
             args += [scope, time.time(), PLACES_KEPT_SECONDS, PLACES_KEPT, ticket.server or ""]
+        newest: list[str] = []
         async with self._available():
-            reply = await self._begin(keys=keys, args=args)
+            if reading:
+                lrange = (
+                    "LRANGE",
+                    session_key(scope, reading, "messages"),
+                    -FIRST_READ_MESSAGES,
+                    -1,
+                )
+                reply, newest = await self._begin.then_read(keys, args, lrange)
+            else:
+                reply = await self._begin(keys=keys, args=args)
+            if reply[0] == "ok" and reply[3 + _SUMMARY_FIELDS] == "read":
+                reply[10 + _SUMMARY_FIELDS], reply[3 + _SUMMARY_FIELDS] = await self._window_read(
+                    scope, reading, newest, int(reply[_SUMMARY_FIELDS]), load_bytes
+                )
         status = reply[0]
         if noting and status == "ok":
             self._noted.noted(scope)
@@ -1819,6 +1865,24 @@ class RedisStore:
             None if summary is None else max(0, min(count, int(sequence) - summary.upto)),
             answered_id(last_answered),
         )
+
+    async def _window_read(
+        self, scope: str, name: str, newest: list[str], count: int, budget: int
+    ) -> tuple[list[str], str]:
+        """The window of a first turn that read its session's newest messages itself
+        (`begin_turn`): as the script cuts it, the newest that fit `budget`, and 'all' when
+        that is every message. When all it read fit and there are more, it reads them all (the
+        turn holds the session's lock, so they are the same messages)."""
+        sizes = _stored_sizes(newest)
+        start, used = len(newest), 0
+        while start > 0 and used + sizes[start - 1] <= budget:
+            start -= 1
+            used += sizes[start]
+        if start == 0 and len(newest) < count and self._pipeline is not None:
+            every = await self._pipeline.call("LRANGE", session_key(scope, name, "messages"), 0, -1)
+            return await self._window_read(scope, name, every, len(every), budget)
+        window = newest[start:]
+        return window, "all" if len(window) == count else "window"
 
     async def claim(self, scope: str, claim: str, token: str, lease_ms: int) -> None:
         args: list[ScriptArg] = [self._prefix(scope), claim, token, lease_ms]

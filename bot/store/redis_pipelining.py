@@ -26,6 +26,7 @@ from typing import Any
 import hiredis
 from redis._parsers import BaseParser
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ExecAbortError
 from redis.typing import EncodableT
 
 Packer = Any
@@ -79,22 +80,23 @@ class _Replies(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_exception(error)
 
-    def send(self, packed: bytes) -> asyncio.Future[Any]:
-        """A call alone on the connection is written at once; calls made while others wait
-        are written together once this turn of the event loop is done."""
+    def send(self, *packed: bytes) -> list[asyncio.Future[Any]]:
+        """One reply awaited per command. A call alone on the connection is written at
+        once; calls made while others wait are written together once this turn of the event
+        loop is done."""
         loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
+        waiters = [loop.create_future() for _ in packed]
         if not self.waiting:
             self.heard_at = time.monotonic()  # silence counts from the first call that waits
-            self.waiting.append(waiter)
+            self.waiting.extend(waiters)
             if not self.closed and self.transport is not None:
-                self.transport.write(packed)
-            return waiter
-        self.waiting.append(waiter)
+                self.transport.write(b"".join(packed))
+            return waiters
+        self.waiting.extend(waiters)
         if not self.outgoing:
             loop.call_soon(self._flush)
-        self.outgoing.append(packed)
-        return waiter
+        self.outgoing.extend(packed)
+        return waiters
 
     def _flush(self) -> None:
         data = b"".join(self.outgoing)
@@ -108,10 +110,19 @@ class _Replies(asyncio.Protocol):
             self.transport.abort()  # connection_lost fails whoever still waits
 
 
-def _retrieved(task: asyncio.Task[_Replies]) -> None:
-    """A failed opening is reported to the calls waiting for it, if any are left."""
-    if not task.cancelled():
-        task.exception()
+def _retrieve(done: asyncio.Future[Any]) -> None:
+    """Mark a failure as seen: it is reported another way (a failed opening to the calls
+    waiting for it, if any are left; a command refused in a transaction by EXEC)."""
+    if not done.cancelled():
+        done.exception()
+
+
+def raised(reply: Any) -> Any:
+    """An element of a transaction's reply (`AutoPipeline.transaction`), an error raised as
+    redis-py raises it (`NoScriptError`, `ResponseError` ...)."""
+    if isinstance(reply, hiredis.ReplyError):
+        raise BaseParser.parse_error(str(reply))  # type: ignore[no-untyped-call]
+    return reply
 
 
 class AutoPipeline:
@@ -146,14 +157,36 @@ class AutoPipeline:
         replies = self._replies
         if replies is None or replies.closed:
             replies = await self._open()
-        return await replies.send(self._pack(args))
+        return await replies.send(self._pack(args))[0]
+
+    async def transaction(self, *commands: tuple[EncodableT, ...]) -> list[Any]:
+        """`commands` run as one (MULTI ... EXEC), written in one go: EXEC's reply, one
+        element per command, an error among them as its exception object (hiredis's
+        `ReplyError`, as `raised` turns it into redis-py's). A command refused when queued
+        fails the whole, with that refusal (`OutOfMemoryError`, say)."""
+        replies = self._replies
+        if replies is None or replies.closed:
+            replies = await self._open()
+        packed = [self._pack(("MULTI",)), *map(self._pack, commands), self._pack(("EXEC",))]
+        *queued, done = replies.send(*packed)
+        for waiter in queued:  # 'OK' and 'QUEUED', or the refusal EXEC also reports
+            waiter.add_done_callback(_retrieve)
+        try:
+            result: list[Any] = await done
+        except ExecAbortError:  # the refusal itself says more (Redis full, say)
+            for waiter in queued:  # answered in order, so before EXEC
+                refusal = None if waiter.cancelled() else waiter.exception()
+                if refusal is not None:
+                    raise refusal from None
+            raise
+        return result
 
     async def _open(self) -> _Replies:
         """Every call that finds no connection waits for the same new one; a call that gives
         up does not stop it opening for the others."""
         if self._opening is None or self._opening.done():
             self._opening = asyncio.ensure_future(self._connect())
-            self._opening.add_done_callback(_retrieved)
+            self._opening.add_done_callback(_retrieve)
         return await asyncio.shield(self._opening)
 
     async def _connect(self) -> _Replies:
@@ -163,7 +196,7 @@ class AutoPipeline:
                 lambda: _Replies(*self._decoding), *self._address
             )
             try:
-                await asyncio.gather(*(replies.send(self._pack(c)) for c in self._hello))
+                await asyncio.gather(*replies.send(*map(self._pack, self._hello)))
             except BaseException:
                 transport.close()
                 raise
