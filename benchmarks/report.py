@@ -585,9 +585,9 @@ def _notes(r: Results, big: int, longest: int) -> list[str]:
             " ours are two Lua scripts that also claim the message, keep the queue and take the"
             " lock. On a first turn they take"
             f" {parts.begin_first + parts.finish:.0f} µs inside Redis against the list's"
-            f" {parts.lrange + parts.list_write:.0f} µs, of which about"
-            f" {parts.begin_first - parts.begin_steady:.0f} µs is the"
-            f" {parts.loaded} messages copied through Lua (see the first-turn table). In steady"
+            f" {parts.lrange + parts.list_write:.0f} µs (the {parts.loaded} messages come by"
+            " a plain LRANGE sent with `begin_turn`, not through Lua; see the first-turn"
+            " table). In steady"
             " state only new messages are sent, while the list decodes its whole history at"
             " every turn: the store's calls are "
             + ", ".join(
