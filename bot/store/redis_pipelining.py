@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -29,8 +30,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ExecAbortError
 from redis.typing import EncodableT
 
-Packer = Any
-"""How a command becomes bytes: `pack(args) -> bytes`."""
+Packer = Callable[[tuple[EncodableT, ...]], bytes]
+"""How a command becomes the bytes Redis reads."""
 
 
 class _Replies(asyncio.Protocol):
