@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -78,6 +79,15 @@ class RedisServer:
             self.process.wait(10)
             self.process = None
 
+    def admin(self, db: int = 0) -> redis.Redis:
+        """A plain client of the test's own, to look at or poke the server."""
+        return redis.Redis(port=self.port, password=self.password, db=db)
+
+    def clients(self) -> int:
+        """Client connections on the server, the one asking not counted."""
+        with self.admin() as client:
+            return int(client.info("clients")["connected_clients"]) - 1
+
 
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
@@ -97,6 +107,18 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server of the test's own: its clients are the test's alone, and it may be stopped
+    or frozen (it is thawed before it is stopped)."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    if server.process is not None:
+        server.process.send_signal(signal.SIGCONT)
     server.stop()
 
 

@@ -7,11 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-import redis
 
 from bot.errors import StoreUnavailable
 from bot.store.base import DEFAULT_SESSION, StorePolicy
@@ -22,23 +17,6 @@ POLICY = StorePolicy(default_model=TEST_MODELS[0], ttl_seconds=0)
 CALLS = 3 * MAX_CONNECTIONS
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A server of this test's own, so its client count is the store's alone."""
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    if server.process is not None:
-        server.process.send_signal(signal.SIGCONT)
-    server.stop()
-
-
-def clients(server: RedisServer) -> int:
-    """Client connections on the server, this one not counted."""
-    with redis.Redis(port=server.port) as admin:
-        return int(admin.info("clients")["connected_clients"]) - 1
-
-
 async def test_calls_past_the_connection_limit_wait_and_all_succeed(
     own_redis: RedisServer,
 ) -> None:
@@ -46,7 +24,7 @@ async def test_calls_past_the_connection_limit_wait_and_all_succeed(
     try:
         infos = await asyncio.gather(*(store.current_session(f"discord:{i}") for i in range(CALLS)))
         assert [info.name for info in infos] == [DEFAULT_SESSION] * CALLS
-        assert 1 <= clients(own_redis) <= MAX_CONNECTIONS
+        assert 1 <= own_redis.clients() <= MAX_CONNECTIONS
     finally:
         await store.close()
 
@@ -68,6 +46,6 @@ async def test_calls_cut_off_while_redis_is_frozen_give_their_connections_back(
         own_redis.process.send_signal(signal.SIGCONT)
         infos = await asyncio.gather(*(store.current_session(f"discord:{i}") for i in range(CALLS)))
         assert [info.name for info in infos] == [DEFAULT_SESSION] * CALLS
-        assert clients(own_redis) <= MAX_CONNECTIONS
+        assert own_redis.clients() <= MAX_CONNECTIONS
     finally:
         await store.close()

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from bot.errors import StoreUnavailable
 from bot.store.base import SessionSettings, StorePolicy
@@ -22,26 +20,6 @@ from tests.conftest import TEST_MODELS, RedisServer, free_port
 POLICY = StorePolicy(default_model=TEST_MODELS[0], ttl_seconds=0)
 SETTINGS = SessionSettings(TEST_MODELS[0])
 CHANNELS = 300
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A server of this test's own: its clients are the store's alone, and it may stop."""
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    if server.process is not None:
-        server.process.send_signal(signal.SIGCONT)
-    server.stop()
-
-
-def admin(server: RedisServer, db: int = 0) -> redis.Redis:
-    return redis.Redis(port=server.port, password=server.password, db=db)
-
-
-def clients(server: RedisServer) -> int:
-    with admin(server) as client:
-        return int(client.info("clients")["connected_clients"]) - 1
 
 
 async def test_many_channels_at_once_share_one_connection_each_with_its_own_answer(
@@ -55,7 +33,7 @@ async def test_many_channels_at_once_share_one_connection_each_with_its_own_answ
         )
         current = await asyncio.gather(*(store.current_session(s) for s in scopes))
         assert [info.name for info in current] == [f"s{i}" for i in range(CHANNELS)]
-        assert clients(own_redis) == 1
+        assert own_redis.clients() == 1
     finally:
         await store.close()
 
@@ -67,7 +45,7 @@ async def test_a_reply_to_a_call_that_gave_up_never_reaches_a_later_call(
     try:
         await store.create_session("discord:1", "alpha", SETTINGS)
         await store.create_session("discord:2", "beta", SETTINGS)
-        with admin(own_redis) as client:
+        with own_redis.admin() as client:
             client.execute_command("CLIENT", "PAUSE", 500, "ALL")  # both wait behind it
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(store.current_session("discord:1"), 0.1)
@@ -158,7 +136,7 @@ async def test_a_password_and_a_database_number_are_used(tmp_path: Path) -> None
     store = RedisStore.from_url(f"redis://:s3cret@127.0.0.1:{server.port}/3", POLICY)
     try:
         await store.create_session("discord:1", "alpha", SETTINGS)
-        with admin(server, db=3) as in_three, admin(server, db=0) as in_zero:
+        with server.admin(db=3) as in_three, server.admin(db=0) as in_zero:
             assert in_three.dbsize() > 0
             assert in_zero.dbsize() == 0
         assert (await store.current_session("discord:1")).name == "alpha"
