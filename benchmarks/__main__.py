@@ -25,6 +25,7 @@ from benchmarks.end_to_end import Timing
 from benchmarks.overhead import Grid
 from benchmarks.peers import PeerPlan, Workload
 from benchmarks.report import Results, machine_info, render
+from bot.runtime import tune_garbage_collection
 from bot.store.redis import RedisStore
 from tests.redis_cluster import RedisClusterNodes
 
@@ -294,6 +295,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     command = " ".join(["python -m benchmarks", *sys.argv[1:]])
+    tune_garbage_collection()  # every candidate measured in the bot's kind of process
     results = asyncio.run(run(QUICK if args.quick else FULL, command))
     args.out.write_text(render(results))
     print(f"wrote {args.out}", file=sys.stderr)

@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 
 from benchmarks.common import LIMITS, POLICY, Conversation, InstantModel, flush, seed
 from bot.engine import Engine
+from bot.runtime import tune_garbage_collection
 from bot.store.base import SessionStore
 from bot.store.redis import RedisStore
 from bot.store.sqlite import SqliteStore
@@ -145,6 +146,7 @@ def main() -> None:
     parser.add_argument("--shared", action="store_true", help="see `run`")
     parser.add_argument("--keep", action="store_true", help="see `run`")
     args = parser.parse_args()
+    tune_garbage_collection()  # the bot's process, as `python -m bot` sets it up
     result = asyncio.run(
         run(
             args.backend,

@@ -21,6 +21,7 @@ from bot.errors import BotError, SettingsError, StoreUnavailable
 from bot.logs import LogFormat, use_json_lines
 from bot.metrics import Metrics
 from bot.model import ModelChoice
+from bot.runtime import tune_garbage_collection
 from bot.store import open_store
 from bot.store.base import SessionSettings, SessionStore
 from bot.transfer import OnConflict
@@ -248,6 +249,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    tune_garbage_collection()
     try:
         settings = load_settings()
         if args.mode == "console":
