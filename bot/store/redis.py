@@ -71,10 +71,10 @@ import time
 import urllib.parse
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -156,6 +156,7 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "dcbot"
 
 ScriptArg = str | int | float
+T = TypeVar("T")
 MAX_CONNECTIONS = 64
 """Beyond this many calls in flight, a call waits for a free connection (redis-py's default
 pool raises at once, which a busy bot would report as an outage)."""
@@ -197,11 +198,7 @@ class _HiredisPackedConnection(aioredis.Connection):
             args = (*first.encode().split(), *args[1:])
         elif isinstance(first, bytes) and b" " in first:
             args = (*first.split(), *args[1:])
-        try:
-            return [hiredis.pack_command(args)]  # type: ignore[arg-type]  # any length
-        except TypeError:
-            packed: list[bytes] = self._packer.pack(*args)  # type: ignore[arg-type]  # a list
-            return packed
+        return [_pack(args)]
 
 
 class _WaitingPool(aioredis.ConnectionPool):
@@ -272,7 +269,8 @@ class _WaitingPool(aioredis.ConnectionPool):
 
 
 def _pack(args: tuple[EncodableT, ...]) -> bytes:
-    """A command as `_HiredisPackedConnection` packs it (its name one word)."""
+    """A command whose name is one word, packed by hiredis, or by redis-py's serializer for
+    what hiredis does not take (see `_HiredisPackedConnection`)."""
     try:
         packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]  # any length
     except TypeError:
@@ -313,12 +311,8 @@ class _Script:
     async def __call__(self, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
         if self._pipeline is None:
             return await self._script(keys=keys, args=args)
-        command = ("EVALSHA", self._script.sha, len(keys), *keys, *args)
-        try:
-            return await self._pipeline.call(*command)
-        except NoScriptError:  # a new server, or one whose scripts were flushed
-            await self._pipeline.call("SCRIPT", "LOAD", self._script.script)
-            return await self._pipeline.call(*command)
+        pipeline, command = self._pipeline, self._evalsha(keys, args)
+        return await self._loaded(lambda: pipeline.call(*command))
 
     async def then_read(
         self, keys: Sequence[str], args: Sequence[ScriptArg], read: tuple[EncodableT, ...]
@@ -326,14 +320,26 @@ class _Script:
         """The script, then the command `read`, as one transaction on the shared connection
         (there must be one): both replies."""
         assert self._pipeline is not None
-        command = ("EVALSHA", self._script.sha, len(keys), *keys, *args)
-        script, after = await self._pipeline.transaction(command, read)
+        pipeline, command = self._pipeline, self._evalsha(keys, args)
+
+        async def both() -> tuple[Any, Any]:
+            script, after = await pipeline.transaction(command, read)
+            return raised(script), raised(after)  # NOSCRIPT: nothing ran but the read
+
+        return await self._loaded(both)
+
+    def _evalsha(self, keys: Sequence[str], args: Sequence[ScriptArg]) -> tuple[EncodableT, ...]:
+        return ("EVALSHA", self._script.sha, len(keys), *keys, *args)
+
+    async def _loaded(self, run: Callable[[], Awaitable[T]]) -> T:
+        """`run`, and once more after loading the script if Redis did not have it (a new
+        server, or one whose scripts were flushed)."""
+        assert self._pipeline is not None
         try:
-            return raised(script), raised(after)
-        except NoScriptError:  # then nothing ran but the read
+            return await run()
+        except NoScriptError:
             await self._pipeline.call("SCRIPT", "LOAD", self._script.script)
-            script, after = await self._pipeline.transaction(command, read)
-            return raised(script), raised(after)
+            return await run()
 
 
 def redis_address(url: str) -> str:

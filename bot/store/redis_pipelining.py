@@ -155,9 +155,7 @@ class AutoPipeline:
         self._opening: asyncio.Task[_Replies] | None = None
 
     async def call(self, *args: EncodableT) -> Any:
-        replies = self._replies
-        if replies is None or replies.closed:
-            replies = await self._open()
+        replies = await self._connected()
         return await replies.send(self._pack(args))[0]
 
     async def transaction(self, *commands: tuple[EncodableT, ...]) -> list[Any]:
@@ -165,9 +163,7 @@ class AutoPipeline:
         element per command, an error among them as its exception object (hiredis's
         `ReplyError`, as `raised` turns it into redis-py's). A command refused when queued
         fails the whole, with that refusal (`OutOfMemoryError`, say)."""
-        replies = self._replies
-        if replies is None or replies.closed:
-            replies = await self._open()
+        replies = await self._connected()
         packed = [self._pack(("MULTI",)), *map(self._pack, commands), self._pack(("EXEC",))]
         *queued, done = replies.send(*packed)
         for waiter in queued:  # 'OK' and 'QUEUED', or the refusal EXEC also reports
@@ -182,9 +178,11 @@ class AutoPipeline:
             raise
         return result
 
-    async def _open(self) -> _Replies:
-        """Every call that finds no connection waits for the same new one; a call that gives
-        up does not stop it opening for the others."""
+    async def _connected(self) -> _Replies:
+        """The open connection, or a new one: every call that finds none waits for the same
+        new one, and a call that gives up does not stop it opening for the others."""
+        if self._replies is not None and not self._replies.closed:
+            return self._replies
         if self._opening is None or self._opening.done():
             self._opening = asyncio.ensure_future(self._connect())
             self._opening.add_done_callback(_retrieve)
