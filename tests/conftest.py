@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import signal
 import socket
@@ -30,10 +31,38 @@ TEST_MODELS = (
 )
 
 
+def _ephemeral_ports() -> range:
+    """The ports the kernel hands out to outgoing connections (and to `bind(port 0)`)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)  # Linux's default
+
+
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free now and outside the ephemeral range: a port the kernel picked (port 0)
+    may be taken by any outgoing connection (a test's client, the bot's own) before the
+    server a test starts on it binds it, which failed a test now and then with "address
+    already in use". Below that range only servers bind, and each port is handed out once."""
+    ephemeral = _ephemeral_ports()
+    low = 10_000 if ephemeral.start > 12_000 else 1_024
+    high = ephemeral.start if ephemeral.start > low + 1_000 else 65_536
+    candidates = random.Random().sample(range(low, high), 200)
+    for port in candidates:
+        if port in _handed_out or port in ephemeral:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port found")
 
 
 class RedisServer:
