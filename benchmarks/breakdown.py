@@ -119,6 +119,10 @@ class FirstTurnParts:
         return self.begin_first + self.finish - self.lrange - self.list_write
 
 
+SCRIPT_CALLS = ("fcall", "evalsha")
+"""How the store's scripts are called (`bot.store.redis_functions`)."""
+
+
 async def _server_time(
     client: aioredis.Redis,
     work: Callable[[], Awaitable[None]],
@@ -126,7 +130,7 @@ async def _server_time(
     units: int,
 ) -> float:
     """Server time of `commands` while `work` runs, per unit of work (usec). A script's own
-    entry (EVALSHA) includes the commands it calls, and EXEC the commands of its
+    entry (FCALL, or EVALSHA) includes the commands it calls, and EXEC the commands of its
     transaction, which are also counted on their own: when `work` ran transactions, their
     MULTI and EXEC are counted instead of `commands`."""
     await client.config_resetstat()
@@ -183,11 +187,11 @@ async def first_turn_parts(
             turns.clear()
 
         n = len(scopes)
-        begin_first = await _server_time(direct, begin_all, ("evalsha",), n)
+        begin_first = await _server_time(direct, begin_all, SCRIPT_CALLS, n)
         loaded = len(turns[0].recent)
-        finish = await _server_time(direct, finish_all, ("evalsha",), n)
+        finish = await _server_time(direct, finish_all, SCRIPT_CALLS, n)
         first_calls = {part: list(calls[part]) for part in ("begin", "finish")}
-        begin_steady = await _server_time(direct, begin_all, ("evalsha",), n)
+        begin_steady = await _server_time(direct, begin_all, SCRIPT_CALLS, n)
         await finish_all()
 
         texts = [encode_message(m) for m in stored[-loaded:]]

@@ -4,19 +4,19 @@ A small TCP proxy sits between the bot's Redis client and redis-server. It parse
 commands the client sends (RESP arrays) and counts round trips: a round trip starts when the
 client sends after having received something (or for the first time), so commands pipelined
 in one burst count once. Redis's own `INFO commandstats` (reset before the turns) adds what
-ran inside Redis: a Lua script is one EVALSHA on the wire, while the commands it calls with
-`redis.call` are counted separately there, with the server time they took."""
+ran inside Redis: a Lua script is one FCALL (or EVALSHA) on the wire, while the commands it
+calls with `redis.call` are counted separately there, with the server time they took."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
 import bot.store.redis as redis_store
+import bot.store.redis_usage as redis_usage
 from benchmarks.common import POLICY, Conversation, EngineTurns, percentile, run_turns, seed
 from bot.store.redis import RedisStore
 
@@ -129,24 +129,33 @@ class CountingProxy:
             self._handlers.discard(handler)
 
 
-def script_names() -> dict[str, str]:
-    """SHA1 -> name of the Lua scripts in bot/store/redis.py (read, never changed)."""
-    return {
-        hashlib.sha1(value.encode()).hexdigest(): name.strip("_").lower()
-        for name, value in vars(redis_store).items()
+def script_names(store: RedisStore) -> dict[str, str]:
+    """How each of `store`'s scripts shows in SLOWLOG (its SHA1 for EVALSHA, its function's
+    name for FCALL) -> its name in bot/store/redis.py or bot/store/redis_usage.py."""
+    named = {
+        redis_store._single_redis(value): name.strip("_").lower()
+        for module in (redis_store, redis_usage)
+        for name, value in vars(module).items()
         if isinstance(value, str) and "redis.call" in value
     }
+    out: dict[str, str] = {}
+    for holder in (store, store._usage):
+        for script in vars(holder).values():
+            if isinstance(script, redis_store._Script):
+                for wire in script.wire_names():
+                    out[wire] = named.get(script.source, wire[:8])
+    return out
 
 
-def script_times(entries: list[dict[str, object]]) -> dict[str, float]:
-    """Median duration (µs) of each script in SLOWLOG entries, named where known."""
-    names = script_names()
+def script_times(entries: list[dict[str, object]], store: RedisStore) -> dict[str, float]:
+    """Median duration (µs) of each of `store`'s scripts in SLOWLOG entries, by name."""
+    names = script_names(store)
     durations: defaultdict[str, list[int]] = defaultdict(list)
     for entry in entries:
         raw = entry["command"]
         text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
         words = text.split(" ", 2)
-        if words[0].upper() == "EVALSHA" and len(words) > 1:
+        if words[0].upper() in ("EVALSHA", "FCALL") and len(words) > 1:
             durations[names.get(words[1], words[1][:8])].append(int(str(entry["duration"])))
     return {name: percentile(values, 50) for name, values in durations.items()}
 
@@ -210,7 +219,7 @@ async def count(
         proxy.reset()
         await run_turns(store, conversation, scopes, rounds, turns=engine)
         stats = parse_commandstats(await direct.info("commandstats"))
-        scripts = script_times(await direct.slowlog_get(4 * turns + 100))
+        scripts = script_times(await direct.slowlog_get(4 * turns + 100), store)
         await direct.config_set("slowlog-log-slower-than", 10_000)
         done = rounds * len(scopes)
         sent = {name: n / done for name, n in proxy.commands.items()}

@@ -7,7 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,7 +68,10 @@ def free_port() -> int:
 class RedisServer:
     """A real redis-server on a free port that a test may stop and start again."""
 
-    def __init__(self, directory: Path, password: str | None = None) -> None:
+    def __init__(
+        self, directory: Path, password: str | None = None, options: Sequence[str] = ()
+    ) -> None:
+        """`options`: more of redis-server's command-line settings."""
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed; .ci/run installs it")
@@ -76,6 +79,7 @@ class RedisServer:
         self.port = free_port()
         self.directory = directory
         self.password = password
+        self.options = list(options)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -97,6 +101,7 @@ class RedisServer:
                 "--dir",
                 str(self.directory),
                 *(["--requirepass", self.password] if self.password else []),
+                *self.options,
             ],
             stdout=subprocess.DEVNULL,
         )

@@ -147,6 +147,7 @@ from bot.store.base import (
     stored_name,
 )
 from bot.store.recent import RecentCache, RecentWindow
+from bot.store.redis_functions import FunctionLibrary
 from bot.store.redis_pipelining import AutoPipeline, raised
 from bot.store.redis_usage import RedisUsage
 from bot.usage import NOTHING_USED, Admission, Charge, Refusal, ServerUsage, SessionUsage
@@ -298,48 +299,79 @@ def _auto_pipeline(url: str, pool: aioredis.ConnectionPool) -> AutoPipeline | No
 
 class _Script:
     """A registered script, run over the shared connection where there is one (a single
-    Redis, `_auto_pipeline`), else through redis-py's client."""
+    Redis, `_auto_pipeline`), as a function of the store's library while Redis takes them
+    (`FunctionLibrary`), else with EVALSHA; without the shared connection, through
+    redis-py's client."""
 
     def __init__(
         self,
         script: AsyncScript,
         pipeline: AutoPipeline | None,
         client: aioredis.Redis | RedisCluster,
+        library: FunctionLibrary | None,
     ) -> None:
         self._script, self._pipeline, self._client = script, pipeline, client
+        self._library = library if pipeline is not None else None
+        source = script.script
+        assert isinstance(source, str)  # as registered
+        self._index = -1 if self._library is None else self._library.add(source)
 
     async def __call__(self, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
-        if self._pipeline is None:
+        pipeline = self._pipeline
+        if pipeline is None:
             return await self._script(keys=keys, args=args)
-        pipeline, command = self._pipeline, self._evalsha(keys, args)
-        return await self._loaded(lambda: pipeline.call(*command))
+        return await self._loaded(lambda: pipeline.call(*self._command(keys, args)))
 
     async def then_read(
         self, keys: Sequence[str], args: Sequence[ScriptArg], read: tuple[EncodableT, ...]
     ) -> tuple[Any, Any]:
         """The script, then the command `read`, as one transaction on the shared connection
         (there must be one): both replies."""
-        assert self._pipeline is not None
-        pipeline, command = self._pipeline, self._evalsha(keys, args)
+        pipeline = self._pipeline
+        assert pipeline is not None
 
         async def both() -> tuple[Any, Any]:
-            script, after = await pipeline.transaction(command, read)
+            script, after = await pipeline.transaction(self._command(keys, args), read)
             return raised(script), raised(after)  # NOSCRIPT: nothing ran but the read
 
         return await self._loaded(both)
 
-    def _evalsha(self, keys: Sequence[str], args: Sequence[ScriptArg]) -> tuple[EncodableT, ...]:
+    @property
+    def source(self) -> str:
+        return str(self._script.script)
+
+    def wire_names(self) -> list[str]:
+        """How a call of it shows on the wire and in Redis's logs: its SHA1 (EVALSHA) and,
+        where it is in a library, its function's name (FCALL)."""
+        names = [str(self._script.sha)]
+        if self._library is not None:
+            names.append(self._library.function(self._index))
+        return names
+
+    def _command(self, keys: Sequence[str], args: Sequence[ScriptArg]) -> tuple[EncodableT, ...]:
+        library = self._library
+        if library is not None and library.usable is not False:
+            return library.command(self._index, keys, args)
         return ("EVALSHA", self._script.sha, len(keys), *keys, *args)
 
     async def _loaded(self, run: Callable[[], Awaitable[T]]) -> T:
-        """`run`, and once more after loading the script if Redis did not have it (a new
-        server, or one whose scripts were flushed)."""
-        assert self._pipeline is not None
-        try:
-            return await run()
-        except NoScriptError:
-            await self._pipeline.call("SCRIPT", "LOAD", self._script.script)
-            return await run()
+        """`run`, again after loading what Redis did not have (a new server, or one that lost
+        its scripts or functions), or after falling back to EVALSHA where Redis refuses
+        functions."""
+        pipeline, library = self._pipeline, self._library
+        assert pipeline is not None
+        for attempt in range(3):
+            try:
+                return await run()
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                await pipeline.call("SCRIPT", "LOAD", self._script.script)
+            except ResponseError as error:
+                if library is None or attempt == 2 or not library.answers(error):
+                    raise
+                await library.mend(pipeline.call, error)
+        raise AssertionError("unreachable")
 
 
 def redis_address(url: str) -> str:
@@ -630,6 +662,12 @@ def _lua(body: str) -> str:
     ):
         script = script.replace(name, value)
     return script
+
+
+def _single_redis(script: str) -> str:
+    """`script` as a single Redis runs it: without the probe, which guards scripts on a
+    cluster's slot being moved (`_PRELUDE`)."""
+    return script.replace(_PROBE_CALL, "", 1)
 
 
 # ARGV: prefix, token, lock_ms, budget_bytes, default_model, now, place, claim, claim_ttl,
@@ -1575,11 +1613,12 @@ class RedisStore:
         whose new message is shorter than the last one's still finds its history cached."""
 
         cluster = isinstance(client, RedisCluster)
+        library = None if pipeline is None else FunctionLibrary(_single_redis(_lua("")))
 
         def register(source: str) -> _Script:
-            if not cluster:  # the probe guards scripts on a slot being moved: nothing here
-                source = source.replace(_PROBE_CALL, "", 1)
-            return _Script(client.register_script(source), pipeline, client)
+            if not cluster:
+                source = _single_redis(source)
+            return _Script(client.register_script(source), pipeline, client, library)
 
         self._begin = register(_BEGIN_TURN)
         self._claim = register(_CLAIM)
