@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 
 from bot.errors import StoreUnavailable
-from bot.store.base import SessionSettings, StorePolicy
+from bot.store.base import SessionSettings, StorePolicy, Ticket
 from bot.store.redis import RedisStore
 from tests.conftest import TEST_MODELS, RedisServer, free_port
 
 POLICY = StorePolicy(default_model=TEST_MODELS[0], ttl_seconds=0)
 SETTINGS = SessionSettings(TEST_MODELS[0])
 CHANNELS = 300
+LOCK_MS = 30_000
 
 
 async def test_many_channels_at_once_share_one_connection_each_with_its_own_answer(
@@ -112,6 +113,28 @@ async def test_a_connection_gone_silent_is_replaced_after_a_call_runs_out_of_tim
         with pytest.raises(StoreUnavailable):
             await store.current_session("discord:1")
         assert (await store.current_session("discord:1")).name == "alpha"
+    finally:
+        await store.close()
+
+
+async def test_a_turn_on_a_silent_connection_gives_up_at_its_deadline(
+    proxy: MutingProxy,
+) -> None:
+    """A turn's calls have no timer of their own: the shared connection keeps their
+    deadline (one timer for every call on it). Without it this turn would wait forever."""
+    store = RedisStore.from_url(f"redis://127.0.0.1:{proxy.port}/0", POLICY, call_timeout=1.0)
+    try:
+        turn = await store.begin_turn("discord:1", Ticket.now(), 100_000, LOCK_MS)
+        await store.finish_turn(turn, [{"role": "user", "content": "before"}])
+        proxy.mute()
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(
+                store.begin_turn("discord:1", Ticket.now(), 100_000, LOCK_MS), 30
+            )
+        turn = await store.begin_turn("discord:1", Ticket.now(), 100_000, LOCK_MS)
+        assert [m["content"] for m in turn.recent] == ["before"]
+        assert await store.finish_turn(turn, [{"role": "user", "content": "after"}])
+        assert proxy.connections == 2
     finally:
         await store.close()
 

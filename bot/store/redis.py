@@ -72,7 +72,7 @@ import urllib.parse
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -279,7 +279,9 @@ def _pack(args: tuple[EncodableT, ...]) -> bytes:
     return packed
 
 
-def _auto_pipeline(url: str, pool: aioredis.ConnectionPool) -> AutoPipeline | None:
+def _auto_pipeline(
+    url: str, pool: aioredis.ConnectionPool, call_timeout: float = CALL_TIMEOUT_SECONDS
+) -> AutoPipeline | None:
     """For a plain redis:// URL (no TLS, no socket path, no options): the scripts' shared
     connection (`AutoPipeline`). Anything else keeps redis-py's own connections only."""
     parts = urllib.parse.urlsplit(url)
@@ -294,6 +296,7 @@ def _auto_pipeline(url: str, pool: aioredis.ConnectionPool) -> AutoPipeline | No
         username=settings.get("username"),
         password=settings.get("password"),
         connect_timeout=float(settings.get("socket_connect_timeout") or 2.0),
+        call_timeout=call_timeout,
     )
 
 
@@ -1573,6 +1576,29 @@ def _refuse_damaged(reply: Sequence[ScriptArg]) -> None:
         raise DamagedState(str(reply[1]))
 
 
+class _Untimed:
+    """`RedisStore._available` where the shared connection keeps the deadline: errors mapped
+    alike, no timer."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: object
+    ) -> bool:
+        if not isinstance(error, Exception):
+            return False
+        outage = self._store._unavailable(error)
+        if outage is None:
+            return False
+        raise outage from error
+
+
 class RedisStore:
     """Sessions in Redis. The client is injected; `from_url` builds (and then owns) one."""
 
@@ -1608,6 +1634,7 @@ class RedisStore:
         the record in a slot of its own, which a script of the place cannot touch)."""
         self._noted = PlaceNotes()
         """Places noted by `begin_turn`, so `note_place` need not note them again."""
+        self._untimed = _Untimed(self)
         self._load_bytes = 0
         """The largest budget asked for so far: windows are loaded and kept to it, so a turn
         whose new message is shorter than the last one's still finds its history cached."""
@@ -1677,7 +1704,7 @@ class RedisStore:
             health_check_interval=30,
         )
         client = aioredis.Redis.from_pool(pool)
-        pipeline = _auto_pipeline(url, pool)
+        pipeline = _auto_pipeline(url, pool, call_timeout)
         return cls(client, policy, owns_client=True, call_timeout=call_timeout, pipeline=pipeline)
 
     async def close(self) -> None:
@@ -1755,12 +1782,24 @@ class RedisStore:
                 "storage: the Redis Cluster slot map was not reloaded: %s", type(error).__name__
             )
 
+    def _available(
+        self, seconds: float | None = None, *, pipelined: bool = False
+    ) -> AbstractAsyncContextManager[None]:
+        """Turn a lost or silent connection into the one error users are shown for it
+        (`_unavailable`), and give up at the call deadline (`seconds`, else the store's).
+        No later call reads the reply of a call cut off mid-reply: redis-py drops its
+        connection, and the scripts' shared connection drops the reply (`AutoPipeline`),
+        and is itself replaced if it has been silent for half the deadline.
+
+        `pipelined`: the calls inside go only through `_Script` and the shared connection,
+        where there is one, and that connection gives each command the store's deadline
+        itself, with one timer for all of them: then no timer of its own is set here."""
+        if pipelined and self._pipeline is not None:
+            return self._untimed
+        return self._timed(seconds)
+
     @asynccontextmanager
-    async def _available(self, seconds: float | None = None) -> AsyncIterator[None]:
-        """Turn a lost or silent connection into the one error users are shown for it. No
-        later call reads the reply of a call cut off mid-reply: redis-py drops its connection,
-        and the scripts' shared connection drops the reply (`AutoPipeline`), and is itself
-        replaced if it has been silent for half the deadline."""
+    async def _timed(self, seconds: float | None) -> AsyncIterator[None]:
         try:
             async with asyncio.timeout(seconds or self._call_timeout):
                 if self._in_flight is None:
@@ -1768,33 +1807,41 @@ class RedisStore:
                 else:
                     async with self._in_flight:
                         yield
-        except (
-            RedisConnectionError,
-            RedisTimeoutError,
-            OSError,
-            ClusterError,  # a slot without a primary: during a failover
-            RedisClusterException,  # no node reachable, or a slot not covered
-            TryAgainError,  # a slot moving between nodes
-        ) as error:
+        except Exception as error:
+            outage = self._unavailable(error)
+            if outage is None:
+                raise
+            raise outage from error
+
+    def _unavailable(self, error: Exception) -> StoreUnavailable | None:
+        """The error users are shown for `error` when it means storage cannot be used now;
+        None for anything else (a bug, or junk where a script looked), raised as it is."""
+        if isinstance(
+            error,
+            (
+                RedisConnectionError,
+                RedisTimeoutError,
+                OSError,
+                ClusterError,  # a slot without a primary: during a failover
+                RedisClusterException,  # no node reachable, or a slot not covered
+                TryAgainError,  # a slot moving between nodes
+            ),
+        ):
             if isinstance(error, TimeoutError):  # our deadline: perhaps a frozen cluster node
                 self._reload_cluster_map_soon()
                 if self._pipeline is not None:  # or a dead connection that never said so
                     self._pipeline.drop_if_silent(self._call_timeout / 2)
-            self.stats.unavailable += 1
-            raise StoreUnavailable() from error
-        except OutOfMemoryError as error:
+        elif isinstance(error, OutOfMemoryError):
             # Under `maxmemory-policy noeviction` Redis refuses writes when full, rather than
             # dropping sessions: an outage to explain, not a bug to trace.
             log.warning("storage: Redis is full (maxmemory reached) and refuses writes")
-            self.stats.unavailable += 1
-            raise StoreUnavailable() from error
-        except ResponseError as error:
-            if not str(error).startswith(_SCRIPT_REFUSED_BY_CLUSTER):
-                raise
-            # A script on a slot being moved away (see `_PRELUDE`), or on a cluster that is
-            # down: refused before it wrote anything, like a node that is not there.
-            self.stats.unavailable += 1
-            raise StoreUnavailable() from error
+        elif isinstance(error, ResponseError) and str(error).startswith(_SCRIPT_REFUSED_BY_CLUSTER):
+            pass  # a script on a slot being moved away (see `_PRELUDE`), or on a cluster that
+            # is down: refused before it wrote anything, like a node that is not there
+        else:
+            return None
+        self.stats.unavailable += 1
+        return StoreUnavailable()
 
     async def ping(self) -> None:
         try:
@@ -1838,7 +1885,7 @@ class RedisStore:
             keys += [places_key(), place_servers_key()]
             args += [scope, time.time(), PLACES_KEPT_SECONDS, PLACES_KEPT, ticket.server or ""]
         newest: list[str] = []
-        async with self._available():
+        async with self._available(pipelined=True):
             if reading:
                 lrange = (
                     "LRANGE",
@@ -1992,7 +2039,7 @@ class RedisStore:
             charged.estimated_tokens,
             *stored,
         ]
-        async with self._available():
+        async with self._available(pipelined=True):
             reply = await self._finish(keys=self._keys(turn.scope), args=args)
         if reply[0] == 2:
             self._recent.drop(turn.scope)
@@ -2204,7 +2251,7 @@ class RedisStore:
 
     async def note_answer(self, scope: str, ref: str, replies: Sequence[str]) -> None:
         args: list[ScriptArg] = [self._prefix(scope), ref, answer_record(replies)]
-        async with self._available():
+        async with self._available(pipelined=True):
             await self._note(keys=self._keys(scope), args=args)
 
     async def last_exchange(self, turn: Turn) -> Exchange | None:
@@ -2246,11 +2293,11 @@ class RedisStore:
         return bool(reply[0] == 1)
 
     async def admit(self, admission: Admission) -> Refusal | None:
-        async with self._available():
+        async with self._available(pipelined=True):
             return await self._usage.admit(admission)
 
     async def record_usage(self, charge: Charge, *, session: bool = True) -> None:
-        async with self._available():
+        async with self._available(pipelined=True):
             await self._usage.record(charge, session=session)
 
     async def session_usage(self, scope: str, name: str, server: str, day: str) -> SessionUsage:

@@ -11,10 +11,11 @@ connection itself: no pool, no task per call.
 A reply belongs to the call that sent its command: Redis answers in order, and a call that
 gave up (its deadline passed, or it was cancelled) leaves its place in the line, so its late
 reply is read and dropped, never handed to a later call. A lost connection fails the calls
-waiting on it; the next call opens a new one. A connection that has said nothing for a
-while, with calls waiting, may be silently dead (a frozen server, a network that dropped
-it): `drop_if_silent` closes it, so the next call opens a new one instead of waiting
-behind it."""
+waiting on it; the next call opens a new one. Each command gets its reply within the call
+deadline or fails with `TimeoutError`: the connection keeps the deadlines, with one timer for
+all the calls on it. A connection that has said nothing for a while, with calls waiting, may
+be silently dead (a frozen server, a network that dropped it): it is closed then (and by
+`drop_if_silent`), so the next call opens a new one instead of waiting behind it."""
 
 from __future__ import annotations
 
@@ -37,9 +38,13 @@ Packer = Callable[[tuple[EncodableT, ...]], bytes]
 class _Replies(asyncio.Protocol):
     """The connection: commands out, replies back to the calls waiting, in order."""
 
-    def __init__(self, encoding: str, errors: str) -> None:
+    def __init__(self, encoding: str, errors: str, call_timeout: float) -> None:
         self.reader = hiredis.Reader(encoding=encoding, errors=errors)
         self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.deadlines: deque[float] = deque()
+        """When each waiting call gives up (event-loop time), in the same order."""
+        self.call_timeout = call_timeout
+        self._watch: asyncio.TimerHandle | None = None
         self.outgoing: list[bytes] = []
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -64,6 +69,7 @@ class _Replies(asyncio.Protocol):
             if reply is False:
                 return
             waiter = self.waiting.popleft()
+            self.deadlines.popleft()
             if waiter.done():  # its call gave up
                 continue
             if isinstance(reply, hiredis.ReplyError):
@@ -76,17 +82,26 @@ class _Replies(asyncio.Protocol):
         error = RedisConnectionError(
             "Connection closed by server." if exc is None else f"Connection lost: {exc}"
         )
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        self.deadlines.clear()
         while self.waiting:
             waiter = self.waiting.popleft()
             if not waiter.done():
                 waiter.set_exception(error)
 
     def send(self, *packed: bytes) -> list[asyncio.Future[Any]]:
-        """One reply awaited per command. A call alone on the connection is written at
-        once; calls made while others wait are written together once this turn of the event
-        loop is done."""
+        """One reply awaited per command, each failing with `TimeoutError` if it has not
+        come within the call deadline (`_give_up`). A call alone on the connection is
+        written at once; calls made while others wait are written together once this turn
+        of the event loop is done."""
         loop = asyncio.get_running_loop()
         waiters = [loop.create_future() for _ in packed]
+        deadline = loop.time() + self.call_timeout
+        self.deadlines.extend([deadline] * len(waiters))
+        if self._watch is None:
+            self._watch = loop.call_at(deadline, self._give_up)
         if not self.waiting:
             self.heard_at = time.monotonic()  # silence counts from the first call that waits
             self.waiting.extend(waiters)
@@ -98,6 +113,30 @@ class _Replies(asyncio.Protocol):
             loop.call_soon(self._flush)
         self.outgoing.extend(packed)
         return waiters
+
+    def _give_up(self) -> None:
+        """Fail the calls past their deadline (their late replies are dropped), and hang up
+        if the server has been silent for half the deadline: it may be frozen, or the path
+        to it dropped, so the next call opens a new connection instead of waiting behind
+        this one. One timer serves every call on the connection: set for the first call,
+        then for the next deadline whenever it fires, where a timer per call (as
+        `asyncio.timeout` sets) cost each call more than its own share of Redis's time."""
+        self._watch = None
+        now = asyncio.get_running_loop().time()
+        given_up, upcoming = False, None
+        for waiter, deadline in zip(self.waiting, self.deadlines, strict=True):
+            if waiter.done():
+                continue
+            if deadline <= now:
+                waiter.set_exception(TimeoutError("Redis did not answer within the call deadline"))
+                given_up = True
+            elif upcoming is None or deadline < upcoming:
+                upcoming = deadline
+        if given_up and time.monotonic() - self.heard_at >= self.call_timeout / 2:
+            self.abort()
+            return
+        if upcoming is not None:
+            self._watch = asyncio.get_running_loop().call_at(upcoming, self._give_up)
 
     def _flush(self) -> None:
         data = b"".join(self.outgoing)
@@ -141,8 +180,11 @@ class AutoPipeline:
         encoding: str = "utf-8",
         errors: str = "strict",
         connect_timeout: float = 2.0,
+        call_timeout: float = 5.0,
     ) -> None:
+        """`call_timeout`: how long each command waits for its reply (`_Replies.send`)."""
         self._pack = pack
+        self._call_timeout = call_timeout
         self._address = (host, port)
         self._hello: list[tuple[EncodableT, ...]] = []
         if password is not None:
@@ -192,7 +234,7 @@ class AutoPipeline:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self._connect_timeout):
             transport, replies = await loop.create_connection(
-                lambda: _Replies(*self._decoding), *self._address
+                lambda: _Replies(*self._decoding, self._call_timeout), *self._address
             )
             try:
                 await asyncio.gather(*replies.send(*map(self._pack, self._hello)))
