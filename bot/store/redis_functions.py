@@ -137,7 +137,9 @@ class FunctionLibrary:
 
     def _give_up(self, error: ResponseError) -> None:
         if self.usable is not False:
-            log.info("storage: Redis functions not used (%s); scripts run with EVALSHA", error)
+            # Refused (Redis 6, an ACL) is a setting; anything else is worth a look.
+            level = logging.INFO if _refused(error) else logging.WARNING
+            log.log(level, "storage: Redis functions not used (%s); scripts use EVALSHA", error)
         self.usable = False
 
 

@@ -119,8 +119,8 @@ class _Replies(asyncio.Protocol):
         if the server has been silent for half the deadline: it may be frozen, or the path
         to it dropped, so the next call opens a new connection instead of waiting behind
         this one. One timer serves every call on the connection: set for the first call,
-        then for the next deadline whenever it fires, where a timer per call (as
-        `asyncio.timeout` sets) cost each call more than its own share of Redis's time."""
+        then for the next deadline whenever it fires; a timer per call (as `asyncio.timeout`
+        sets and cancels) cost each call 10-20 µs on a small VM."""
         self._watch = None
         now = asyncio.get_running_loop().time()
         given_up, upcoming = False, None
