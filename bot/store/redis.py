@@ -435,17 +435,39 @@ def session_key(scope: str, name: str, part: str) -> str:
 
 
 # Note `scope` (of `server`, '' when unknown) in the places zset and their servers hash as
-# noted `now`; places older than `oldest` or past the newest `kept` leave both.
+# noted `now`; places noted before `oldest`, and past the newest `kept`, leave both. Only a
+# place new to the record can make it outgrow `kept`, and only its oldest place can be too
+# old, so noting a place known already takes two calls (three with its server), where
+# checking both keys and both limits in full took six. Junk in either key is dropped.
 _NOTE_PLACE_FUNCTION = """
+local function junk(reply)  -- whether a `redis.pcall` reply says its key holds the wrong type
+  if type(reply) ~= 'table' or not reply.err then return false end
+  if string.sub(reply.err, 1, 9) == 'WRONGTYPE' then return true end
+  error(reply)
+end
 local function note_place(places, servers, scope, server, now, oldest, kept)
-  if redis.call('TYPE', servers).ok ~= 'hash' then redis.call('DEL', servers) end  -- junk
-  redis.call('ZADD', places, now, scope)
-  if server ~= '' then redis.call('HSET', servers, scope, server) end
-  local gone = redis.call('ZRANGEBYSCORE', places, '-inf', '(' .. oldest)
-  for _, old in ipairs(redis.call('ZRANGE', places, 0, -kept - 1)) do table.insert(gone, old) end
+  local added = redis.pcall('ZADD', places, now, scope)
+  if junk(added) then
+    redis.call('DEL', places)
+    added = redis.call('ZADD', places, now, scope)
+  end
+  if server ~= '' and junk(redis.pcall('HSET', servers, scope, server)) then
+    redis.call('DEL', servers)
+    redis.call('HSET', servers, scope, server)
+  end
+  local gone = {}
+  local first = redis.call('ZRANGE', places, 0, 0, 'WITHSCORES')
+  if tonumber(first[2]) < oldest then
+    gone = redis.call('ZRANGEBYSCORE', places, '-inf', '(' .. oldest)
+  end
+  if added == 1 and redis.call('ZCARD', places) - #gone > kept then
+    for _, old in ipairs(redis.call('ZRANGE', places, #gone, -kept - 1)) do
+      gone[#gone + 1] = old
+    end
+  end
   for _, old in ipairs(gone) do
     redis.call('ZREM', places, old)
-    redis.call('HDEL', servers, old)
+    if junk(redis.pcall('HDEL', servers, old)) then redis.call('DEL', servers) end
   end
 end
 """
@@ -702,7 +724,7 @@ _BEGIN_TURN = _lua(
 local token, claim = ARGV[2], ARGV[8]
 local mine = 'lease:' .. token
 local function noted()  -- the place noted here (see `note_place`), once the lock is held
-  if KEYS[3] and of_type(KEYS[3], 'zset') then
+  if KEYS[3] then
     local at = tonumber(ARGV[20])
     note_place(KEYS[3], KEYS[4], ARGV[19], ARGV[23], at, at - tonumber(ARGV[21]),
                tonumber(ARGV[22]))
@@ -1562,10 +1584,10 @@ _NOTE_PLACE = (
     + """
 if tonumber(ARGV[5]) < 0 then
   redis.call('ZREM', KEYS[1], ARGV[1])
-  redis.call('HDEL', KEYS[2], ARGV[1])
+  if junk(redis.pcall('HDEL', KEYS[2], ARGV[1])) then redis.call('DEL', KEYS[2]) end
   return 0
 end
-note_place(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]))
+note_place(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
 return 1
 """
 )
@@ -2001,11 +2023,21 @@ class RedisStore:
             await self._note_place(keys=[places_key(), place_servers_key()], args=args)
 
     async def recent_places(self) -> list[NotedPlace]:
+        """Junk where the places' servers are kept is dropped: they are unknown then (noting a
+        place with its server repairs it too, but one without leaves that key alone)."""
         since = time.time() - PLACES_KEPT_SECONDS
-        async with self._available(), self._redis.pipeline(transaction=False) as reads:
-            reads.zrevrangebyscore(places_key(), "+inf", since)
-            reads.hgetall(place_servers_key())
-            found, servers = await reads.execute()
+        async with self._available():
+            async with self._redis.pipeline(transaction=False) as reads:
+                reads.zrevrangebyscore(places_key(), "+inf", since)
+                reads.hgetall(place_servers_key())
+                found, servers = await reads.execute(raise_on_error=False)
+            if isinstance(found, Exception):
+                raise found
+            if isinstance(servers, Exception):
+                if not isinstance(servers, ResponseError):
+                    raise servers
+                await self._redis.delete(place_servers_key())
+                servers = {}
         return [NotedPlace(str(scope), servers.get(scope)) for scope in found]
 
     async def finish_turn(
