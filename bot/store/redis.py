@@ -434,24 +434,31 @@ def session_key(scope: str, name: str, part: str) -> str:
     return scope_key(scope, f"s:{name}:{part}")
 
 
+# In the prelude, and in `_NOTE_PLACE`, which runs without it.
+_DAMAGED_FUNCTION = """
+-- Whether a `redis.pcall` reply says its key holds the wrong type. Reads of keys that may hold
+-- junk go through pcall so that only the damaged case pays for the check, where a TYPE before
+-- each read costs every call a call. Any other error is raised, as redis.call would.
+local function damaged(reply)
+  if type(reply) ~= 'table' or not reply.err then return false end
+  if string.sub(reply.err, 1, 9) == 'WRONGTYPE' then return true end
+  error(reply)
+end
+"""
+
 # Note `scope` (of `server`, '' when unknown) in the places zset and their servers hash as
 # noted `now`; places noted before `oldest`, and past the newest `kept`, leave both. Only a
 # place new to the record can make it outgrow `kept`, and only its oldest place can be too
 # old, so noting a place known already takes two calls (three with its server), where
 # checking both keys and both limits in full took six. Junk in either key is dropped.
 _NOTE_PLACE_FUNCTION = """
-local function junk(reply)  -- whether a `redis.pcall` reply says its key holds the wrong type
-  if type(reply) ~= 'table' or not reply.err then return false end
-  if string.sub(reply.err, 1, 9) == 'WRONGTYPE' then return true end
-  error(reply)
-end
 local function note_place(places, servers, scope, server, now, oldest, kept)
   local added = redis.pcall('ZADD', places, now, scope)
-  if junk(added) then
+  if damaged(added) then
     redis.call('DEL', places)
     added = redis.call('ZADD', places, now, scope)
   end
-  if server ~= '' and junk(redis.pcall('HSET', servers, scope, server)) then
+  if server ~= '' and damaged(redis.pcall('HSET', servers, scope, server)) then
     redis.call('DEL', servers)
     redis.call('HSET', servers, scope, server)
   end
@@ -467,7 +474,7 @@ local function note_place(places, servers, scope, server, now, oldest, kept)
   end
   for _, old in ipairs(gone) do
     redis.call('ZREM', places, old)
-    if junk(redis.pcall('HDEL', servers, old)) then redis.call('DEL', servers) end
+    if damaged(redis.pcall('HDEL', servers, old)) then redis.call('DEL', servers) end
   end
 end
 """
@@ -483,7 +490,8 @@ end
 # anything else makes such a script fail whole, with nothing written; the client then sees
 # storage unavailable until the slot's keys are all moved (then it is redirected to their
 # new node). On a single Redis, where no slot moves, the store leaves it out (`_PROBE_CALL`).
-_PRELUDE = """
+_PRELUDE = (
+    """
 local prefix = ARGV[1]
 $PROBE_CALL
 local function key(name, part) return prefix .. 's:' .. name .. ':' .. part end
@@ -516,15 +524,9 @@ local function current_or_create(model, now)
   if redis.call('EXISTS', key(name, 'meta')) == 0 then create(name, model, '[]', now) end
   return name
 end
--- Whether a `redis.pcall` reply says its key holds the wrong type. Reads of keys that may hold
--- junk go through pcall so that only the damaged case pays for the check, where a TYPE before
--- each read costs every call a call. Any other error is raised, as redis.call would.
-local function damaged(reply)
-  if type(reply) ~= 'table' or not reply.err then return false end
-  if string.sub(reply.err, 1, 9) == 'WRONGTYPE' then return true end
-  error(reply)
-end
-local function answered(claim, mine, ttl)
+"""
+    + _DAMAGED_FUNCTION.lstrip("\n")
+    + """local function answered(claim, mine, ttl)
   local claimed = prefix .. 'claim:' .. claim
   local claimant = redis.pcall('GET', claimed)
   if damaged(claimant) or claimant ~= mine then return end
@@ -657,6 +659,7 @@ local function claim_holder(claimed)
   return holder
 end
 """
+)
 
 
 PROBE = "probe:absent"
@@ -1580,11 +1583,12 @@ def _stored_sizes(texts: list[str]) -> list[int]:
 # KEYS: the places zset, their servers hash. ARGV: scope, its server ('' keeps the one
 # known), now, the oldest time kept, how many are kept (-1: forget the scope instead).
 _NOTE_PLACE = (
-    _NOTE_PLACE_FUNCTION
+    _DAMAGED_FUNCTION
+    + _NOTE_PLACE_FUNCTION
     + """
 if tonumber(ARGV[5]) < 0 then
   redis.call('ZREM', KEYS[1], ARGV[1])
-  if junk(redis.pcall('HDEL', KEYS[2], ARGV[1])) then redis.call('DEL', KEYS[2]) end
+  if damaged(redis.pcall('HDEL', KEYS[2], ARGV[1])) then redis.call('DEL', KEYS[2]) end
   return 0
 end
 note_place(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
@@ -1598,9 +1602,10 @@ def _refuse_damaged(reply: Sequence[ScriptArg]) -> None:
         raise DamagedState(str(reply[1]))
 
 
-class _Untimed:
-    """`RedisStore._available` where the shared connection keeps the deadline: errors mapped
-    alike, no timer."""
+class _Outages:
+    """Errors that mean storage cannot be used now, raised as the one error users are shown
+    for them (`RedisStore._unavailable`); everything else as it is. No timer: alone, it is
+    `RedisStore._available` where the shared connection keeps the deadline."""
 
     __slots__ = ("_store",)
 
@@ -1656,7 +1661,7 @@ class RedisStore:
         the record in a slot of its own, which a script of the place cannot touch)."""
         self._noted = PlaceNotes()
         """Places noted by `begin_turn`, so `note_place` need not note them again."""
-        self._untimed = _Untimed(self)
+        self._outages = _Outages(self)
         self._load_bytes = 0
         """The largest budget asked for so far: windows are loaded and kept to it, so a turn
         whose new message is shorter than the last one's still finds its history cached."""
@@ -1817,23 +1822,17 @@ class RedisStore:
         where there is one, and that connection gives each command the store's deadline
         itself, with one timer for all of them: then no timer of its own is set here."""
         if pipelined and self._pipeline is not None:
-            return self._untimed
+            return self._outages
         return self._timed(seconds)
 
     @asynccontextmanager
     async def _timed(self, seconds: float | None) -> AsyncIterator[None]:
-        try:
-            async with asyncio.timeout(seconds or self._call_timeout):
-                if self._in_flight is None:
+        async with self._outages, asyncio.timeout(seconds or self._call_timeout):
+            if self._in_flight is None:
+                yield
+            else:
+                async with self._in_flight:
                     yield
-                else:
-                    async with self._in_flight:
-                        yield
-        except Exception as error:
-            outage = self._unavailable(error)
-            if outage is None:
-                raise
-            raise outage from error
 
     def _unavailable(self, error: Exception) -> StoreUnavailable | None:
         """The error users are shown for `error` when it means storage cannot be used now;

@@ -51,6 +51,7 @@ class FunctionLibrary:
         self._sources: list[str] = []
         self._names: list[str] = []
         self.text = ""
+        self._name = ""
         self.usable: bool | None = None
         """None until Redis has said; False: run the scripts with EVALSHA instead."""
         self._loading: asyncio.Future[None] | None = None
@@ -71,7 +72,7 @@ class FunctionLibrary:
 
     def _build(self) -> None:
         digest = hashlib.sha1("\0".join([self._shared, *self._sources]).encode()).hexdigest()
-        library = LIBRARY_PREFIX + digest[:20]
+        self._name = library = LIBRARY_PREFIX + digest[:20]
         # KEYS, ARGV and prefix are the library's own locals, shared by every function and
         # helper: a call sets them, then runs its body (Redis runs one call at a time).
         parts = [f"#!lua name={library}\nlocal KEYS, ARGV, prefix\n", self._shared_body]
@@ -125,12 +126,11 @@ class FunctionLibrary:
 
     async def _delete_others(self, call: Call) -> None:
         """The libraries of other versions of the bot (see the module's text)."""
-        ours = self.text.split("\n", 1)[0].removeprefix("#!lua name=")
         listed = await call("FUNCTION", "LIST", "LIBRARYNAME", LIBRARY_PREFIX + "*")
         for entry in listed:
             fields = dict(zip(entry[::2], entry[1::2], strict=True))
             name = str(fields.get("library_name", ""))
-            if name.startswith(LIBRARY_PREFIX) and name != ours:
+            if name.startswith(LIBRARY_PREFIX) and name != self._name:
                 with contextlib.suppress(ResponseError):  # deleted meanwhile by another process
                     await call("FUNCTION", "DELETE", name)
                 log.info("storage: deleted the Redis function library %s of another version", name)

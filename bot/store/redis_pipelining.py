@@ -132,8 +132,7 @@ class _Replies(asyncio.Protocol):
                 given_up = True
             elif upcoming is None or deadline < upcoming:
                 upcoming = deadline
-        if given_up and time.monotonic() - self.heard_at >= self.call_timeout / 2:
-            self.abort()
+        if given_up and self.drop_if_silent(self.call_timeout / 2):
             return
         if upcoming is not None:
             self._watch = asyncio.get_running_loop().call_at(upcoming, self._give_up)
@@ -143,6 +142,13 @@ class _Replies(asyncio.Protocol):
         self.outgoing.clear()
         if not self.closed and self.transport is not None:
             self.transport.write(data)
+
+    def drop_if_silent(self, seconds: float) -> bool:
+        """Close the connection if calls wait on it and it has said nothing for `seconds`."""
+        if self.waiting and time.monotonic() - self.heard_at >= seconds:
+            self.abort()
+            return True
+        return False
 
     def abort(self) -> None:
         self.closed = True
@@ -246,13 +252,8 @@ class AutoPipeline:
 
     def drop_if_silent(self, seconds: float) -> None:
         """Close the connection if calls wait on it and it has said nothing for `seconds`."""
-        replies = self._replies
-        if (
-            replies is not None
-            and replies.waiting
-            and time.monotonic() - replies.heard_at >= seconds
-        ):
-            replies.abort()
+        if self._replies is not None:
+            self._replies.drop_if_silent(seconds)
 
     async def close(self) -> None:
         if self._opening is not None and not self._opening.done():
