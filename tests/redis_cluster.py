@@ -144,8 +144,10 @@ class RedisClusterNodes:
         return {int(address.split(":")[1].split("@")[0]): node for address, node in listed.items()}
 
     def primaries(self) -> list[int]:
-        seen = self._nodes(self.live_ports[0])
-        return [p for p, n in seen.items() if "master" in str(n["flags"]) and n["connected"]]
+        """Live nodes that are primaries by their own account (`ROLE`). Another node's view
+        lags a failover by a gossip round: it may still list the demoted primary as one, and
+        a demoted primary refuses `CLUSTER SETSLOT`."""
+        return [port for port in self.live_ports if self.command(port, "ROLE")[0] == "master"]
 
     def replicas(self) -> list[int]:
         seen = self._nodes(self.live_ports[0])
@@ -167,7 +169,9 @@ class RedisClusterNodes:
 
     def failover(self, replica: int, option: str | None = None) -> None:
         """`CLUSTER FAILOVER [FORCE|TAKEOVER]` on `replica`, then until every live node sees
-        it as the primary of its slots and the cluster answers again."""
+        it as the primary of its slots, the old primary (if it still runs) knows it is now a
+        replica, and the cluster answers again."""
+        old_primary = int(self.command(replica, "ROLE")[2])  # slave, host, port, ...
         self.command(replica, "CLUSTER", "FAILOVER", *([option] if option else []))
 
         def promoted() -> bool:
@@ -175,6 +179,11 @@ class RedisClusterNodes:
             return role[0] == "master" and self._agreed({replica})
 
         self.until(promoted, f"node {replica} never became a primary")
+        if old_primary in self.live_ports:
+            self.until(
+                lambda: self.command(old_primary, "ROLE")[0] == "slave",
+                f"node {old_primary} never stepped down",
+            )
 
     def promoted(self, replica: int, seconds: float = 60) -> None:
         """Until the cluster itself made `replica` a primary (its primary failed) and every live
