@@ -107,6 +107,8 @@ _UNREADABLE_IN_STORED = frozenset(
     string.whitespace + ":{}" + "".join(map(chr, range(32))) + chr(127)
 )
 _ESCAPED = re.compile(r"%([0-7][0-9A-F])")
+_STORED_AS_IS = re.compile(r"[A-Za-z0-9_.\-\x80-\U0010ffff]*")
+"""A name every character of which `stored_name` keeps: most names, checked on every turn."""
 
 
 def stored_name(name: str) -> str:
@@ -115,11 +117,15 @@ def stored_name(name: str) -> str:
     are. Names of the first alphabet (`[\\w.-]+`) are stored unchanged, so data stored before
     any other name was allowed reads the same, and the rule depends on no Unicode version,
     so every process finds the same key for a name."""
+    if _STORED_AS_IS.fullmatch(name):
+        return name
     return "".join(c if c in _KEPT_IN_STORED or ord(c) > 127 else f"%{ord(c):02X}" for c in name)
 
 
 def shown_name(stored: str) -> str:
     """The session name a person gave, from its stored form (`stored_name`)."""
+    if "%" not in stored:
+        return stored
     return _ESCAPED.sub(lambda escape: chr(int(escape.group(1), 16)), stored)
 
 
@@ -498,18 +504,35 @@ def session_info(row: Sequence[Any]) -> SessionInfo:
     try:
         if fmt != STORE_FORMAT:
             raise ValueError(fmt)
-        servers = json.loads(mcp)
-        if not isinstance(servers, list) or not all(isinstance(s, str) for s in servers):
-            raise ValueError(mcp)
         return SessionInfo(
             name=shown_name(str(name)),
-            settings=SessionSettings(model=str(model), mcp_servers=tuple(servers)),
+            settings=_settings(str(model), mcp),
             message_count=int(count),
             created_at=float(created),
             updated_at=float(updated),
         )
     except (ValueError, TypeError):
         raise CorruptSession(shown_name(str(name))) from None
+
+
+_SETTINGS_READ: dict[tuple[str, object], SessionSettings] = {}
+"""Settings by their stored form: every turn reads its session's, and most sessions share a
+few (settings are values, so one object serves them all)."""
+_SETTINGS_READ_MAX = 1024
+
+
+def _settings(model: str, mcp: object) -> SessionSettings:
+    """Stored settings read (the MCP servers as JSON); `ValueError` when unreadable."""
+    key = (model, mcp)
+    settings = _SETTINGS_READ.get(key)
+    if settings is None:
+        servers = json.loads(mcp)  # type: ignore[arg-type]  # TypeError when not text
+        if not isinstance(servers, list) or not all(isinstance(s, str) for s in servers):
+            raise ValueError(mcp)
+        if len(_SETTINGS_READ) >= _SETTINGS_READ_MAX:
+            _SETTINGS_READ.clear()
+        settings = _SETTINGS_READ[key] = SessionSettings(model, tuple(servers))
+    return settings
 
 
 def listed_sessions(rows: Sequence[Sequence[Any]], default_model: str) -> list[SessionInfo]:
@@ -569,7 +592,26 @@ def decode_message_array(name: str, stored: str) -> list[Message]:
     return messages
 
 
+_AS_STORED_VALUES = frozenset({str, int, bool, type(None)})
+"""Types of message values that decoding a message's stored form gives back unchanged."""
+
+
+def as_reloaded(message: Message) -> Message | None:
+    """A copy of `message` equal to what decoding its stored form gives, made without the
+    decoding: for a message whose values are all text, whole numbers, booleans or null (a
+    chat line, an answer). None for any other (a tool call, content parts): decode those."""
+    if type(message) is not dict or type(message.get("role")) is not str:
+        return None
+    for key, value in message.items():
+        if type(key) is not str or type(value) not in _AS_STORED_VALUES:
+            return None
+    return dict(message)
+
+
 def mcp_json(settings: SessionSettings) -> str:
+    """The stored form of the MCP servers (every saved turn sends it)."""
+    if not settings.mcp_servers:
+        return "[]"
     return json.dumps(list(settings.mcp_servers))
 
 

@@ -137,6 +137,7 @@ from bot.store.base import (
     Turn,
     answer_record,
     answered_id,
+    as_reloaded,
     decode_message_array,
     decode_messages,
     exchange_from,
@@ -2080,21 +2081,22 @@ class RedisStore:
             raise CorruptSession(turn.session.name)
         if len(reply) == 4:
             generation, sequence, count = reply[1], int(reply[2]), int(reply[3])
-            self._remember_saved(turn, name, stored, generation, sequence, count)
+            self._remember_saved(turn, name, added, stored, generation, sequence, count)
         return bool(reply[0])
 
     def _remember_saved(
         self,
         turn: Turn,
         name: str,
+        added: Sequence[Message],
         stored: list[str],
         generation: str,
         sequence: int,
         count: int,
     ) -> None:
-        """Extend the cached window by the messages the turn saved (`stored`, as stored, in
-        the session stored as `name`), when it is the window the turn began from (the saved
-        messages follow it directly); otherwise forget it."""
+        """Extend the cached window by the messages the turn saved (`added`, `stored` as
+        stored, in the session stored as `name`), when it is the window the turn began from
+        (the saved messages follow it directly); otherwise forget it."""
         scope, cached = turn.scope, self._recent.get(turn.scope)
         if (
             cached is None
@@ -2104,11 +2106,13 @@ class RedisStore:
         ):
             self._recent.drop(scope)
             return
-        try:  # as a reload would see them (JSON has no tuples, no non-string keys)
-            saved = decode_message_array(turn.session.name, "[" + ",".join(stored) + "]")
-        except CorruptSession:  # saved all the same; the next load reports it
-            self._recent.drop(scope)
-            return
+        saved = [copy for copy in map(as_reloaded, added) if copy is not None]
+        if len(saved) != len(added):  # decoded, as a reload sees them (JSON has no tuples...)
+            try:
+                saved = decode_message_array(turn.session.name, "[" + ",".join(stored) + "]")
+            except CorruptSession:  # saved all the same; the next load reports it
+                self._recent.drop(scope)
+                return
         self._recent.put(scope, cached.extended(saved, _stored_sizes(stored), sequence, count))
 
     async def extend_lock(self, turn: Turn, lock_ms: int) -> bool:
