@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bot.store.base import Message, message_size, newest_fitting
+from bot.store.base import Message, encode_message, message_size, newest_fitting, stored_bytes
 
 CHANNEL_CONTEXT_MESSAGES = 50
 """A mention brings along at most this many of the place's earlier messages (Discord serves
@@ -64,29 +64,31 @@ def within_size(message: Message, cap: int) -> Message:
     """`message`, or a copy that fits `cap` stored bytes: its text cut with a note saying so,
     or, when even that cannot fit (huge tool-call arguments), the note alone. A call message
     that loses its calls leaves its results orphaned, and `paired_tool_messages` drops them."""
-    return fitted_and_size(message, cap)[0]
+    return fitted_and_stored(message, cap)[0]
 
 
-def fitted_and_size(message: Message, cap: int) -> tuple[Message, int]:
-    """`within_size`, and the stored size of what it returns (measured on the way, so a
-    caller that needs it does not encode the message again)."""
-    size = message_size(message)
+def fitted_and_stored(message: Message, cap: int) -> tuple[Message, str]:
+    """`within_size`, and what it returns as stored (`encode_message`, done on the way to
+    measure it, so a caller that saves it does not encode the message again)."""
+    stored = encode_message(message)
+    size = stored_bytes(stored)
     if size <= cap:
-        return message, size
+        return message, stored
     note = cut_note(size, cap)
     content = message.get("content")
     if isinstance(content, str):
         text = content
         while text:
             candidate = {**message, "content": text + note}
-            fitted = message_size(candidate)
+            stored = encode_message(candidate)
+            fitted = stored_bytes(stored)
             if fitted <= cap:
-                return candidate, fitted
+                return candidate, stored
             text = text[: len(text) * cap // fitted - 1]
     kept: Message = {"role": message.get("role"), "content": note.strip()}
     if message.get("role") == "tool":
         kept["tool_call_id"] = message.get("tool_call_id")
-    return kept, message_size(kept)
+    return kept, encode_message(kept)
 
 
 def _first_user(messages: Sequence[Message], start: int = 0) -> int:

@@ -31,7 +31,7 @@ from bot.context import (
     Context,
     build_context,
     channel_context_message,
-    fitted_and_size,
+    fitted_and_stored,
     history_room,
     paired_tool_messages,
     speaker_of,
@@ -65,8 +65,10 @@ from bot.store.base import (
     Ticket,
     Turn,
     answered_id,
+    encode_message,
     message_size,
     new_token,
+    stored_bytes,
 )
 from bot.summary import Summarizer
 from bot.usage import (
@@ -471,7 +473,8 @@ class Engine:
         (`channel_context_message`): it is never stored, and its size comes out of the
         history's room."""
         cap = self._limits.message_cap_bytes
-        size = message_size(user)
+        user_stored = encode_message(user)
+        size = stored_bytes(user_stored)
         if size > cap:
             if claim is not None:  # refused once, by whichever process takes it
                 token = new_token()
@@ -523,8 +526,9 @@ class Engine:
                 finally:  # the calls the API accepted cost tokens, whatever happened next
                     if not ran:
                         await self.ledger.charge(meter, account, turn.scope, turn.session.name)
-                fitted, fitted_bytes = self._fitted(added)
+                fitted, fitted_stored = self._fitted(added)
                 stored = [user, *fitted]  # `user` is within the cap
+                encoded = [user_stored, *fitted_stored]
                 # The save adds the session's share of the charge; the server's counters are
                 # in another place of the store (a Redis Cluster slot), counted meanwhile.
                 charge = self.ledger.charge_of(meter, account, turn.scope, turn.session.name)
@@ -533,11 +537,11 @@ class Engine:
                     with self.metrics.timed(TurnPart.STORE):
                         if charge is None:  # nothing to count: no tasks for a gather
                             outcome: bool | BaseException = await self._save(
-                                turn, stored, user_ref, charge
+                                turn, stored, user_ref, charge, encoded
                             )
                         else:
                             outcome, _ = await asyncio.gather(
-                                self._save(turn, stored, user_ref, charge),
+                                self._save(turn, stored, user_ref, charge, encoded),
                                 self.ledger.charge_server(charge),
                                 return_exceptions=True,
                             )
@@ -556,7 +560,8 @@ class Engine:
             if not saved:
                 raise LostTurn()
             if kept:
-                self._summarize_if_due(turn, context, stored, size + fitted_bytes, account)
+                added_bytes = sum(map(stored_bytes, encoded))
+                self._summarize_if_due(turn, context, stored, added_bytes, account)
             return Reply(
                 text=text,
                 session=turn.session.name,
@@ -761,39 +766,44 @@ class Engine:
         return answered_id(await self._store.scope_option(scope, LAST_ANSWERED_OPTION))
 
     async def _save(
-        self, turn: Turn, added: list[Message], user_ref: str | None, usage: Charge | None = None
+        self,
+        turn: Turn,
+        added: list[Message],
+        user_ref: str | None,
+        usage: Charge | None = None,
+        encoded: list[str] | None = None,
     ) -> bool:
         """Save the turn, trying again on a storage fault: the model's answer is in hand, and
         saving is idempotent (a repeated save of the same turn stores nothing twice, nor
         charges `usage` twice), so a brief outage or a lost reply does not lose it."""
         for pause in SAVE_RETRY_PAUSES:
             try:
-                return await self._store.finish_turn(turn, added, user_ref, usage)
+                return await self._store.finish_turn(turn, added, user_ref, usage, encoded)
             except StoreUnavailable:
                 log.warning("saving a turn failed: storage unavailable; retrying in %ss", pause)
                 await asyncio.sleep(pause)
-        return await self._store.finish_turn(turn, added, user_ref, usage)
+        return await self._store.finish_turn(turn, added, user_ref, usage, encoded)
 
     def _within_size(self, messages: list[Message]) -> list[Message]:
         return self._fitted(messages)[0]
 
-    def _fitted(self, messages: list[Message]) -> tuple[list[Message], int]:
-        """The messages as stored (each within the cap; see `within_size`) and their stored
-        size, measured once."""
+    def _fitted(self, messages: list[Message]) -> tuple[list[Message], list[str]]:
+        """The messages to store (each within the cap; see `within_size`) and their stored
+        forms, each encoded once: measuring it did, and the store is handed it."""
         cap = self._limits.message_cap_bytes
         fitted: list[Message] = []
-        total = 0
+        encoded: list[str] = []
         cut = False
         for message in messages:
-            kept, size = fitted_and_size(message, cap)
+            kept, stored = fitted_and_stored(message, cap)
             fitted.append(kept)
-            total += size
+            encoded.append(stored)
             cut = cut or kept is not message
         if cut:
             log.warning("a turn's answer was over %s KB per message; stored cut", cap // 1024)
             paired = paired_tool_messages(fitted)
-            return paired, sum(map(message_size, paired))
-        return messages, total
+            return paired, list(map(encode_message, paired))
+        return messages, encoded
 
     async def forget(self, scope: str, user_ref: str) -> bool:
         """Remove a stored user message (its author deleted it); False if none was stored."""

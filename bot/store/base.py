@@ -68,9 +68,13 @@ def encode_message(message: Message) -> str:
     return "".join(encoder(message, 0))
 
 
+def stored_bytes(text: str) -> int:
+    """A stored text's size in bytes (UTF-8), without encoding it when it is ASCII."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
 def message_size(message: Message) -> int:
-    encoded = encode_message(message)
-    return len(encoded) if encoded.isascii() else len(encoded.encode())
+    return stored_bytes(encode_message(message))
 
 
 def newest_fitting(sizes_newest_first: Iterable[int], budget_bytes: int) -> tuple[int, int]:
@@ -468,12 +472,23 @@ class StorePolicy:
         belongs to its place and goes with it."""
         return min(CLAIM_TTL_SECONDS, self.ttl_seconds) if self.ttl_seconds else CLAIM_TTL_SECONDS
 
-    def check_sizes(self, messages: Iterable[Message], session: str | None = None) -> list[str]:
-        """The stored form of `messages`; `MessageTooLarge` when one is over the cap (naming
-        its position in `session` when given, as an import does)."""
-        stored = [encode_message(m) for m in messages]
+    def check_sizes(
+        self,
+        messages: Sequence[Message],
+        session: str | None = None,
+        encoded: Sequence[str] | None = None,
+    ) -> list[str]:
+        """The stored form of `messages` (`encoded`, when the caller has it: each message's
+        `encode_message`); `MessageTooLarge` when one is over the cap (naming its position
+        in `session` when given, as an import does)."""
+        if encoded is None:
+            stored = [encode_message(m) for m in messages]
+        else:
+            stored = list(encoded)
+            if len(stored) != len(messages):
+                raise ValueError("one stored form is needed for each message")
         for i, text in enumerate(stored):
-            size = len(text.encode())
+            size = stored_bytes(text)
             if size > self.message_cap_bytes:
                 if session is None:
                     raise MessageTooLarge(size, self.message_cap_bytes)
@@ -663,6 +678,7 @@ class SessionStore(Protocol):
         added: Sequence[Message],
         user_ref: str | None = None,
         usage: Charge | None = None,
+        encoded: Sequence[str] | None = None,
     ) -> bool:
         """Append `added` and release the lock in one step, dropping the oldest messages
         beyond the policy's caps. `user_ref` (for example a Discord message id) names the
@@ -675,7 +691,9 @@ class SessionStore(Protocol):
         `MessageTooLarge`, saving nothing and keeping the lock (the caller releases it), when
         a message is over the cap. `usage`, the turn's model run, is added to its session's
         totals in the same step, whatever the outcome, once even when a call whose reply was
-        lost is repeated (the server's counters are the caller's: `record_usage(session=False)`)."""
+        lost is repeated (the server's counters are the caller's: `record_usage(session=False)`).
+        `encoded`: `added` as stored, each its `encode_message`, when the caller has them
+        (the engine measured each message): not encoded again."""
         ...
 
     async def extend_lock(self, turn: Turn, lock_ms: int) -> bool:

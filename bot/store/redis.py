@@ -2046,10 +2046,11 @@ class RedisStore:
         added: Sequence[Message],
         user_ref: str | None = None,
         usage: Charge | None = None,
+        encoded: Sequence[str] | None = None,
     ) -> bool:
         policy = self._policy
         charged = usage.usage if usage is not None else NOTHING_USED
-        name, stored = stored_name(turn.session.name), policy.check_sizes(added)
+        name, stored = stored_name(turn.session.name), policy.check_sizes(added, None, encoded)
         args: list[ScriptArg] = [
             self._prefix(turn.scope),
             name,

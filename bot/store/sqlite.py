@@ -637,9 +637,10 @@ class SqliteStore:
         added: Sequence[Message],
         user_ref: str | None = None,
         usage: Charge | None = None,
+        encoded: Sequence[str] | None = None,
     ) -> bool:
         scope, name = turn.scope, stored_name(turn.session.name)
-        bodies = self._policy.check_sizes(added)
+        bodies = self._policy.check_sizes(added, None, encoded)
 
         def work(db: sqlite3.Connection) -> bool | SessionCleared:
             if turn.claim is not None:
