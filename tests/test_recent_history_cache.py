@@ -9,6 +9,7 @@ import asyncio
 import gc
 import tracemalloc
 from dataclasses import dataclass
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -244,6 +245,55 @@ async def test_what_another_process_did_at_the_history_cap_is_seen(
         steps.append(Turn(1, 10_000, 10, 1, False))
     steps.append(Turn(0, 10_000, 10, 1, False))  # checked against what Redis holds
     await scenario(redis_url, steps)
+
+
+async def test_a_process_sees_what_it_saved_as_a_restarted_one_would(redis_url: str) -> None:
+    """The process that saved a turn keeps its messages for the next turn without reading
+    them back: that copy must be what a process with nothing cached reads (JSON has no
+    tuples and only text keys), and must not change when the caller's dicts do."""
+    policy = StorePolicy(TEST_MODELS[0])
+    saver, restarted = (
+        RedisStore.from_url(redis_url, policy),
+        RedisStore.from_url(redis_url, policy),
+    )
+    raw = aioredis.Redis.from_url(redis_url)
+    await raw.flushall()
+    await raw.aclose()
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    chat: list[Message] = [
+        {"role": "user", "content": "a plain line", "name": None},
+        {"role": "assistant", "content": "an answer"},
+    ]
+    tools: list[Message] = [
+        {"role": "user", "content": "use a tool"},
+        {"role": "assistant", "content": None, "tool_calls": (call,)},
+        {"role": "tool", "tool_call_id": "c1", "content": "7"},
+    ]
+    untyped: dict[object, object] = {"role": "user", "content": "x", 3: "a number as a key"}
+    keyed = [cast(Message, untyped)]  # as a caller without type checks may hand it over
+
+    async def seen_then_saved(store: RedisStore, added: list[Message]) -> list[Message]:
+        """The history a turn of `store` begins with; the turn then saves `added`."""
+        turn = await store.begin_turn(SCOPE, Ticket.now(), 10_000, 10_000)
+        assert await store.finish_turn(turn, added)
+        return turn.recent
+
+    try:
+        await seen_then_saved(saver, chat)
+        chat[0]["content"] = "changed by the caller after the save"
+        assert await seen_then_saved(saver, tools) == [
+            {"role": "user", "content": "a plain line", "name": None},
+            {"role": "assistant", "content": "an answer"},
+        ]
+        *_, tool_call, _ = await seen_then_saved(saver, keyed)
+        assert tool_call["tool_calls"] == [call]
+        *_, keyed_as_saved = await seen_then_saved(saver, [])
+        assert keyed_as_saved["3"] == "a number as a key"
+        assert await seen_then_saved(saver, []) == await seen_then_saved(restarted, [])
+        assert saver.stats.cache_hits == 4  # served from what it kept, not read back
+    finally:
+        await saver.close()
+        await restarted.close()
 
 
 @pytest.mark.parametrize("cap_bytes", [None, 200_000], ids=["", "at-the-byte-cap"])
