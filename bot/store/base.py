@@ -506,7 +506,7 @@ class StorePolicy:
         kept: dict[str, list[str]] = {}
         for name, messages in sessions.items():
             stored = self.check_sizes(messages, name)[-self.history_cap :]
-            sizes = [len(text.encode()) for text in reversed(stored)]
+            sizes = [stored_bytes(text) for text in reversed(stored)]
             count, _ = newest_fitting(sizes, self.history_cap_bytes)
             kept[name] = stored[len(stored) - count :]
         return kept

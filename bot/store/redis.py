@@ -145,6 +145,7 @@ from bot.store.base import (
     mcp_json,
     session_info,
     shown_name,
+    stored_bytes,
     stored_name,
 )
 from bot.store.recent import RecentCache, RecentWindow
@@ -1578,7 +1579,7 @@ def _stored_sizes(texts: list[str]) -> list[int]:
     """Bytes of each stored message, as the scripts count them (`#` in Lua)."""
     if all(map(str.isascii, texts)):
         return list(map(len, texts))
-    return [len(text.encode()) for text in texts]
+    return list(map(stored_bytes, texts))
 
 
 # KEYS: the places zset, their servers hash. ARGV: scope, its server ('' keeps the one
@@ -2050,7 +2051,7 @@ class RedisStore:
     ) -> bool:
         policy = self._policy
         charged = usage.usage if usage is not None else NOTHING_USED
-        name, stored = stored_name(turn.session.name), policy.check_sizes(added, None, encoded)
+        name, stored = stored_name(turn.session.name), policy.check_sizes(added, encoded=encoded)
         args: list[ScriptArg] = [
             self._prefix(turn.scope),
             name,
@@ -2391,7 +2392,7 @@ class RedisStore:
                             "gen": generation,
                             "epoch": generation,
                             "seq": 0,
-                            "bytes": sum(len(text.encode()) for text in stored),
+                            "bytes": sum(map(stored_bytes, stored)),
                         },
                     )
                     if stored:

@@ -73,6 +73,7 @@ from bot.store.base import (
     readable_name,
     session_info,
     shown_name,
+    stored_bytes,
     stored_name,
 )
 from bot.usage import Admission, Charge, Refusal, ServerUsage, SessionUsage
@@ -640,7 +641,7 @@ class SqliteStore:
         encoded: Sequence[str] | None = None,
     ) -> bool:
         scope, name = turn.scope, stored_name(turn.session.name)
-        bodies = self._policy.check_sizes(added, None, encoded)
+        bodies = self._policy.check_sizes(added, encoded=encoded)
 
         def work(db: sqlite3.Connection) -> bool | SessionCleared:
             if turn.claim is not None:
@@ -676,7 +677,7 @@ class SqliteStore:
             if bodies:
                 refs = [user_ref] + [None] * (len(bodies) - 1)
                 rows = [
-                    (scope, name, body, ref, len(body.encode()))
+                    (scope, name, body, ref, stored_bytes(body))
                     for body, ref in zip(bodies, refs, strict=True)
                 ]
                 db.executemany(
@@ -1034,7 +1035,7 @@ class SqliteStore:
             db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i, _ in dropped])
             db.executemany(
                 "INSERT INTO messages (scope, name, body, size) VALUES (?, ?, ?, ?)",
-                [(scope, name, body, len(body.encode())) for body in bodies],
+                [(scope, name, body, stored_bytes(body)) for body in bodies],
             )
             db.execute(
                 "UPDATE sessions SET updated = ?, lock_token = NULL, lock_expires = 0,"
@@ -1075,7 +1076,7 @@ class SqliteStore:
                 self._insert(db, scope, name, settings)
                 db.executemany(
                     "INSERT INTO messages (scope, name, body, size) VALUES (?, ?, ?, ?)",
-                    [(scope, name, body, len(body.encode())) for body in stored],
+                    [(scope, name, body, stored_bytes(body)) for body in stored],
                 )
             if kept and self._current_name(db, scope) is None:
                 self._set_current(db, scope, next(iter(kept)))
